@@ -145,10 +145,8 @@ def optimizer_update_8bit_reference(
     numel = param.numel()
     p = _as_blocks(param.detach().reshape(-1).float(), block_size)
     g = _as_blocks(grad.reshape(-1).float(), block_size)
-    s1 = dequantize_blocks_reference(_as_blocks(codes1.reshape(-1), block_size), absmax1, map1)
-    s2 = None
-    if kind == UpdateKind.ADAM:
-        s2 = dequantize_blocks_reference(_as_blocks(codes2.reshape(-1), block_size), absmax2, map2)
+    s1 = _dequantize_state(codes1, absmax1, map1, block_size)
+    s2 = _dequantize_state(codes2, absmax2, map2, block_size) if kind == UpdateKind.ADAM else None
     new_p, new_s1, new_s2 = optimizer_update_reference(kind, scalars, p, g, s1, s2, nesterov)
     q1, a1 = quantize_blocks_reference(new_s1, code_map_midpoints(map1))
     codes1.reshape(-1).copy_(q1.reshape(-1)[:numel])
@@ -158,6 +156,14 @@ def optimizer_update_8bit_reference(
         codes2.reshape(-1).copy_(q2.reshape(-1)[:numel])
         absmax2.copy_(a2)
     param.detach().copy_(new_p.reshape(-1)[:numel].reshape(param.shape))
+
+
+def _dequantize_state(codes, absmax, code_map, block_size) -> torch.Tensor:
+    """fp32 [n_blocks, block] states; the padding of a ragged last block is 0 (its code 0 would
+    dequantize to -0.99 * absmax and leak into the new absmax)."""
+    states = dequantize_blocks_reference(_as_blocks(codes.reshape(-1), block_size), absmax, code_map)
+    states.view(-1)[codes.numel() :] = 0.0
+    return states
 
 
 def _check_update_args(kind, param, grad, codes1, absmax1, codes2, absmax2, block_size) -> None:
@@ -182,7 +188,8 @@ if HAS_TRITON:
     @triton.jit
     def _dequantize(codes_ptr, absmax_ptr, map_ptr, block, offsets, in_bounds):
         code = tl.load(codes_ptr + offsets, mask=in_bounds, other=0).to(tl.int32)
-        return tl.load(map_ptr + code) * tl.load(absmax_ptr + block)
+        # Lanes past the end must hold 0, not code 0 (-0.99 * absmax), or they set the new absmax.
+        return tl.where(in_bounds, tl.load(map_ptr + code) * tl.load(absmax_ptr + block), 0.0)
 
     @triton.jit
     def _requantize(state, codes_ptr, absmax_ptr, midpoints_ptr, block, offsets, in_bounds):
