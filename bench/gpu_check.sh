@@ -8,6 +8,7 @@ PY=${PY:-python}
 OUT="bench/results/gpu_$(date +%F).txt"
 mkdir -p bench/results
 export TRITON_INTERPRET=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .` too
 {
   echo "# bytetune GPU check $(date -u +%FT%TZ) on $($PY -c 'import torch; print(torch.cuda.get_device_name())')"
 
