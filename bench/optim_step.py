@@ -27,9 +27,8 @@ def _peers(device):
     peers = {
         "bytetune Adam8bit": lambda ps: Adam8bit(ps, lr=1e-3),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     }
-    if device.type == "cuda" or hasattr(torch.optim.AdamW, "fused"):
-        peers["torch AdamW fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
     try:
         import bitsandbytes as bnb
 
