@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bytetune.optim import Adam8bit, state_bytes_per_param
+from bytetune.optim import Adam8bit
 
 
 def _sync(device):
