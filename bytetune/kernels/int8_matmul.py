@@ -108,6 +108,16 @@ def _check_grad_input_args(grad_y, w_int8, w_scale) -> None:
     _check_scale("w_scale", w_scale, w_int8.shape[0])
 
 
+def _check_outlier_cols(outlier_cols: torch.Tensor | None) -> None:
+    if outlier_cols is not None and (
+        outlier_cols.dim() != 1 or outlier_cols.dtype not in (torch.int64, torch.int32)
+    ):
+        raise ValueError(
+            f"outlier_cols must be a 1-D tensor of column indices (int64), got shape "
+            f"{tuple(outlier_cols.shape)} dtype {outlier_cols.dtype}; use outlier_columns(x, threshold)"
+        )
+
+
 def _safe_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(absmax == 0, torch.ones_like(absmax), absmax)
 
@@ -142,6 +152,7 @@ def quantize_tokenwise_reference(
     x: torch.Tensor, outlier_cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float_2d("x", x)
+    _check_outlier_cols(outlier_cols)
     if outlier_cols is not None and outlier_cols.numel() > 0:
         x = x.clone()
         x[:, outlier_cols] = 0
@@ -527,6 +538,7 @@ def quantize_tokenwise_triton(
     x: torch.Tensor, outlier_cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float_2d("x", x)
+    _check_outlier_cols(outlier_cols)
     is_outlier = None
     if outlier_cols is not None and outlier_cols.numel() > 0:
         is_outlier = torch.zeros(x.shape[1], dtype=torch.int8, device=x.device)
