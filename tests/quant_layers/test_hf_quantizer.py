@@ -130,20 +130,29 @@ def test_weights_are_quantized_one_at_a_time(bloom_dir, monkeypatch):
 
 
 def test_device_map_cpu_and_disk_offload(bloom_dir, ids, tmp_path):
-    reference = AutoModelForCausalLM.from_pretrained(bloom_dir, quantization_config=Int8Config()).eval()
-    on_cpu = AutoModelForCausalLM.from_pretrained(bloom_dir, quantization_config=Int8Config(), device_map={"": "cpu"})
+    """Layers on cpu are int8; layers offloaded to disk stay float (as with bitsandbytes)."""
+    int8_except_h1 = AutoModelForCausalLM.from_pretrained(
+        bloom_dir, quantization_config=Int8Config(skip_modules=["transformer.h.1"])
+    ).eval()
+    device_map = {name: "cpu" for name in ("transformer.word_embeddings", "transformer.word_embeddings_layernorm",
+                                           "transformer.h.0", "transformer.ln_f", "lm_head")}
+    device_map["transformer.h.1"] = "disk"
     offloaded = AutoModelForCausalLM.from_pretrained(
-        bloom_dir,
-        quantization_config=Int8Config(),
-        device_map="auto",
-        max_memory={"cpu": "60KB"},
-        offload_folder=str(tmp_path),
-    )
-    assert "disk" in set(offloaded.hf_device_map.values())
+        bloom_dir, quantization_config=Int8Config(), device_map=device_map, offload_folder=str(tmp_path / "a")
+    ).eval()
+    assert int8_names(offloaded) == int8_names(int8_except_h1)
     with torch.no_grad():
-        expected = reference(ids).logits
-        assert torch.equal(on_cpu.eval()(ids).logits, expected)
-        assert torch.equal(offloaded.eval()(ids).logits, expected)
+        assert torch.equal(offloaded(ids).logits, int8_except_h1(ids).logits)
+
+    # "auto" with too little memory: the resolved map sends everything to disk, so nothing is int8.
+    auto = AutoModelForCausalLM.from_pretrained(
+        bloom_dir, quantization_config=Int8Config(), device_map="auto", max_memory={"cpu": "60KB"},
+        offload_folder=str(tmp_path / "b"),
+    ).eval()
+    assert "disk" in set(auto.hf_device_map.values()) and not int8_names(auto)
+    reference = AutoModelForCausalLM.from_pretrained(bloom_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, reference(ids).logits)
 
 
 def test_registered_on_import():

@@ -31,8 +31,10 @@ def layer_1024():
     return nn.Linear(1024, 1024)
 
 
-def test_outlier_decomposition_accuracy(layer_1024):
+def test_outlier_decomposition_accuracy(layer_1024, device):
+    layer_1024 = layer_1024.to(device)
     x, _ = planted_outlier_input(256, 1024, torch.Generator().manual_seed(1))
+    x = x.to(device)
     expected = layer_1024(x).detach()
     error_t6 = relative_error(Int8Linear.from_linear(layer_1024, threshold=6.0)(x).detach(), expected)
     error_t0 = relative_error(Int8Linear.from_linear(layer_1024, threshold=0.0)(x).detach(), expected)
@@ -40,8 +42,9 @@ def test_outlier_decomposition_accuracy(layer_1024):
     assert error_t0 >= 4 * error_t6, (error_t0, error_t6)
 
 
-def test_accuracy_without_outliers(layer_1024):
-    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(2))
+def test_accuracy_without_outliers(layer_1024, device):
+    layer_1024 = layer_1024.to(device)
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(2)).to(device)
     expected = layer_1024(x).detach()
     for threshold in (6.0, 0.0):
         error = relative_error(Int8Linear.from_linear(layer_1024, threshold=threshold)(x).detach(), expected)
@@ -59,11 +62,11 @@ def test_quantized_weight_is_rowwise_absmax(layer_1024):
 
 
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
-def test_input_gradient_is_grad_y_times_dequantized_weight(layer_1024, threshold):
-    layer = Int8Linear.from_linear(layer_1024, threshold=threshold)
+def test_input_gradient_is_grad_y_times_dequantized_weight(layer_1024, threshold, device):
+    layer = Int8Linear.from_linear(layer_1024.to(device), threshold=threshold)
     x, _ = planted_outlier_input(256, 1024, torch.Generator().manual_seed(3))
-    x.requires_grad_(True)
-    grad_y = torch.randn(256, 1024, generator=torch.Generator().manual_seed(4))
+    x = x.to(device).requires_grad_(True)
+    grad_y = torch.randn(256, 1024, generator=torch.Generator().manual_seed(4)).to(device)
     layer(x).backward(grad_y)
     expected = grad_y.double() @ dequantized(layer).double()
     assert relative_error(x.grad, expected) <= 1e-5
@@ -85,11 +88,11 @@ def test_bias_gradient_when_bias_is_unfrozen():
     [(torch.float32, 1e-2), (torch.bfloat16, 3e-2), (torch.float16, 1.5e-2)],
 )
 @pytest.mark.parametrize("leading", [(7,), (2, 3), (2, 1, 5)])
-def test_activation_dtypes_and_leading_dims(dtype, tolerance, leading):
+def test_activation_dtypes_and_leading_dims(dtype, tolerance, leading, device):
     torch.manual_seed(0)
-    linear = nn.Linear(257, 129)
+    linear = nn.Linear(257, 129).to(device)
     layer = Int8Linear.from_linear(linear)
-    x = torch.randn(*leading, 257)
+    x = torch.randn(*leading, 257, device=device)
     x[..., 5] = 9.0  # one outlier column, so the 16-bit path runs in every dtype
     x_low = x.to(dtype).requires_grad_(True)
     y = layer(x_low)
@@ -97,7 +100,7 @@ def test_activation_dtypes_and_leading_dims(dtype, tolerance, leading):
     assert relative_error(y.detach(), linear(x.to(dtype).float()).detach()) <= tolerance
     y.float().sum().backward()
     assert x_low.grad.dtype == dtype and x_low.grad.shape == x_low.shape
-    expected_grad = torch.ones(*leading, 129) @ dequantized(layer)
+    expected_grad = torch.ones(*leading, 129, device=device) @ dequantized(layer)
     assert relative_error(x_low.grad, expected_grad) <= tolerance
 
 
