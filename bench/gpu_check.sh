@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU checks for bytetune: on a CUDA machine, run the kernel tests with the Triton kernels
+# compiled for real (TRITON_INTERPRET=0), then the benches, tee-ing every table into
+# bench/results/gpu_<date>.txt. Budget: under 8 minutes in total. Each section appends itself.
+set -uo pipefail  # no -e: a failing section must not hide the later ones
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python}"
+mkdir -p bench/results
+RESULTS="bench/results/gpu_$(date +%F).txt"
+echo "== bytetune gpu_check $(date -u +%FT%TZ) on $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')" | tee -a "$RESULTS"
+
+# --- LLM.int8() kernels (bytetune/kernels/int8_matmul.py) and Int8Linear bench --------------
+# Tests: one fixed tile config (BYTETUNE_AUTOTUNE=0) so ~100 small cases do not each pay a
+# tuning sweep; at most 1.5 min. Then the matmul tests once more with autotuning (1 min at
+# most). Bench: autotuned, as in training; at most 2.5 min (rows print as measured).
+echo "== int8 kernel tests (compiled)" | tee -a "$RESULTS"
+BYTETUNE_AUTOTUNE=0 timeout 90 "$PYTHON" -m pytest -q tests/kernels/test_int8_matmul.py 2>&1 | tail -n 15 | tee -a "$RESULTS"
+echo "== int8 matmul / grad_input tests with autotuning on (the configs the bench uses)" | tee -a "$RESULTS"
+timeout 60 "$PYTHON" -m pytest -q tests/kernels/test_int8_matmul.py \
+    -k "(int8_matmul_matches or grad_input_matches) and (17 or 64)" 2>&1 | tail -n 15 | tee -a "$RESULTS"
+echo "== bench/int8_linear.py" | tee -a "$RESULTS"
+timeout 150 "$PYTHON" bench/int8_linear.py 2>&1 | grep -v "^W\|Failed to load" | tee -a "$RESULTS"
