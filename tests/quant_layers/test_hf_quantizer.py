@@ -166,3 +166,15 @@ def test_registered_on_import():
 def test_negative_threshold_is_refused():
     with pytest.raises(ValueError, match="threshold"):
         Int8Config(threshold=-1)
+
+
+def test_quantize_model_output_saves_and_reloads_as_int8(bloom_dir, ids, tmp_path):
+    """The GGUF path: load in float, quantize_model(), save_pretrained, from_pretrained."""
+    model = AutoModelForCausalLM.from_pretrained(bloom_dir).eval()
+    quantize_model(model, threshold=0.0, skip=["transformer.h.0"])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert int8_names(reloaded) == int8_names(model) == {n for n in BLOOM_LINEARS if n.startswith("transformer.h.1")}
+    assert all(m.threshold == 0.0 for m in reloaded.modules() if isinstance(m, Int8Linear))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
