@@ -141,7 +141,7 @@ def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def outlier_columns_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
     _check_float_2d("x", x)
-    if threshold <= 0:
+    if threshold <= 0 or x.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
     # Compared in float32 so a threshold that is not representable in bf16/fp16 is not rounded.
     column_absmax = x.abs().amax(dim=0).float()
@@ -512,25 +512,25 @@ def quantize_rowwise_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def outlier_columns_triton(x: torch.Tensor, threshold: float) -> torch.Tensor:
     _check_float_2d("x", x)
-    if threshold <= 0:
-        return torch.empty(0, dtype=torch.long, device=x.device)
     m, k = x.shape
+    if threshold <= 0 or m == 0 or k == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
     rows_per_program = 256 if x.is_cuda else 64
     block_m, block_k = (32, 128) if x.is_cuda else (16, 64)
-    row_chunks = max(triton.cdiv(m, rows_per_program), 1)
-    partial = torch.zeros(row_chunks, k, dtype=torch.float32, device=x.device)
-    if m > 0 and k > 0:
-        _column_absmax_kernel[(triton.cdiv(k, block_k), row_chunks)](
-            x,
-            partial,
-            m,
-            k,
-            x.stride(0),
-            x.stride(1),
-            ROWS_PER_PROGRAM=rows_per_program,
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-        )
+    row_chunks = triton.cdiv(m, rows_per_program)
+    # Every (row chunk, column) entry is written by the kernel: no need to zero it first.
+    partial = torch.empty(row_chunks, k, dtype=torch.float32, device=x.device)
+    _column_absmax_kernel[(triton.cdiv(k, block_k), row_chunks)](
+        x,
+        partial,
+        m,
+        k,
+        x.stride(0),
+        x.stride(1),
+        ROWS_PER_PROGRAM=rows_per_program,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     return torch.nonzero(partial.amax(dim=0) >= threshold).flatten()
 
 

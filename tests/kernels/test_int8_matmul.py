@@ -338,3 +338,18 @@ def test_triton_grad_input_matches(m, dtype, device):
         # (the reference keeps it in fp32), and the output is rounded once more.
         scale = expected.float().abs().max().item()
         torch.testing.assert_close(grad_x.float(), expected.float(), rtol=OUTPUT_RTOL[dtype], atol=2e-3 * scale)
+
+
+@needs_triton
+def test_triton_and_reference_agree_on_an_empty_token_batch(device):
+    x = torch.randn(0, K, device=device)
+    w_codes, w_scale = quantize_rowwise_reference(_weight(N, K, torch.float32, device))
+    for impl in ("reference", "triton"):
+        ops = {name: getattr(KERNEL_MODULE, f"{name}_{impl}") for name in
+               ["outlier_columns", "quantize_tokenwise", "int8_matmul", "int8_matmul_grad_input"]}
+        assert ops["outlier_columns"](x, 6.0).shape == (0,)
+        x_codes, x_scale = ops["quantize_tokenwise"](x)
+        assert x_codes.shape == (0, K) and x_scale.shape == (0,)
+        assert ops["int8_matmul"](x_codes, w_codes, x_scale, w_scale).shape == (0, N)
+        grad_y = torch.randn(0, N, device=device)
+        assert ops["int8_matmul_grad_input"](grad_y, w_codes, w_scale).shape == (0, K)
