@@ -143,21 +143,18 @@ def test_int8_matmul_reference_matches_float64_math(out_dtype, with_bias):
     torch.testing.assert_close(out.double(), expected.to(out_dtype).double(), rtol=OUTPUT_RTOL[out_dtype], atol=1e-5)
 
 
-def test_int8_matmul_falls_back_when_int_mm_refuses(monkeypatch):
-    refusals = []
-
-    def refuse(a, b):
-        refusals.append(a.shape)
-        raise RuntimeError("_int_mm: shape not supported")
-
-    monkeypatch.setattr(torch, "_int_mm", refuse)
-    gen = _generator(5)
-    x_codes = torch.randint(-127, 128, (3, 19), generator=gen, dtype=torch.int8)
-    w_codes = torch.randint(-127, 128, (5, 19), generator=gen, dtype=torch.int8)
-    ones_x, ones_w = torch.full((3,), 127.0), torch.full((5,), 127.0)
-    out = int8_matmul_reference(x_codes, w_codes, ones_x, ones_w)
-    assert refusals == [(3, 19)]
-    torch.testing.assert_close(out, (x_codes.long() @ w_codes.long().T).float(), rtol=1e-6, atol=0)
+def test_int8_product_is_exact_beyond_float32_range(device):
+    # Sums above 2**24 with an odd value: a float32 accumulation could not hold them exactly.
+    # On CUDA, 3 tokens also exercise the path where torch._int_mm refuses the shape.
+    x_codes = torch.full((3, 4096), 127, dtype=torch.int8)
+    x_codes[1] = torch.randint(-127, 128, (4096,), generator=_generator(5), dtype=torch.int8)
+    w_codes = torch.full((2, 4096), 127, dtype=torch.int8)
+    w_codes[1, 0] = 126
+    exact = x_codes.long() @ w_codes.long().T
+    assert exact[0, 1] == 4095 * 127 * 127 + 127 * 126
+    product = KERNEL_MODULE._int32_matmul_nt(x_codes.to(device), w_codes.to(device))
+    assert product.dtype == torch.int32
+    assert torch.equal(product.cpu().long(), exact)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -209,6 +206,8 @@ def test_bad_inputs_raise_errors_naming_the_problem():
         quantize_rowwise(torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         quantize_tokenwise(torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="outlier_cols must be a 1-D tensor of column indices"):
+        quantize_tokenwise(w, torch.zeros(8, dtype=torch.bool))
     with pytest.raises(ValueError, match="int8"):
         public_int8_matmul(codes.float(), codes, scale, scale)
     with pytest.raises(ValueError, match="disagree on K"):
@@ -339,3 +338,18 @@ def test_triton_grad_input_matches(m, dtype, device):
         # (the reference keeps it in fp32), and the output is rounded once more.
         scale = expected.float().abs().max().item()
         torch.testing.assert_close(grad_x.float(), expected.float(), rtol=OUTPUT_RTOL[dtype], atol=2e-3 * scale)
+
+
+@needs_triton
+def test_triton_and_reference_agree_on_an_empty_token_batch(device):
+    x = torch.randn(0, K, device=device)
+    w_codes, w_scale = quantize_rowwise_reference(_weight(N, K, torch.float32, device))
+    for impl in ("reference", "triton"):
+        ops = {name: getattr(KERNEL_MODULE, f"{name}_{impl}") for name in
+               ["outlier_columns", "quantize_tokenwise", "int8_matmul", "int8_matmul_grad_input"]}
+        assert ops["outlier_columns"](x, 6.0).shape == (0,)
+        x_codes, x_scale = ops["quantize_tokenwise"](x)
+        assert x_codes.shape == (0, K) and x_scale.shape == (0,)
+        assert ops["int8_matmul"](x_codes, w_codes, x_scale, w_scale).shape == (0, N)
+        grad_y = torch.randn(0, N, device=device)
+        assert ops["int8_matmul_grad_input"](grad_y, w_codes, w_scale).shape == (0, K)
