@@ -16,6 +16,9 @@ from bytetune.quant_layers.lora import (
     prepare_for_kbit_training,
 )
 
+# The module trains an adapter once (~10 s on 2 cores) and reuses it.
+pytestmark = pytest.mark.slow
+
 VOCAB = 320
 LINEARS_PER_MODEL = 8
 
