@@ -18,6 +18,7 @@ import copy
 import importlib.util
 import math
 import platform
+import sys
 import time
 
 import torch
@@ -80,7 +81,9 @@ def bitsandbytes_int8(model: nn.Module, threshold: float, device: torch.device) 
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         model.set_submodule(name, layer.to(device))  # moving the weight to a device quantizes it
-    return model
+    # Eval mode matters: in training mode bitsandbytes' CPU path (MatMul8bitFp) dequantizes the
+    # weight and runs a float matmul, i.e. it does not quantize activations at all.
+    return model.eval()
 
 
 def main() -> None:
@@ -154,7 +157,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(
                 "# int8 quality: bytetune Int8Linear vs fp32 and bitsandbytes\n\n"
-                "Printed by `python bench/int8_quality.py --out bench/results/int8_quality_cpu.md`.\n\n"
+                f"Printed by `python {' '.join(sys.argv)}`.\n\n"
                 + table
                 + "\n"
             )
