@@ -20,6 +20,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -65,6 +66,9 @@ def mean_kl(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
 def bitsandbytes_int8(model: nn.Module, threshold: float, device: torch.device) -> nn.Module:
     """The same layers as quantize_model, as bitsandbytes Linear8bitLt (frozen int8 weights)."""
     import bitsandbytes as bnb
+
+    # It warns on every call that fp32 inputs are cast to fp16 (part of what is being measured).
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     skipped = default_skip_names(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skipped]
