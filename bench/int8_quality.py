@@ -18,7 +18,9 @@ import copy
 import importlib.util
 import math
 import platform
+import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -65,6 +67,9 @@ def bitsandbytes_int8(model: nn.Module, threshold: float, device: torch.device) 
     """The same layers as quantize_model, as bitsandbytes Linear8bitLt (frozen int8 weights)."""
     import bitsandbytes as bnb
 
+    # It warns on every call that fp32 inputs are cast to fp16 (part of what is being measured).
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
     skipped = default_skip_names(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skipped]
     for name in names:
@@ -80,7 +85,9 @@ def bitsandbytes_int8(model: nn.Module, threshold: float, device: torch.device) 
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         model.set_submodule(name, layer.to(device))  # moving the weight to a device quantizes it
-    return model
+    # Eval mode matters: in training mode bitsandbytes' CPU path (MatMul8bitFp) dequantizes the
+    # weight and runs a float matmul, i.e. it does not quantize activations at all.
+    return model.eval()
 
 
 def main() -> None:
@@ -154,7 +161,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(
                 "# int8 quality: bytetune Int8Linear vs fp32 and bitsandbytes\n\n"
-                "Printed by `python bench/int8_quality.py --out bench/results/int8_quality_cpu.md`.\n\n"
+                f"Printed by `python {' '.join(sys.argv)}`.\n\n"
                 + table
                 + "\n"
             )

@@ -80,7 +80,7 @@ class Int8HfQuantizer(HfQuantizer):
         # Called with the user's device_map before the layers are swapped, and again with the
         # resolved map when device_map is "auto"/"balanced"/...: the second call is the first time
         # the disk placement of an "auto" map is known.
-        if isinstance(device_map, dict):
+        if isinstance(device_map, dict) and not self.pre_quantized:
             self.disk_modules = [name for name, device in device_map.items() if device == "disk"]
             model = getattr(self, "swapped_model", None)
             if model is not None:
@@ -94,9 +94,10 @@ class Int8HfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
         )
-        # Disk-offloaded layers stay in the checkpoint's dtype: transformers' offload index points
-        # at the original checkpoint tensor for weights converted on the fly, so an int8 layer
-        # would read float bytes back as int8 (bitsandbytes keeps offloaded layers in float too).
+        # When quantizing on the fly, disk-offloaded layers stay in the checkpoint's dtype:
+        # transformers' offload index points at the original checkpoint tensor for weights
+        # converted while loading, so an int8 layer would read float bytes back as int8
+        # (bitsandbytes keeps offloaded layers in float too). An int8 checkpoint offloads as is.
         self.modules_to_not_convert += getattr(self, "disk_modules", [])
         self.replaced_layers = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold

@@ -48,9 +48,6 @@ class LoraInt8Linear(LoraLinear):
             if adapter in self.lora_A:
                 _add_delta_to_int8_base(self, adapter, sign=-1.0, safe=False)
 
-    def __repr__(self) -> str:
-        return "lora.Int8" + nn.Module.__repr__(self)
-
 
 @torch.no_grad()
 def _add_delta_to_int8_base(layer: LoraLayer, adapter: str, sign: float, safe: bool) -> None:

@@ -155,6 +155,20 @@ def test_device_map_cpu_and_disk_offload(bloom_dir, ids, tmp_path):
         torch.testing.assert_close(auto(ids).logits, reference(ids).logits)
 
 
+def test_int8_checkpoint_offloads_to_disk_as_int8(bloom_dir, ids, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(bloom_dir, quantization_config=Int8Config()).eval()
+    model.save_pretrained(tmp_path / "int8")
+    device_map = {name: "cpu" for name in ("transformer.word_embeddings", "transformer.word_embeddings_layernorm",
+                                           "transformer.h.0", "transformer.ln_f", "lm_head")}
+    device_map["transformer.h.1"] = "disk"
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "int8", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert int8_names(offloaded) == BLOOM_LINEARS
+    with torch.no_grad():
+        assert torch.equal(offloaded(ids).logits, model(ids).logits)
+
+
 def test_registered_on_import():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 

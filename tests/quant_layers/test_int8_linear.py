@@ -159,3 +159,15 @@ def test_bad_inputs_name_the_problem():
         layer(torch.randn(2, 9))
     with pytest.raises(TypeError, match="already an Int8Linear"):
         Int8Linear.from_linear(layer)
+
+
+def test_dtype_casts_keep_float32_scales():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(40, 24))
+    scale = layer.weight_scale.clone()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(layer)
+        assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+        assert layer.weight.dtype == torch.int8
+    assert layer.bias.dtype == torch.float32
+    assert layer(torch.randn(3, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -16,6 +16,9 @@ from bytetune.quant_layers.lora import (
     prepare_for_kbit_training,
 )
 
+# The module trains an adapter once (~10 s on 2 cores) and reuses it.
+pytestmark = pytest.mark.slow
+
 VOCAB = 320
 LINEARS_PER_MODEL = 8
 
@@ -82,7 +85,8 @@ def test_adapter_files_are_plain_peft(trained):
     _, _, _, adapter_dir = trained
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
-    assert len(config["target_modules"]) == 4  # the module names, not "all-linear"
+    # "all-linear" was resolved to the module names, which an nn.Linear model has too.
+    assert config["target_modules"] != "all-linear" and len(config["target_modules"]) == LINEARS_PER_MODEL
     assert (adapter_dir / "adapter_model.safetensors").is_file()
 
 
@@ -172,7 +176,8 @@ def test_prepare_for_kbit_training_keeps_16bit_params_unless_asked(ids):
     peft_model = get_peft_model(model, lora_config(r=4, target_modules="all-linear"))
     peft_model.train()
     peft_model(input_ids=ids, labels=ids).loss.backward()
-    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_A" in n]
+    # lora_B starts at zero, so at the first step only lora_B gets a nonzero gradient.
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
     upcast = prepare_for_kbit_training(int8_bloom(tiny_bloom()).to(torch.bfloat16), upcast_fp32=True)
