@@ -106,6 +106,23 @@ def lr_factor(step: int, total_steps: int, sched_cfg) -> float:
     return floor + (1 - floor) * (1 - progress)
 
 
+def _accelerator(mixed_precision: str):
+    """An Accelerator; a second Trainer in one process may ask for another precision.
+
+    accelerate keeps one process-wide state and refuses a changed precision. In a single process
+    nothing depends on the old precision once its Trainer is done, so the state is rebuilt; in a
+    distributed run the precision is fixed by the launcher and must not change.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def _as_recipe(config: Any) -> DictConfig:
     """A validated DictConfig from a DictConfig, a RecipeConfig or a plain nested dict."""
     schema = OmegaConf.structured(RecipeConfig)
@@ -141,7 +158,6 @@ class Trainer:
     """
 
     def __init__(self, model, tokenizer, train_data, config, eval_data=None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         from peft import PeftModel
 
@@ -158,7 +174,7 @@ class Trainer:
         self.train_data = as_token_blocks(train_data)
         self.eval_data = as_token_blocks(eval_data) if eval_data is not None else None
         self.output_dir = Path(self.cfg.output_dir)
-        self.accelerator = Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[self.cfg.training.precision])
+        self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[self.cfg.training.precision])
         # device_specific: each rank draws different dropout masks, reproducibly
         set_seed(self.cfg.training.seed, device_specific=True)
 
