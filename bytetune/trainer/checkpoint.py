@@ -25,9 +25,9 @@ from .config import RecipeError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
-# Test hook: seconds to sleep inside the temporary directory, after the adapter files are written
-# and before the rename (the kill -9 test signals the process during this sleep).
-WRITE_DELAY_ENV = "BYTETUNE_CHECKPOINT_WRITE_DELAY_S"
+# Test hook, "STEP:SECONDS": while writing the checkpoint of STEP, sleep SECONDS inside the
+# temporary directory after the adapter files are written (the kill -9 test kills it then).
+WRITE_DELAY_ENV = "BYTETUNE_CHECKPOINT_SLEEP_AT"
 
 
 class CheckpointError(RecipeError):
@@ -102,9 +102,11 @@ def begin(output_dir: str | Path, step: int) -> Path:
 def write_main(temporary: Path, unwrapped_model, optimizer, scheduler, state: dict) -> None:
     """Main process: adapter, optimizer, scheduler, then the state file that marks completeness."""
     unwrapped_model.save_pretrained(temporary)
-    delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
-    if delay:
-        time.sleep(delay)
+    hook = os.environ.get(WRITE_DELAY_ENV)
+    if hook:
+        step, seconds = hook.split(":")
+        if int(step) == state["step"]:
+            time.sleep(float(seconds))
     torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
     (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))

@@ -120,7 +120,9 @@ def _accelerator(mixed_precision: str):
     if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True on a machine without CUDA: that is what lets several processes started by torchrun
+    # (accelerate launch --multi_gpu --num_processes N) form a gloo DDP group instead of N copies.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _as_recipe(config: Any) -> DictConfig:
