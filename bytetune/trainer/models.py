@@ -170,7 +170,8 @@ def shrink_model_config(config: dict, shrink) -> dict:
 
 
 def load_base_model(cfg):
-    """(model, tokenizer) as the recipe's ``model`` section says; no quantization, no adapters."""
+    """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
+    quantized while loading when quantization.int8 is set; the others are quantized afterwards."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_cfg = cfg.model
@@ -192,6 +193,13 @@ def load_base_model(cfg):
             kwargs = {"dtype": dtype}
             if model_cfg.device_map:
                 kwargs["device_map"] = model_cfg.device_map
+            if cfg.quantization.int8:
+                # quantize layer by layer while loading: a 176B base never exists in 16-bit
+                from bytetune.quant_layers import Int8Config
+
+                kwargs["quantization_config"] = Int8Config(
+                    threshold=cfg.quantization.threshold, skip_modules=list(cfg.quantization.skip_modules)
+                )
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             tokenizer_source = location
     if model_cfg.tokenizer == "bytes":

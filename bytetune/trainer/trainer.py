@@ -35,18 +35,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite losses)."""
 
 
-def _int8_api():
-    try:
-        from bytetune.quant_layers import quantize_model
-        from bytetune.quant_layers.lora import prepare_for_kbit_training
-    except ImportError:
-        raise RecipeError(
-            "quantization.int8=true needs bytetune.quant_layers.quantize_model, which this install lacks: "
-            "set quantization.int8=false"
-        ) from None
-    return quantize_model, prepare_for_kbit_training
-
-
 def build_model(cfg: DictConfig):
     """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters."""
     from peft import LoraConfig, get_peft_model
@@ -55,10 +43,6 @@ def build_model(cfg: DictConfig):
         model, tokenizer = load_base_model(cfg)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
-    if cfg.quantization.int8:
-        quantize_model, prepare_for_kbit_training = _int8_api()
-        quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
-        prepare_for_kbit_training(model, gradient_checkpointing=cfg.training.gradient_checkpointing, upcast_fp32=False)
     targets = list(cfg.lora.target_modules)
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -67,6 +51,15 @@ def build_model(cfg: DictConfig):
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
+    if cfg.quantization.int8:
+        from bytetune.quant_layers import quantize_model
+        from bytetune.quant_layers.lora import prepare_for_kbit_training, register_int8_lora
+
+        if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
+            quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
+        # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
+        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
+        lora = register_int8_lora(lora)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     return get_peft_model(model, lora), tokenizer
 
@@ -76,13 +69,10 @@ def build_optimizer(params: list[torch.nn.Parameter], opt_cfg) -> torch.optim.Op
     betas = tuple(opt_cfg.betas)
     if opt_cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-    try:
-        from bytetune import optim as bytetune_optim
+    from bytetune import optim as bytetune_optim
 
-        classes = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgd8bit": "SGD8bit"}
-        cls = getattr(bytetune_optim, classes[opt_cfg.name])
-    except AttributeError:
-        raise RecipeError(f"optimizer.name={opt_cfg.name} needs bytetune.optim, which this install lacks: use optimizer.name=adamw") from None
+    classes = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgd8bit": "SGD8bit"}
+    cls = getattr(bytetune_optim, classes[opt_cfg.name])
     common = dict(weight_decay=opt_cfg.weight_decay, optim_bits=opt_cfg.optim_bits,
                   min_8bit_size=opt_cfg.min_8bit_size, block_size=opt_cfg.block_size)
     if opt_cfg.name == "sgd8bit":
@@ -192,9 +182,11 @@ class Trainer:
             )
         self.total_steps = training.max_steps or max(1, math.ceil(training.epochs * self.steps_per_epoch))
 
-        if training.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
-            # non-reentrant checkpointing needs no input grads and keeps dropout's RNG replayable
+        if training.gradient_checkpointing:
+            # non-reentrant checkpointing keeps dropout's RNG replayable; input grads give the
+            # checkpointed blocks something to differentiate when every base weight is frozen
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         device_map = getattr(model, "hf_device_map", None) or {}
         split = len({str(d) for d in device_map.values()}) > 1
         self.model = self.accelerator.prepare_model(model, device_placement=not split)
@@ -552,19 +544,18 @@ class Trainer:
         plt.close(figure)
 
     def _export_merged(self) -> Path:
-        """Base with the adapters merged in (int8 bases go through bytetune's exporter)."""
+        """Base with the adapters merged in, in export.merged_dtype (int8 bases are dequantized)."""
         directory = self.output_dir / "merged"
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.export.merged_dtype]
         if self.accelerator.is_main_process:
+            # Both paths merge the trainer's own model in place (no copy of a large base): this
+            # runs last, after the adapters and the final checkpoint are written.
             if self.cfg.quantization.int8:
                 from bytetune.quant_layers.lora import export_merged
 
                 export_merged(self.unwrapped, directory, dtype)
             else:
-                import copy
-
-                merged = copy.deepcopy(self.unwrapped).merge_and_unload().to(dtype)
-                merged.save_pretrained(directory)
+                self.unwrapped.merge_and_unload().to(dtype).save_pretrained(directory)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
         self.accelerator.wait_for_everyone()
