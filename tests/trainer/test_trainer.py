@@ -53,13 +53,23 @@ def test_resume_is_indistinguishable_from_straight_run(tmp_path):
 def test_training_lowers_loss_and_checkpoints_rotate(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"training.max_steps": 10, "training.grad_accum_steps": 1,
                                             "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
-                                            "optimizer.lr": 3e-3, "lora.dropout": 0.0, "logging.plot": True})
+                                            "optimizer.lr": 3e-3, "lora.dropout": 0.0, "logging.plot": True,
+                                            "export.merged": True, "export.merged_dtype": "float32"})
     trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    batch = trainer.eval_data.batch(torch.arange(4))
     summary = trainer.train()
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert math.isclose(summary["final_eval_ppl"], math.exp(summary["final_eval_loss"]), rel_tol=1e-9)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000010"]
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    # the merged export is a plain transformers model that scores about as well as the adapters did
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(summary["merged_dir"])
+    assert getattr(merged.config, "quantization_config", None) is None
+    with torch.no_grad():
+        merged_loss = merged(**batch).loss.item()
+    assert abs(merged_loss - summary["final_eval_loss"]) < 0.05 * summary["final_eval_loss"]
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
