@@ -124,3 +124,22 @@ def test_errors_that_need_a_run(tmp_path, capsys):
     other = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small, **{"lora.r": 8, "checkpoint.resume": "latest"}))
     with pytest.raises(CheckpointError, match="from a different model"):
         other.train()
+
+
+def test_trainer_on_a_model_built_by_hand(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    base = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(0, 64, (16,), generator=generator)} for _ in range(12)]
+    config = {"output_dir": str(tmp_path / "run"), "training": {"max_steps": 3, "micro_batch_size": 4},
+              "logging": {"progress_bar": False, "plot": False}, "optimizer": {"name": "adamw", "lr": 1e-2}}
+    trainer = Trainer(model, None, rows, config, eval_data=rows[:4])
+    before = trainer.evaluate()["eval_loss"]
+    summary = trainer.train()
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 4 * 16
+    assert summary["final_eval_loss"] < before
+    assert (trainer.save_adapter(tmp_path / "mine") / "adapter_model.safetensors").is_file()
