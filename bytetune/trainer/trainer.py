@@ -44,11 +44,17 @@ def build_model(cfg: DictConfig):
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
     targets = list(cfg.lora.target_modules)
+    if targets == ["all-linear"] and cfg.lora.layers is not None:
+        # PEFT takes layers_to_transform only with named targets: name every linear of the blocks
+        head = model.get_output_embeddings()
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and module is not head})
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
     if cfg.quantization.int8:
