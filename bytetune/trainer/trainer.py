@@ -264,6 +264,14 @@ class Trainer:
                 digest.update(param.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    def _truncate_log(self) -> None:
+        """Drop log records past the resumed step: an interrupted run logged steps it now redoes."""
+        path = self.output_dir / "log.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -431,6 +439,7 @@ class Trainer:
         resume_from = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            self._truncate_log()
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(self.cfg))
