@@ -11,4 +11,14 @@ from bytetune.quant_layers import Int8Config, Int8Linear, QuantizationReport, qu
 __all__ = [
     "Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit", "StableEmbedding",
     "Int8Config", "Int8Linear", "QuantizationReport", "quantize_model",
+    "Trainer",
 ]
+
+
+def __getattr__(name):
+    # The trainer pulls in accelerate, peft and datasets: load it only when asked for.
+    if name == "Trainer":
+        from bytetune.trainer.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'bytetune' has no attribute {name!r}")
