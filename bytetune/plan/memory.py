@@ -82,14 +82,20 @@ class PlanSpec:
     # Leaf names of the block linears that get LoRA (and int8), or "all-linear" for every one.
     lora_targets: str | Sequence[str] = "all-linear"
     lora_dtype: str | torch.dtype = torch.float32
-    optimizer: str = "adamw8bit"  # or "adamw" (32-bit states)
+    optimizer: str = "adamw8bit"  # the recipe's optimizer.name (for display)
+    optimizer_states: int = 2  # moments per parameter: 2 for Adam(W), 1 for Lion / momentum SGD
+    optimizer_bits: int = 8  # 8: block-wise quantized states; 32: fp32 states
+    min_8bit_size: int = 4096  # smaller tensors keep fp32 states
+    optimizer_block: int = 256  # elements per float32 absmax
+    # Block linears kept unquantized (suffixes, like quantization.skip_modules).
+    quantization_skip: Sequence[str] = ()
     name: str = "model"
 
     def __post_init__(self):
         if self.quantization not in ("int8", "none"):
             raise ValueError(f"quantization={self.quantization!r}: use 'int8' or 'none'")
-        if self.optimizer not in ("adamw8bit", "adamw"):
-            raise ValueError(f"optimizer={self.optimizer!r}: use 'adamw8bit' or 'adamw'")
+        if self.optimizer_bits not in (8, 32):
+            raise ValueError(f"optimizer_bits={self.optimizer_bits}: use 8 or 32")
         if self.seq_len < 1 or self.micro_batch < 1:
             raise ValueError(f"seq_len={self.seq_len}, micro_batch={self.micro_batch}: both must be >= 1")
 
@@ -198,11 +204,12 @@ def target_linears(block: nn.Module, targets: str | Sequence[str]) -> list[tuple
     return chosen
 
 
-def optimizer_state_bytes(numel: int, optimizer: str) -> int:
-    if optimizer == "adamw" or numel < OPTIM_8BIT_MIN_SIZE:
-        return 8 * numel  # two fp32 moments
-    blocks = math.ceil(numel / OPTIM_8BIT_BLOCK)
-    return 2 * numel + 2 * 4 * blocks  # two uint8 moments + a float32 absmax per block per moment
+def optimizer_state_bytes(numel: int, spec: PlanSpec) -> int:
+    """Optimizer state of one parameter tensor."""
+    if spec.optimizer_bits == 32 or numel < spec.min_8bit_size:
+        return spec.optimizer_states * 4 * numel  # fp32 moments
+    blocks = math.ceil(numel / spec.optimizer_block)
+    return spec.optimizer_states * (numel + 4 * blocks)  # uint8 codes + a float32 absmax per block
 
 
 @dataclass
@@ -246,11 +253,13 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
     lora: dict[str, int] = {}
     for bname, block in blocks:
         for lname, linear in target_linears(block, spec.lora_targets):
+            lora[f"{bname}.{lname}"] = spec.lora_r * (linear.out_features + linear.in_features)
+        if spec.quantization != "int8":
+            continue
+        for lname, linear in target_linears(block, "all-linear"):
             full = f"{bname}.{lname}"
-            n, k = linear.out_features, linear.in_features
-            if spec.quantization == "int8":
-                quantized[f"{full}.weight"] = (n, k, linear.bias is not None)
-            lora[full] = spec.lora_r * (n + k)
+            if not any(full == s or full.endswith("." + s) for s in spec.quantization_skip):
+                quantized[f"{full}.weight"] = (linear.out_features, linear.in_features, linear.bias is not None)
 
     costs: dict[str, ModuleCost] = {}
     special: dict[str, torch.dtype] = {}
@@ -277,8 +286,8 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         unit.lora_grads += numel * lora_bytes
         # A is [r, K] and B is [N, r]: the 8-bit rule applies per tensor.
         linear = model.get_submodule(lname)
-        unit.optimizer_states += optimizer_state_bytes(r * linear.in_features, spec.optimizer)
-        unit.optimizer_states += optimizer_state_bytes(r * linear.out_features, spec.optimizer)
+        unit.optimizer_states += optimizer_state_bytes(r * linear.in_features, spec)
+        unit.optimizer_states += optimizer_state_bytes(r * linear.out_features, spec)
         assert n_plus_k == linear.in_features + linear.out_features
     return costs, special
 
@@ -305,7 +314,14 @@ def _attach_lora(model: nn.Module, spec: PlanSpec) -> nn.Module:
     _, blocks = block_list(model)
     names = sorted({n.rsplit(".", 1)[-1] for n, _ in target_linears(blocks[0][1], spec.lora_targets)})
     config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, target_modules=names)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    # 16-bit training runs under autocast, where the LoRA matmuls see (and save) 16-bit copies of
+    # their inputs; tracing with 16-bit adapters keeps those copies at their real size.
+    compute = as_dtype(spec.compute_dtype)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(compute)
+    return model
 
 
 def trace_activations(spec: PlanSpec) -> ActivationTrace:
@@ -592,27 +608,25 @@ class Planner:
         self.trace = trace_activations(spec)
         self.block_parent, blocks = block_list(self.model)
         self.block_names = [name for name, _ in blocks]
-        self.head_unit = self._unit_holding(self.model.get_output_embeddings())
-        self.embed_unit = self._unit_holding(self.model.get_input_embeddings())
+        self.head_name = self._module_name(self.model.get_output_embeddings())
+        self.embed_name = self._module_name(self.model.get_input_embeddings())
         tr = self.trace
         self.per_block_activation = tr.block_input if spec.gradient_checkpointing else tr.per_block
-        # Int8 backward dequantizes the weight to compute the input gradient (bitsandbytes does the
-        # whole matrix; bytetune's Int8Linear the same), so the widest int8 linear is a temporary too.
-        largest = 0
+        # Int8Linear's forward quantizes the input (int8, tokens x K) and may accumulate in int32
+        # (tokens x N); its backward dequantizes weight tiles only, never the whole matrix.
+        int8_scratch = 0
         if spec.quantization == "int8":
-            for linear in (m for _, m in target_linears(blocks[0][1], spec.lora_targets)):
-                largest = max(largest, linear.in_features * linear.out_features * dtype_bytes(spec.compute_dtype))
+            tokens = spec.micro_batch * spec.seq_len
+            for linear in (m for _, m in target_linears(blocks[0][1], "all-linear")):
+                int8_scratch = max(int8_scratch, tokens * (linear.in_features + 4 * linear.out_features))
         recompute = tr.per_block if spec.gradient_checkpointing else 0
-        self.block_temporary = recompute + tr.block_backward_scratch + largest
+        self.block_temporary = recompute + max(tr.block_backward_scratch, int8_scratch)
 
-    def _unit_holding(self, module: nn.Module) -> str:
+    def _module_name(self, module: nn.Module) -> str:
         for name, mod in self.model.named_modules():
             if mod is module:
-                for unit in self.costs:
-                    if name == unit or name.startswith(unit + "."):
-                        return unit
                 return name
-        raise ValueError("module not found in the model")
+        raise ValueError(f"{type(module).__name__} is not a submodule of the model")
 
     def totals(self) -> dict[str, int]:
         keys = ["quantized_weights", "other_weights", "lora_params", "lora_grads", "optimizer_states", "lora_numel"]
@@ -642,14 +656,17 @@ class Planner:
             plan.optimizer_states += cost.optimizer_states
             if unit in self.block_names:
                 plan.activations += self.per_block_activation
-        for plan in by_key.values():
+        # A tied head has no weights of its own (no unit), but accelerate still places it.
+        head_key = _placement(device_map, self.head_name)
+        embed_key = _placement(device_map, self.embed_name)
+        for key, plan in by_key.items():
             has_blocks = any(u in self.block_names for u in plan.units)
             if has_blocks:
                 plan.activations += tr.shared  # ALiBi / masks are moved to every device with blocks
                 plan.temporary = self.block_temporary
-            if self.embed_unit in plan.units:
+            if key == embed_key:
                 plan.activations += tr.before_blocks
-            if self.head_unit in plan.units:
+            if key == head_key:
                 plan.activations += tr.after_blocks + tr.logits
                 plan.temporary = max(plan.temporary, tr.loss_backward_scratch)
             if plan.units:
@@ -778,5 +795,44 @@ def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True) 
     return plan
 
 
+def model_config_from_recipe(recipe):
+    """The transformers config of a recipe's model: its bundled config.json, shrunk as the recipe says."""
+    from transformers import AutoConfig
+
+    from bytetune.trainer.models import bundled_model_config, shrink_model_config
+
+    if not recipe.model.config_file:
+        raise ValueError(
+            f"recipe {recipe.name!r} names no model.config_file: the planner builds the model from a "
+            "bundled config (bytetune/trainer/model_configs/NAME.json)"
+        )
+    config_dict = shrink_model_config(bundled_model_config(recipe.model.config_file), recipe.model.shrink)
+    model_type = config_dict.pop("model_type")
+    config_dict.pop("architectures", None)
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
 def spec_from_recipe(recipe) -> PlanSpec:
-    raise NotImplementedError("recipe support arrives with the trainer's config schema")
+    """A recipe (bytetune.trainer.config.RecipeConfig, loaded) reduced to its memory facts."""
+    targets = list(recipe.lora.target_modules)
+    name = recipe.optimizer.name
+    return PlanSpec(
+        model_config=model_config_from_recipe(recipe),
+        seq_len=recipe.training.seq_len,
+        micro_batch=recipe.training.micro_batch_size,
+        gradient_checkpointing=recipe.training.gradient_checkpointing,
+        compute_dtype=recipe.model.dtype,
+        quantization="int8" if recipe.quantization.int8 else "none",
+        quantization_skip=tuple(recipe.quantization.skip_modules),
+        lora_r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        lora_targets="all-linear" if targets == ["all-linear"] else targets,
+        lora_dtype=torch.float32,  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+        optimizer=name,
+        optimizer_states=1 if name in ("lion8bit", "sgd8bit") else 2,
+        optimizer_bits=32 if name == "adamw" else recipe.optimizer.optim_bits,
+        min_8bit_size=recipe.optimizer.min_8bit_size,
+        optimizer_block=recipe.optimizer.block_size,
+        name=recipe.name,
+    )
