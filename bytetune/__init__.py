@@ -2,8 +2,23 @@
 
 __version__ = "0.1.0"
 
+from bytetune.optim import Adam8bit, AdamW8bit, Lion8bit, SGD8bit, StableEmbedding  # noqa: E402
+
 # Importing quant_layers registers the Int8Config quantization method with transformers, which
 # must happen in every process that loads or saves an int8 model.
 from bytetune.quant_layers import Int8Config, Int8Linear, QuantizationReport, quantize_model  # noqa: E402
 
-__all__ = ["Int8Config", "Int8Linear", "QuantizationReport", "quantize_model"]
+__all__ = [
+    "Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit", "StableEmbedding",
+    "Int8Config", "Int8Linear", "QuantizationReport", "quantize_model",
+    "Trainer",
+]
+
+
+def __getattr__(name):
+    # The trainer pulls in accelerate, peft and datasets: load it only when asked for.
+    if name == "Trainer":
+        from bytetune.trainer.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'bytetune' has no attribute {name!r}")
