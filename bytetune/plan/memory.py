@@ -303,7 +303,7 @@ class ActivationTrace:
     shared: int  # saved once, used by every block (attention mask, ALiBi / rotary tables)
     before_blocks: int  # embeddings side
     after_blocks: int  # final norm, head and loss
-    logits: int  # held by the model output until the step ends
+    logits: int  # the head's output: alive while the loss is computed (16-bit models add an fp32 copy)
     loss_backward_scratch: int  # gradient buffers of the loss backward (fp32 log-softmax grads)
     block_backward_scratch: int  # the largest gradient buffers of one block's backward
 
@@ -362,8 +362,21 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
         lambda mod, args, kwargs: block_inputs.append(_first_tensor(args, kwargs).untyped_storage().nbytes()),
         with_kwargs=True,
     )
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        output = model(input_ids=ids, labels=ids, use_cache=False)
+    # The trainer passes an attention mask; that also keeps the mask builders off a data-dependent
+    # check (packed-sequence detection) that cannot run on meta tensors. Its packed batches have no
+    # padding, which is what the SDPA mask builder would find if it could read the mask.
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    try:
+        with mock.patch.object(masking_utils, "fast_all", lambda tensor: True), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+    except RuntimeError as error:
+        raise NotImplementedError(
+            f"cannot trace {type(inner).__name__} on the meta device: {str(error).splitlines()[0]}"
+        ) from None
 
     # Blocks are identical: a storage saved by both is shared by all (mask, ALiBi); one saved only by
     # the second block is that block's own (the first block's copy is the same size and not needed).
@@ -383,10 +396,10 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     per_block, shared, before, after = counts["per_block"], counts["shared"], counts["before"], counts["after"]
 
     cfg = spec.model_config
-    vocab = output.logits.shape[-1]
+    vocab = inner.get_output_embeddings().out_features
     compute = dtype_bytes(spec.compute_dtype)
     tokens = batch * seq
-    logits = tokens * vocab * compute
+    logits = tokens * vocab * (compute + (4 if compute != 4 else 0))
     # Cross-entropy backward holds the log-softmax output's gradient and its input's gradient (fp32)
     # at once; a non-fp32 model adds the cast back to its dtype.
     loss_scratch = 2 * tokens * vocab * 4 + (tokens * vocab * compute if compute != 4 else 0)
@@ -638,7 +651,7 @@ class Planner:
         tr = self.trace
         n = len(self.block_names)
         kept = n * (tr.block_input if checkpointing else tr.per_block)
-        return kept + tr.shared + tr.before_blocks + tr.after_blocks + tr.logits
+        return kept + tr.shared + tr.before_blocks
 
     def device_plans(self, device_map: dict[str, object], devices: list[Device]) -> list[DevicePlan]:
         by_key = {d.accelerate_key: DevicePlan(d, []) for d in devices}
@@ -660,15 +673,17 @@ class Planner:
         head_key = _placement(device_map, self.head_name)
         embed_key = _placement(device_map, self.embed_name)
         for key, plan in by_key.items():
-            has_blocks = any(u in self.block_names for u in plan.units)
-            if has_blocks:
+            # "activations" stay from the forward to their block's backward; "temporary" is the
+            # largest of the phases that come and go: the loss (forward end, then its backward)
+            # and one block's backward (recomputed first under checkpointing).
+            if any(u in self.block_names for u in plan.units):
                 plan.activations += tr.shared  # ALiBi / masks are moved to every device with blocks
                 plan.temporary = self.block_temporary
             if key == embed_key:
                 plan.activations += tr.before_blocks
             if key == head_key:
-                plan.activations += tr.after_blocks + tr.logits
-                plan.temporary = max(plan.temporary, tr.loss_backward_scratch)
+                loss_phase = tr.after_blocks + max(tr.logits, tr.loss_backward_scratch)
+                plan.temporary = max(plan.temporary, loss_phase)
             if plan.units:
                 dynamic = plan.activations + plan.temporary
                 plan.overhead = runtime_overhead(plan.device, plan.allocated - dynamic, dynamic)
@@ -812,12 +827,16 @@ def model_config_from_recipe(recipe):
     return AutoConfig.for_model(model_type, **config_dict)
 
 
-def spec_from_recipe(recipe) -> PlanSpec:
-    """A recipe (bytetune.trainer.config.RecipeConfig, loaded) reduced to its memory facts."""
+def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
+    """A recipe (bytetune.trainer.config.RecipeConfig, loaded) reduced to its memory facts.
+
+    ``model_config`` (a transformers config) replaces the recipe's bundled one, for a model built
+    by hand.
+    """
     targets = list(recipe.lora.target_modules)
     name = recipe.optimizer.name
     return PlanSpec(
-        model_config=model_config_from_recipe(recipe),
+        model_config=model_config if model_config is not None else model_config_from_recipe(recipe),
         seq_len=recipe.training.seq_len,
         micro_batch=recipe.training.micro_batch_size,
         gradient_checkpointing=recipe.training.gradient_checkpointing,
