@@ -14,6 +14,8 @@ Each op exists as ``<op>_reference`` (plain PyTorch, the CPU path and the test o
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
@@ -106,6 +108,16 @@ def _check_grad_input_args(grad_y, w_int8, w_scale) -> None:
     _check_scale("w_scale", w_scale, w_int8.shape[0])
 
 
+def _check_outlier_cols(outlier_cols: torch.Tensor | None) -> None:
+    if outlier_cols is not None and (
+        outlier_cols.dim() != 1 or outlier_cols.dtype not in (torch.int64, torch.int32)
+    ):
+        raise ValueError(
+            f"outlier_cols must be a 1-D tensor of column indices (int64), got shape "
+            f"{tuple(outlier_cols.shape)} dtype {outlier_cols.dtype}; use outlier_columns(x, threshold)"
+        )
+
+
 def _safe_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(absmax == 0, torch.ones_like(absmax), absmax)
 
@@ -129,7 +141,7 @@ def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def outlier_columns_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
     _check_float_2d("x", x)
-    if threshold <= 0:
+    if threshold <= 0 or x.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
     # Compared in float32 so a threshold that is not representable in bf16/fp16 is not rounded.
     column_absmax = x.abs().amax(dim=0).float()
@@ -140,6 +152,7 @@ def quantize_tokenwise_reference(
     x: torch.Tensor, outlier_cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float_2d("x", x)
+    _check_outlier_cols(outlier_cols)
     if outlier_cols is not None and outlier_cols.numel() > 0:
         x = x.clone()
         x[:, outlier_cols] = 0
@@ -149,11 +162,14 @@ def quantize_tokenwise_reference(
 
 def _int32_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] int8 @ b [N, K].T int8 -> int32, exact."""
-    try:
-        return torch._int_mm(a, b.t())
-    except RuntimeError:
-        # _int_mm refuses some shapes/devices; an int32 product is exact for K < 2**31 / 127**2.
-        return a.int() @ b.int().t()
+    # float64 is exact here (|sum| <= K * 127**2 << 2**53). On CPU it is also the fast choice:
+    # torch._int_mm measured 3-5x slower than a float64 matmul (256x2048x512, 512x576x1536).
+    if a.is_cuda:
+        try:
+            return torch._int_mm(a, b.t())
+        except RuntimeError:
+            pass  # _int_mm refuses M <= 16 and K or N not multiples of 8 on CUDA
+    return (a.double() @ b.double().t()).int()
 
 
 def int8_matmul_reference(
@@ -402,17 +418,14 @@ if HAS_TRITON:
     def _gpu_matmul_configs() -> list:
         # Large tiles for thousands of tokens; thin-M tiles for decoding (M = 1..16), where the
         # op is a weight-bandwidth-bound GEMV and wants many programs along N.
+        # Kept short: every config is one more compile on a fresh machine.
         shapes = [
             (128, 256, 128, 3, 8),
-            (256, 128, 128, 3, 8),
             (128, 128, 128, 4, 8),
             (128, 128, 64, 4, 4),
             (64, 128, 128, 4, 4),
-            (128, 64, 128, 4, 4),
-            (64, 64, 128, 4, 4),
             (32, 64, 256, 4, 4),
             (16, 64, 256, 4, 4),
-            (16, 32, 256, 4, 4),
             (16, 128, 128, 4, 4),
         ]
         return [
@@ -440,15 +453,31 @@ if HAS_TRITON:
             for c in _gpu_matmul_configs()
         ]
 
+    def _prune_by_token_count(configs, named_args, **kwargs):
+        # Thin tiles only for few tokens, wide ones only for many: halves the tuning sweep.
+        few_tokens = named_args["M_BUCKET"] <= 32
+        return [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == few_tokens]
+
     _int8_matmul_tuned = triton.autotune(
-        configs=_gpu_matmul_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"]
+        configs=_gpu_matmul_configs(),
+        key=["M_BUCKET", "N", "K", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_by_token_count},
     )(_int8_matmul_kernel)
     _int8_grad_input_tuned = triton.autotune(
-        configs=_gpu_grad_input_configs(), key=["M_BUCKET", "N", "K", "DOT_IN_FP32"]
+        configs=_gpu_grad_input_configs(),
+        key=["M_BUCKET", "N", "K", "DOT_IN_FP32"],
+        prune_configs_by={"early_config_prune": _prune_by_token_count},
     )(_int8_grad_input_kernel)
 
 # Fixed small tiles for the interpreter (CPU tensors): autotuning there would only cost time.
 _INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+# One fixed GPU config, used when BYTETUNE_AUTOTUNE=0: the GPU test run sets it so that dozens
+# of small test shapes do not each pay a tuning sweep (one compile per config).
+_FIXED_GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("BYTETUNE_AUTOTUNE", "1") != "0"
 
 
 def _m_bucket(m: int) -> int:
@@ -483,25 +512,25 @@ def quantize_rowwise_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def outlier_columns_triton(x: torch.Tensor, threshold: float) -> torch.Tensor:
     _check_float_2d("x", x)
-    if threshold <= 0:
-        return torch.empty(0, dtype=torch.long, device=x.device)
     m, k = x.shape
+    if threshold <= 0 or m == 0 or k == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
     rows_per_program = 256 if x.is_cuda else 64
     block_m, block_k = (32, 128) if x.is_cuda else (16, 64)
-    row_chunks = max(triton.cdiv(m, rows_per_program), 1)
-    partial = torch.zeros(row_chunks, k, dtype=torch.float32, device=x.device)
-    if m > 0 and k > 0:
-        _column_absmax_kernel[(triton.cdiv(k, block_k), row_chunks)](
-            x,
-            partial,
-            m,
-            k,
-            x.stride(0),
-            x.stride(1),
-            ROWS_PER_PROGRAM=rows_per_program,
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-        )
+    row_chunks = triton.cdiv(m, rows_per_program)
+    # Every (row chunk, column) entry is written by the kernel: no need to zero it first.
+    partial = torch.empty(row_chunks, k, dtype=torch.float32, device=x.device)
+    _column_absmax_kernel[(triton.cdiv(k, block_k), row_chunks)](
+        x,
+        partial,
+        m,
+        k,
+        x.stride(0),
+        x.stride(1),
+        ROWS_PER_PROGRAM=rows_per_program,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     return torch.nonzero(partial.amax(dim=0) >= threshold).flatten()
 
 
@@ -509,6 +538,7 @@ def quantize_tokenwise_triton(
     x: torch.Tensor, outlier_cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float_2d("x", x)
+    _check_outlier_cols(outlier_cols)
     is_outlier = None
     if outlier_cols is not None and outlier_cols.numel() > 0:
         is_outlier = torch.zeros(x.shape[1], dtype=torch.int8, device=x.device)
@@ -552,13 +582,13 @@ def int8_matmul_triton(
         out.stride(0),
         out.stride(1),
     )
-    if x_int8.is_cuda:
+    if x_int8.is_cuda and _autotune_enabled():
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
         )
         _int8_matmul_tuned[grid](*args, HAS_BIAS=bias is not None)
     else:
-        tiles = _INTERPRETER_TILES
+        tiles = _FIXED_GPU_TILES if x_int8.is_cuda else _INTERPRETER_TILES
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
         _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **tiles)
     return out
@@ -599,13 +629,13 @@ def int8_matmul_grad_input_triton(
         grad_x.stride(0),
         grad_x.stride(1),
     )
-    if grad_y.is_cuda:
+    if grad_y.is_cuda and _autotune_enabled():
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
         )
         _int8_grad_input_tuned[grid](*args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision)
     else:
-        tiles = _INTERPRETER_TILES
+        tiles = _FIXED_GPU_TILES if grad_y.is_cuda else _INTERPRETER_TILES
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]),)
         _int8_grad_input_kernel[grid](
             *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **tiles

@@ -72,8 +72,12 @@ def quantize_model(
     Skipped: the output head, layers tied to an embedding, and modules matching a ``skip``
     pattern, matched as transformers matches ``modules_to_not_convert``: a name prefix ending at
     a module boundary ("transformer.h.0"), a regex with the same boundary ("h\\.[01]\\.mlp"),
-    or a suffix ("lm_head", "mlp.dense_4h_to_h"). Each layer's float weight is freed as soon as it is quantized, so the
-    peak is the model plus one layer. Marks the model 8-bit loaded, which PEFT reads.
+    or a suffix ("lm_head", "mlp.dense_4h_to_h"). Each layer's float weight is freed as soon as
+    it is quantized, so the peak is the model plus one layer.
+
+    Marks the model 8-bit loaded (PEFT reads it) and, on a transformers model, records an
+    Int8Config in ``model.config`` so that ``save_pretrained`` writes an int8 checkpoint that
+    ``from_pretrained`` loads back as Int8Linear layers.
     """
     skip = list(skip)
     skipped = default_skip_names(model)
@@ -95,6 +99,11 @@ def quantize_model(
         quantized_params += int8_layer.weight.numel()
     if targets:
         mark_int8_loaded(model)
+        if hasattr(getattr(model, "config", None), "to_dict"):
+            # Imported here: the quantizer module imports this one.
+            from bytetune.quant_layers.hf_quantizer import Int8Config
+
+            model.config.quantization_config = Int8Config(threshold, skip_modules=sorted(set(skip) | skipped))
     return QuantizationReport(
         bytes_before=bytes_before,
         bytes_after=model_bytes(model),

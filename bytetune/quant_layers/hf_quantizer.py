@@ -76,6 +76,16 @@ class Int8HfQuantizer(HfQuantizer):
     def quantized_element_size(self) -> float:
         return 1
 
+    def validate_environment(self, *args, device_map=None, **kwargs) -> None:
+        # Called with the user's device_map before the layers are swapped, and again with the
+        # resolved map when device_map is "auto"/"balanced"/...: the second call is the first time
+        # the disk placement of an "auto" map is known.
+        if isinstance(device_map, dict) and not self.pre_quantized:
+            self.disk_modules = [name for name, device in device_map.items() if device == "disk"]
+            model = getattr(self, "swapped_model", None)
+            if model is not None:
+                restore_float_layers(model, self.replaced_layers, self.disk_modules)
+
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, Int8Linear) and tensor_name == "weight"
@@ -84,9 +94,18 @@ class Int8HfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
         )
-        replace_with_int8_linear(model, self.modules_to_not_convert, self.quantization_config.threshold)
+        # When quantizing on the fly, disk-offloaded layers stay in the checkpoint's dtype:
+        # transformers' offload index points at the original checkpoint tensor for weights
+        # converted while loading, so an int8 layer would read float bytes back as int8
+        # (bitsandbytes keeps offloaded layers in float too). An int8 checkpoint offloads as is.
+        self.modules_to_not_convert += getattr(self, "disk_modules", [])
+        self.replaced_layers = replace_with_int8_linear(
+            model, self.modules_to_not_convert, self.quantization_config.threshold
+        )
+        self.swapped_model = model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        self.swapped_model = self.replaced_layers = None  # drop the meta float layers
         mark_int8_loaded(model)
         return model
 
@@ -105,15 +124,22 @@ class Int8HfQuantizer(HfQuantizer):
         return True
 
 
-def replace_with_int8_linear(model: nn.Module, modules_to_not_convert: list[str], threshold: float) -> int:
-    """Swap linear layers for empty Int8Linear ones on the meta device (before weights load)."""
+def replace_with_int8_linear(
+    model: nn.Module, modules_to_not_convert: list[str], threshold: float
+) -> dict[str, nn.Module]:
+    """Swap linear layers for empty Int8Linear ones on the meta device (before weights load).
+
+    Returns the replaced (meta) float layers by name, so that a later device map can put some back.
+    """
     names = [
         name
         for name, module in model.named_modules()
         if name and is_quantizable(module) and should_convert_module(name, modules_to_not_convert)
     ]
+    replaced = {}
     for name in names:
         float_layer = model.get_submodule(name)
+        replaced[name] = float_layer
         conv1d = is_conv1d(float_layer)
         out_features, in_features = (
             (float_layer.nf, float_layer.nx) if conv1d else (float_layer.out_features, float_layer.in_features)
@@ -128,8 +154,19 @@ def replace_with_int8_linear(model: nn.Module, modules_to_not_convert: list[str]
                 bias_dtype=None if bias is None else bias.dtype,
             )
         int8_layer.source_is_conv1d = conv1d
+        # transformers runs its float initializers (normal_) on weights it did not see loaded, such
+        # as those offloaded to disk; int8 storage cannot take them, and its values come from the
+        # checkpoint anyway.
+        int8_layer.weight._is_hf_initialized = True
         model.set_submodule(name, int8_layer)
-    return len(names)
+    return replaced
+
+
+def restore_float_layers(model: nn.Module, replaced: dict[str, nn.Module], prefixes: list[str]) -> None:
+    """Put back the float layers whose name lies under one of ``prefixes`` ("" is the root)."""
+    for name, float_layer in replaced.items():
+        if any(p == "" or name == p or name.startswith(p + ".") for p in prefixes):
+            model.set_submodule(name, float_layer)
 
 
 def register() -> None:

@@ -142,6 +142,16 @@ class Int8Linear(nn.Linear):
         y = Int8MatmulFunction.apply(x2d, self.weight, self.weight_scale, bias, self.threshold)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every float buffer; the scales must stay float32
+        # (the int8 kernels take float32 scales, and bf16 would round each row's scale by ~0.4 %).
+        # Only their device follows the move, taken from the exact float32 copy.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         weight = state_dict.get(prefix + "weight")
         if weight is not None and weight.dtype != torch.int8:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks for bytetune: on a CUDA machine, run the kernel tests with the Triton kernels
+# compiled for real (TRITON_INTERPRET=0), then the benches, tee-ing every table into
+# bench/results/gpu_<date>.txt. Budget: under 8 minutes in total. Each section appends itself.
+set -uo pipefail  # no -e: a failing section must not hide the later ones
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python}"
+mkdir -p bench/results
+RESULTS="bench/results/gpu_$(date +%F).txt"
+echo "== bytetune gpu_check $(date -u +%FT%TZ) on $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')" | tee -a "$RESULTS"
+
+# --- LLM.int8() kernels (bytetune/kernels/int8_matmul.py) and Int8Linear bench --------------
+# Compiles dominate (sm_90, on a 2-core CPU: 3-30 s per matmul config, 70 s for the fp32 "ieee"
+# grad kernel with 128x256 tiles). Tests: one fixed tile config (BYTETUNE_AUTOTUNE=0) so ~100
+# small cases do not each pay a tuning sweep. Then bf16 matmul/grad at 64 tokens once more with
+# autotuning: the wide configs the bench uses, checked for correctness (and left in Triton's
+# cache for the bench). Bench: autotuned, as in training; rows print as measured.
+# Worst case of this section: 90 + 60 + 150 s.
+echo "== int8 kernel tests (compiled)" | tee -a "$RESULTS"
+BYTETUNE_AUTOTUNE=0 timeout 90 "$PYTHON" -m pytest -q tests/kernels/test_int8_matmul.py 2>&1 | tail -n 15 | tee -a "$RESULTS"
+echo "== int8 matmul / grad_input tests with autotuning on (the configs the bench uses)" | tee -a "$RESULTS"
+timeout 60 "$PYTHON" -m pytest -q tests/kernels/test_int8_matmul.py \
+    -k "int8_matmul_matches[64-True-out_dtype1] or grad_input_matches[64-dtype1]" 2>&1 | tail -n 15 | tee -a "$RESULTS"
+echo "== bench/int8_linear.py" | tee -a "$RESULTS"
+timeout 150 "$PYTHON" bench/int8_linear.py 2>&1 | grep -v "^W\|Failed to load" | tee -a "$RESULTS"
+
+# --- Int8Linear layer (bytetune/quant_layers) and SmolLM2 int8 quality -----------------------
+# Layer tests take the `device` fixture, so on CUDA they run the compiled Triton path (1 min at
+# most). The quality bench loads SmolLM2 (~30 s) and compares fp32, ours at 6.0 / 0 and
+# bitsandbytes on 8192 held-out tokens (2 min at most).
+echo "== Int8Linear tests on CUDA" | tee -a "$RESULTS"
+# BYTETUNE_AUTOTUNE=0: fixed kernel tiles, so each small test shape does not pay a tuning sweep.
+BYTETUNE_AUTOTUNE=0 timeout 60 "$PYTHON" -m pytest -q tests/quant_layers/test_int8_linear.py 2>&1 | tail -n 15 | tee -a "$RESULTS"
+echo "== bench/int8_quality.py (CUDA)" | tee -a "$RESULTS"
+timeout 120 "$PYTHON" bench/int8_quality.py --tokens 8192 2>&1 | grep -v "^W\|Failed to load\|GGUF\|Loading weights" | tee -a "$RESULTS"
