@@ -20,7 +20,7 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 train: setup
-	$(VENV)/bin/accelerate launch --cpu --num_processes 1 train.py recipe=$(RECIPE) $(ARGS)
+	$(VENV)/bin/accelerate launch train.py recipe=$(RECIPE) $(ARGS)
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x $(ARGS)

@@ -35,3 +35,22 @@ echo "== Int8Linear tests on CUDA" | tee -a "$RESULTS"
 BYTETUNE_AUTOTUNE=0 timeout 60 "$PYTHON" -m pytest -q tests/quant_layers/test_int8_linear.py 2>&1 | tail -n 15 | tee -a "$RESULTS"
 echo "== bench/int8_quality.py (CUDA)" | tee -a "$RESULTS"
 timeout 120 "$PYTHON" bench/int8_quality.py --tokens 8192 2>&1 | grep -v "^W\|Failed to load\|GGUF\|Loading weights" | tee -a "$RESULTS"
+
+# --- issue 2: block-wise quantization and fused 8-bit optimizer kernels (from the optim branch) --
+echo "== issue 2: block-wise quantization and fused 8-bit optimizer kernels (includes ~1e6 sizes on GPU)" | tee -a "$RESULTS"
+timeout 180 "$PYTHON" -m pytest -q tests/kernels/test_blockwise.py tests/kernels/test_optim_update.py 2>&1 | tail -n 5 | tee -a "$RESULTS"
+echo "== issue 2: optimizer step time, state bytes, GB/s vs device copy" | tee -a "$RESULTS"
+timeout 150 "$PYTHON" bench/optim_step.py 2>&1 | tee -a "$RESULTS"
+echo "== issue 2: quantization error, dynamic vs linear 8-bit" | tee -a "$RESULTS"
+timeout 60 "$PYTHON" bench/quant_error.py 2>&1 | tee -a "$RESULTS"
+
+# --- issue 4: the trainer on CUDA (bytetune/trainer) ------------------------------------------
+# The bloom7b recipe shrunk to 2 layers with random weights: int8 base through the Triton
+# kernels, bf16 autocast, gradient checkpointing, AdamW8bit, a checkpoint; 1 min at most.
+echo "== issue 4: trainer, shrunken bloom7b_lora8 on CUDA (4 steps)" | tee -a "$RESULTS"
+timeout 60 "$PYTHON" train.py recipe=bloom7b_lora8 output_dir=/tmp/bytetune_gpu_check_trainer \
+    model.from_config=true model.shrink.num_layers=2 model.shrink.hidden_size=256 model.shrink.num_heads=4 \
+    model.shrink.vocab_size=512 model.tokenizer=bytes data.max_train_chars=200000 data.max_eval_chars=20000 \
+    training.max_steps=4 training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false \
+    2>&1 | grep -E '"(steps|tokens_per_s|peak_memory_bytes|final_train_loss|initial_eval_loss|final_eval_loss)"|^error' \
+    | tee -a "$RESULTS"

@@ -48,8 +48,13 @@ def code_midpoints(code_map: torch.Tensor) -> torch.Tensor:
     return (code_map[:-1] + code_map[1:]) / 2
 
 
-def linear_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """Linear absmax 8-bit codes (k / 127, k = -127..127, plus a duplicate 1.0 to fill 256): the
-    baseline the dynamic map is compared against in bench/quant_error.py."""
-    codes = torch.arange(-127, 128, dtype=torch.float32) / 127
-    return torch.cat([codes, codes[-1:]]).to(device)
+def linear_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Linear absmax 8-bit codes, the baseline the dynamic maps are compared against in
+    bench/quant_error.py: k / 127 for k = -127..127 (plus a duplicate 1.0 to fill 256) when
+    signed, k / 255 for k = 0..255 when unsigned."""
+    if signed:
+        codes = torch.arange(-127, 128, dtype=torch.float32) / 127
+        codes = torch.cat([codes, codes[-1:]])
+    else:
+        codes = torch.arange(0, 256, dtype=torch.float32) / 255
+    return codes.to(device)

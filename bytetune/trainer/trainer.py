@@ -123,6 +123,8 @@ def _as_recipe(config: Any) -> DictConfig:
         config = OmegaConf.structured(config)
     try:
         cfg = OmegaConf.merge(schema, config)
+        if OmegaConf.is_missing(cfg, "name"):  # a config written for a model built by hand
+            cfg.name = "bytetune"
         OmegaConf.resolve(cfg)
     except Exception as error:
         raise RecipeError(f"invalid trainer config: {str(error).splitlines()[0]}") from None
@@ -159,11 +161,7 @@ class Trainer:
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
         self.cfg = _as_recipe(config)
-        # a config written for a model built by hand may leave the names out
-        if OmegaConf.is_missing(self.cfg, "name"):
-            self.cfg.name = "bytetune"
-            self.cfg.output_dir = "runs/bytetune" if OmegaConf.is_missing(self.cfg, "output_dir") else self.cfg.output_dir
-        if OmegaConf.is_missing(self.cfg.model, "name_or_path"):
+        if OmegaConf.is_missing(self.cfg.model, "name_or_path"):  # a model built by hand
             self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
         # The planner's prediction, recorded beside the measured peaks ("auto": plan the model given).
         if memory_plan == "auto":

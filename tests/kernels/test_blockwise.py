@@ -110,4 +110,4 @@ def test_public_ops_dispatch_and_errors():
         quantize_blockwise(x, dynamic_map(True), block_size=300)
     with pytest.raises(ValueError, match="code_map"):
         quantize_blockwise(x, dynamic_map(True)[:10])
-    assert linear_map().numel() == 256
+    assert linear_map(True).numel() == linear_map(False).numel() == 256

@@ -53,13 +53,23 @@ def test_resume_is_indistinguishable_from_straight_run(tmp_path):
 def test_training_lowers_loss_and_checkpoints_rotate(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"training.max_steps": 10, "training.grad_accum_steps": 1,
                                             "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
-                                            "optimizer.lr": 3e-3, "lora.dropout": 0.0, "logging.plot": True})
+                                            "optimizer.lr": 3e-3, "lora.dropout": 0.0, "logging.plot": True,
+                                            "export.merged": True, "export.merged_dtype": "float32"})
     trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    batch = trainer.eval_data.batch(torch.arange(4))
     summary = trainer.train()
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert math.isclose(summary["final_eval_ppl"], math.exp(summary["final_eval_loss"]), rel_tol=1e-9)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000010"]
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    # the merged export is a plain transformers model that scores about as well as the adapters did
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(summary["merged_dir"])
+    assert getattr(merged.config, "quantization_config", None) is None
+    with torch.no_grad():
+        merged_loss = merged(**batch).loss.item()
+    assert abs(merged_loss - summary["final_eval_loss"]) < 0.05 * summary["final_eval_loss"]
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
@@ -114,3 +124,22 @@ def test_errors_that_need_a_run(tmp_path, capsys):
     other = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small, **{"lora.r": 8, "checkpoint.resume": "latest"}))
     with pytest.raises(CheckpointError, match="from a different model"):
         other.train()
+
+
+def test_trainer_on_a_model_built_by_hand(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    base = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(0, 64, (16,), generator=generator)} for _ in range(12)]
+    config = {"output_dir": str(tmp_path / "run"), "training": {"max_steps": 3, "micro_batch_size": 4},
+              "logging": {"progress_bar": False, "plot": False}, "optimizer": {"name": "adamw", "lr": 1e-2}}
+    trainer = Trainer(model, None, rows, config, eval_data=rows[:4])
+    before = trainer.evaluate()["eval_loss"]
+    summary = trainer.train()
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 4 * 16
+    assert summary["final_eval_loss"] < before
+    assert (trainer.save_adapter(tmp_path / "mine") / "adapter_model.safetensors").is_file()
