@@ -7,8 +7,9 @@ copy of the model (two blocks, same shapes) forward on the meta device with
 ``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd keeps for the backward pass
 is recorded once per storage, so the count follows the model's real code (eager attention, LoRA
 branches, frozen base layers that save nothing for their weights) rather than a hand formula.
-The few things autograd does not save but that coexist at the peak (the logits held by the
-model output, the loss's gradient buffers, a block's backward scratch) are added from shapes.
+The peak is the kept activations plus the largest of the phases that come and go, each sized from
+shapes: the loss (logits, log-softmax and its fp32 gradient buffers) and one block's backward
+(its recomputed activations under checkpointing, attention-score and MLP gradients).
 """
 
 from __future__ import annotations
@@ -565,8 +566,9 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"optimizer states ({spec.optimizer})", "optimizer_states"),
     ]:
         lines.append(f"  {label:<42} {_gib(t[key]):>9}")
-    lines.append(f"  {'activations, gradient checkpointing':<42} {_gib(plan.activations_with_checkpointing):>9}")
-    lines.append(f"  {'activations, no checkpointing':<42} {_gib(plan.activations_without_checkpointing):>9}")
+    lines.append(f"  {'activations kept, gradient checkpointing':<42} {_gib(plan.activations_with_checkpointing):>9}")
+    lines.append(f"  {'activations kept, no checkpointing':<42} {_gib(plan.activations_without_checkpointing):>9}")
+    lines.append(f"  {'largest temporary (loss or block backward)':<42} {_gib(max(d.temporary for d in plan.devices)):>9}")
     lines += ["", "Per device (GiB):"]
     header = (
         f"  {'device':<8} {'blocks':>6} {'int8 w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
