@@ -609,7 +609,13 @@ def plan_advice(plan: MemoryPlan) -> str:
         tips.append("a shorter sequence or micro-batch (training.seq_len=..., training.micro_batch=...)")
     over = [f"{d.device.name} needs {_gib(d.total)} GiB of {_gib(d.device.capacity)}" for d in plan.devices if not d.fits]
     if plan.unplaced:
-        over.append(f"{len(plan.unplaced)} modules found no device")
+        static = sum(plan.totals[k] for k in ("quantized_weights", "other_weights", "lora_params", "lora_grads",
+                                              "optimizer_states"))
+        capacity = sum(d.device.capacity for d in plan.devices)
+        over.append(
+            f"{len(plan.unplaced)} modules found no device (weights, LoRA and optimizer states alone take "
+            f"{_gib(static)} GiB; the {len(plan.devices)} device(s) have {_gib(capacity)} GiB)"
+        )
     return "does not fit: " + "; ".join(over) + (". Would fit with: " + ", or ".join(tips) if tips else "")
 
 
@@ -730,7 +736,11 @@ class Planner:
             if not over:
                 break
             for p in over:
-                budget[p.device.accelerate_key] = max(0, budget[p.device.accelerate_key] + int(p.headroom * ratio) - 1)
+                key = p.device.accelerate_key
+                # Shrink by the overshoot, and at least below what the device holds now, so that
+                # it gives up a whole unit (blocks only move whole).
+                held = sum(sizes[name] for name, device in device_map.items() if device == key)
+                budget[key] = max(0, min(budget[key] + int(p.headroom * ratio), held - 1))
         unplaced = [u for u in self.costs if _placement(device_map, u) not in {d.accelerate_key for d in devices}]
         notes = []
         if true_weights != accel_weights:
@@ -762,6 +772,8 @@ class Planner:
         if usable <= 0:
             return None
         n = max(1, math.ceil(everything / usable))
+        # Past one unit per device, more devices cannot help.
+        limit = min(limit, len(self.costs) + 1)
         while n <= limit:
             if self.plan(f"{n}x{size}B").fits:
                 return n
