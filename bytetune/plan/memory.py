@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -179,16 +179,15 @@ def build_meta_model(model_config, dtype: str | torch.dtype, num_layers: int | N
     return model
 
 
-def block_list(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]]:
-    """The repeated decoder blocks (the classes in ``model._no_split_modules``) and their parent name."""
+def block_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The repeated decoder blocks (the classes in ``model._no_split_modules``), with their names."""
     classes = set(getattr(model, "_no_split_modules", None) or [])
     if not classes:
         raise ValueError(f"{type(model).__name__} declares no _no_split_modules: cannot tell its blocks")
     blocks = [(name, mod) for name, mod in model.named_modules() if type(mod).__name__ in classes]
     if not blocks:
         raise ValueError(f"no module of classes {sorted(classes)} in {type(model).__name__}")
-    parent = blocks[0][0].rsplit(".", 1)[0]
-    return parent, blocks
+    return blocks
 
 
 def target_linears(block: nn.Module, targets: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:
@@ -224,21 +223,16 @@ class ModuleCost:
     lora_grads: int = 0
     optimizer_states: int = 0
     lora_numel: int = 0
-    activations: int = 0  # kept until the backward (checkpointing taken into account)
 
     @property
     def static(self) -> int:
         return self.quantized_weights + self.other_weights + self.lora_params + self.lora_grads + self.optimizer_states
 
-    @property
-    def total(self) -> int:
-        return self.static + self.activations
-
 
 def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCost], dict[str, torch.dtype]]:
     """Per placement unit: weights (int8 where quantized) and LoRA bytes; plus the int8 special dtypes
     for accelerate's size count."""
-    parent, blocks = block_list(model)
+    blocks = block_list(model)
     block_names = {name for name, _ in blocks}
     compute = dtype_bytes(spec.compute_dtype)
     lora_bytes = dtype_bytes(spec.lora_dtype)
@@ -250,7 +244,7 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         # Outside the blocks accelerate places the direct children of the model's submodules.
         return param_name.rsplit(".", 1)[0]
 
-    quantized: dict[str, tuple[int, int, bool]] = {}  # weight param name -> (N, K, has_bias)
+    quantized: dict[str, tuple[int, int]] = {}  # weight param name -> (N, K)
     lora: dict[str, int] = {}
     for bname, block in blocks:
         for lname, linear in target_linears(block, spec.lora_targets):
@@ -260,7 +254,7 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         for lname, linear in target_linears(block, "all-linear"):
             full = f"{bname}.{lname}"
             if not any(full == s or full.endswith("." + s) for s in spec.quantization_skip):
-                quantized[f"{full}.weight"] = (linear.out_features, linear.in_features, linear.bias is not None)
+                quantized[f"{full}.weight"] = (linear.out_features, linear.in_features)
 
     costs: dict[str, ModuleCost] = {}
     special: dict[str, torch.dtype] = {}
@@ -271,17 +265,14 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         seen.add(id(param))
         unit = costs.setdefault(unit_of(pname), ModuleCost(unit_of(pname)))
         if pname in quantized:
-            n, k, _ = quantized[pname]
+            n, k = quantized[pname]
             unit.quantized_weights += n * k + n * INT8_SCALE_BYTES
             special[pname] = torch.int8
         else:
             unit.other_weights += param.numel() * compute
-    for bname, _ in model.named_buffers():
-        pass  # buffers (rotary tables, masks) are recomputed or tiny; accelerate counts them in its map
     for lname, numel in lora.items():
         unit = costs[unit_of(lname + ".weight")]
         r = spec.lora_r
-        n_plus_k = numel // r
         unit.lora_numel += numel
         unit.lora_params += numel * lora_bytes
         unit.lora_grads += numel * lora_bytes
@@ -289,7 +280,6 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         linear = model.get_submodule(lname)
         unit.optimizer_states += optimizer_state_bytes(r * linear.in_features, spec)
         unit.optimizer_states += optimizer_state_bytes(r * linear.out_features, spec)
-        assert n_plus_k == linear.in_features + linear.out_features
     return costs, special
 
 
@@ -312,7 +302,7 @@ class ActivationTrace:
 def _attach_lora(model: nn.Module, spec: PlanSpec) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    _, blocks = block_list(model)
+    blocks = block_list(model)
     names = sorted({n.rsplit(".", 1)[-1] for n, _ in target_linears(blocks[0][1], spec.lora_targets)})
     config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, target_modules=names)
     model = get_peft_model(model, config)
@@ -336,7 +326,7 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     # (enable_input_require_grads) so that checkpointed blocks see an input that requires grad.
     model.enable_input_require_grads()
     inner = model.get_base_model()
-    _, blocks = block_list(inner)
+    blocks = block_list(inner)
 
     param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
     param_storages |= {b.untyped_storage()._cdata for b in model.buffers()}
@@ -627,7 +617,7 @@ class Planner:
         self.model = build_meta_model(spec.model_config, spec.compute_dtype)
         self.costs, self.special_dtypes = _weight_costs(self.model, spec)
         self.trace = trace_activations(spec)
-        self.block_parent, blocks = block_list(self.model)
+        blocks = block_list(self.model)
         self.block_names = [name for name, _ in blocks]
         self.head_name = self._module_name(self.model.get_output_embeddings())
         self.embed_name = self._module_name(self.model.get_input_embeddings())

@@ -126,7 +126,7 @@ def test_device_map_keeps_blocks_whole_and_sums_per_device():
     config = BloomConfig(hidden_size=512, n_layer=12, n_head=8, vocab_size=4000)
     spec = small_spec(model_config=config, compute_dtype="bfloat16", gradient_checkpointing=True, quantization="int8")
     planner = Planner(spec)
-    per_block = planner.costs["transformer.h.0"].total
+    per_block = planner.costs["transformer.h.0"].static
     single = planner.plan("1x1000GiB").devices[0]
     # Devices that each hold a bit over half of the model besides the CUDA context.
     capacity = CUDA_CONTEXT_BYTES + (single.total - CUDA_CONTEXT_BYTES) // 2 + 2 * per_block
