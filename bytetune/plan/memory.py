@@ -306,12 +306,14 @@ def _attach_lora(model: nn.Module, spec: PlanSpec) -> nn.Module:
     names = sorted({n.rsplit(".", 1)[-1] for n, _ in target_linears(blocks[0][1], spec.lora_targets)})
     config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, target_modules=names)
     model = get_peft_model(model, config)
-    # 16-bit training runs under autocast, where the LoRA matmuls see (and save) 16-bit copies of
-    # their inputs; tracing with 16-bit adapters keeps those copies at their real size.
-    compute = as_dtype(spec.compute_dtype)
+    # Adapters in their training dtype (fp32: PEFT upcasts them): a 16-bit base then feeds them
+    # fp32 copies of its activations, which autograd keeps. Meta tensors cannot run autocast; a
+    # 16-bit run under autocast keeps less (measured on CPU: ~15 % fewer block activations), so
+    # the count errs high there.
+    lora_dtype = as_dtype(spec.lora_dtype)
     for name, param in model.named_parameters():
         if "lora_" in name:
-            param.data = param.data.to(compute)
+            param.data = param.data.to(lora_dtype)
     return model
 
 
