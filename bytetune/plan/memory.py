@@ -399,10 +399,12 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
     hidden = cfg.hidden_size
     ffn = getattr(cfg, "intermediate_size", None) or 4 * hidden
-    # One block's backward: the attention-score gradients (fp32 softmax grad + its dtype cast) or
-    # the MLP's widest gradients, whichever is larger, plus the hidden-state gradients in flight.
-    attention_scratch = batch * heads * seq * seq * (4 + compute)
-    mlp_scratch = 2 * tokens * ffn * compute
+    # One block's backward: the attention-score gradients (two fp32 buffers around the softmax and
+    # one in the model's dtype) or three of the MLP's widest gradients, whichever is larger, plus the
+    # hidden-state gradients in flight. The buffer counts are what CPU runs of BLOOM shapes needed
+    # (tests/plan/test_plan_measured.py); autograd does not report them.
+    attention_scratch = batch * heads * seq * seq * (4 + 4 + compute)
+    mlp_scratch = 3 * tokens * ffn * compute
     block_scratch = max(attention_scratch, mlp_scratch) + 2 * tokens * hidden * compute
     return ActivationTrace(
         per_block=per_block,
