@@ -78,6 +78,9 @@ class LoraConfig:
     dropout: float = 0.05
     # PEFT target module names; ["all-linear"] = every linear layer of the blocks (not the head)
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # Block indices that get adapters (null = all). Adapting only the top blocks stops the
+    # backward pass at the lowest adapted block: fewer FLOPs per step on small hardware.
+    layers: Optional[List[int]] = None
 
 
 @dataclass

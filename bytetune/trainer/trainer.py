@@ -45,11 +45,17 @@ def build_model(cfg: DictConfig, device_map: dict | None = None):
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
     targets = list(cfg.lora.target_modules)
+    if targets == ["all-linear"] and cfg.lora.layers is not None:
+        # PEFT takes layers_to_transform only with named targets: name every linear of the blocks
+        head = model.get_output_embeddings()
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and module is not head})
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
     if cfg.quantization.int8:
@@ -269,6 +275,14 @@ class Trainer:
                 digest.update(param.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    def _truncate_log(self) -> None:
+        """Drop log records past the resumed step: an interrupted run logged steps it now redoes."""
+        path = self.output_dir / "log.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -436,6 +450,7 @@ class Trainer:
         resume_from = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            self._truncate_log()
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(self.cfg))

@@ -47,6 +47,10 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     assert summary["steps"] == 4 and summary["steps_this_session"] == 2
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000004"]
     assert not half_written.exists()
+    # the killed run logged steps 3-4 before dying; the resumed run's log has each step once
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

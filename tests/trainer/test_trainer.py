@@ -143,3 +143,9 @@ def test_trainer_on_a_model_built_by_hand(tmp_path):
     assert summary["steps"] == 3 and summary["tokens"] == 3 * 4 * 16
     assert summary["final_eval_loss"] < before
     assert (trainer.save_adapter(tmp_path / "mine") / "adapter_model.safetensors").is_file()
+
+
+def test_lora_layers_limits_adapters_to_chosen_blocks(tmp_path):
+    trainer = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"lora.layers": [1]}))
+    names = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad]
+    assert names and all(".h.1." in n for n in names)
