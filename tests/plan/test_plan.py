@@ -176,6 +176,7 @@ def test_recipe_plans_use_the_bundled_configs():
     assert plan.fits and plan.devices[0].device.kind == "cpu"
 
 
+@pytest.mark.slow
 def test_cli_prints_json_and_a_table():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
