@@ -177,7 +177,7 @@ def test_recipe_plans_use_the_bundled_configs():
 
 
 @pytest.mark.slow
-def test_cli_prints_json_and_a_table():
+def test_cli_prints_json_and_asks_for_devices():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [sys.executable, "-m", "bytetune.plan", "recipe=tiny_lora8", "gpus=2x1GiB", "training.micro_batch=2", "json=-"],
