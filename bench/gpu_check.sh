@@ -50,3 +50,12 @@ timeout 60 "$PYTHON" train.py recipe=bloom7b_lora8 output_dir=/tmp/bytetune_gpu_
     training.max_steps=4 training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false \
     2>&1 | grep -E '"(steps|tokens_per_s|peak_memory_bytes|final_train_loss|initial_eval_loss|final_eval_loss)"|^error' \
     | tee -a "$RESULTS"
+
+# --- issue 5: memory planner vs measured, and the end-to-end bench vs HF + PEFT + bitsandbytes --
+# Planner: three training runs (2 steps each, fresh processes) of the ~350M / ~1B BLOOM shapes,
+# predicted vs torch.cuda.max_memory_allocated (goal: within 10 %); 3 min at most.
+# e2e: bytetune vs HF Trainer + PEFT + bnb on the ~350M shape, 10 timed steps; 3 min at most.
+echo "== issue 5: planner vs measured peak (CUDA)" | tee -a "$RESULTS"
+timeout 180 "$PYTHON" bench/plan_vs_measured.py 2>&1 | grep "^|\|^#\|Error" | tee -a "$RESULTS"
+echo "== issue 5: e2e bytetune vs HF Trainer + PEFT + bitsandbytes (CUDA, ~350M)" | tee -a "$RESULTS"
+timeout 180 "$PYTHON" bench/e2e.py --shapes 350m --steps 10 2>&1 | grep "^|\|^#\|Ratios\|Error" | tee -a "$RESULTS"

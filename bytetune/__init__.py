@@ -8,9 +8,13 @@ from bytetune.optim import Adam8bit, AdamW8bit, Lion8bit, SGD8bit, StableEmbeddi
 # must happen in every process that loads or saves an int8 model.
 from bytetune.quant_layers import Int8Config, Int8Linear, QuantizationReport, quantize_model  # noqa: E402
 
+# The memory planner (bytetune/plan): imports torch only until asked to plan.
+from bytetune.plan import plan_memory  # noqa: E402
+
 __all__ = [
     "Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit", "StableEmbedding",
     "Int8Config", "Int8Linear", "QuantizationReport", "quantize_model",
+    "plan_memory",
     "Trainer",
 ]
 

@@ -169,7 +169,7 @@ def shrink_model_config(config: dict, shrink) -> dict:
     return config
 
 
-def load_base_model(cfg):
+def load_base_model(cfg, device_map: dict | None = None):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
     quantized while loading when quantization.int8 is set; the others are quantized afterwards."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -191,8 +191,8 @@ def load_base_model(cfg):
             model, tokenizer = load_gguf_cached(Path(location), model_cfg.gguf_file, dtype, model_cfg.cache_dir)
         else:
             kwargs = {"dtype": dtype}
-            if model_cfg.device_map:
-                kwargs["device_map"] = model_cfg.device_map
+            if device_map or model_cfg.device_map:
+                kwargs["device_map"] = device_map or model_cfg.device_map
             if cfg.quantization.int8:
                 # quantize layer by layer while loading: a 176B base never exists in 16-bit
                 from bytetune.quant_layers import Int8Config

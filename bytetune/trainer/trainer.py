@@ -35,12 +35,13 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite losses)."""
 
 
-def build_model(cfg: DictConfig):
-    """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters."""
+def build_model(cfg: DictConfig, device_map: dict | None = None):
+    """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters.
+    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``."""
     from peft import LoraConfig, get_peft_model
 
     try:
-        model, tokenizer = load_base_model(cfg)
+        model, tokenizer = load_base_model(cfg, device_map=device_map)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
     targets = list(cfg.lora.target_modules)
@@ -157,15 +158,21 @@ class Trainer:
     :class:`RecipeConfig`, or a nested dict over the schema's defaults).
     """
 
-    def __init__(self, model, tokenizer, train_data, config, eval_data=None):
+    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto"):
         from accelerate.utils import set_seed
         from peft import PeftModel
+
+        from bytetune.plan.runtime import plan_for_run
 
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
         self.cfg = _as_recipe(config)
         if OmegaConf.is_missing(self.cfg.model, "name_or_path"):  # a model built by hand
             self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
+        # The planner's prediction, recorded beside the measured peaks ("auto": plan the model given).
+        if memory_plan == "auto":
+            memory_plan = plan_for_run(self.cfg, model_config=model.get_base_model().config)
+        self.memory_plan = memory_plan
         self.tokenizer = tokenizer
         self.train_data = as_token_blocks(train_data)
         self.eval_data = as_token_blocks(eval_data) if eval_data is not None else None
@@ -222,10 +229,14 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         _check_data_paths(cfg.data)
-        model, tokenizer = build_model(cfg)
+        from bytetune.plan.runtime import check_fits
+
+        plan = check_fits(cfg)  # a recipe that cannot fit fails here, saying what would
+        split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
+        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None)
         train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
         eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
-        return cls(model, tokenizer, train_data, cfg, eval_data)
+        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan)
 
     # ---------------------------------------------------------------------------------- helpers
     @property
@@ -495,6 +506,8 @@ class Trainer:
     def _finish(self, start_step: int, session_tokens: int, wall: float) -> dict:
         from accelerate.utils import gather_object
 
+        from bytetune.plan.runtime import memory_report
+
         final_eval = self._run_eval() if self.eval_data is not None else {}
         adapter_dir = self.save_adapter()
         digests = gather_object([self.adapter_digest()]) if self.world > 1 else [self.adapter_digest()]
@@ -514,6 +527,7 @@ class Trainer:
             "train_wall_s": wall,
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
+            "memory_per_device": memory_report(self.memory_plan),
             "final_train_loss": sum(h["loss"] for h in last) / max(1, len(last)),
             "initial_eval_loss": self.eval_history[0]["eval_loss"] if self.eval_history else None,
             "final_eval_loss": final_eval.get("eval_loss"),
