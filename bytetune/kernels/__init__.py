@@ -1,5 +1,20 @@
 """Triton kernels, each beside its plain-PyTorch reference. Imports nothing else of bytetune."""
 
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.int8_matmul import (
+    int8_matmul,
+    int8_matmul_grad_input,
+    outlier_columns,
+    quantize_rowwise,
+    quantize_tokenwise,
+)
 
-__all__ = ["HAS_TRITON", "use_triton"]
+__all__ = [
+    "HAS_TRITON",
+    "use_triton",
+    "int8_matmul",
+    "int8_matmul_grad_input",
+    "outlier_columns",
+    "quantize_rowwise",
+    "quantize_tokenwise",
+]

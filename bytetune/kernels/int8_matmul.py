@@ -1,0 +1,679 @@
+"""LLM.int8() kernels: row-wise weight quantization, token-wise activation quantization with
+outlier columns, the int8 x int8 -> int32 matmul with a fused dequantizing epilogue, and the
+input gradient that dequantizes weight tiles on the fly.
+
+Quantization convention (shared by every op here and by ``bytetune.quant_layers``):
+``code = round_half_to_even(127 * value / absmax)`` computed in float32, stored as int8; the
+scale kept is the float32 absmax itself, so ``value ~= code * scale / 127``. A row whose absmax
+is 0 gets scale 1.0: its codes are all 0 either way, and the guard keeps 0/0 out of the math.
+
+Each op exists as ``<op>_reference`` (plain PyTorch, the CPU path and the test oracle) and
+``<op>_triton`` (the GPU path); the public ``<op>`` picks one with
+:func:`bytetune.kernels.dispatch.use_triton` on its main input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+INT8_MAX = 127.0
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The reference input gradient dequantizes this many weight rows at a time, so the oracle never
+# holds a full fp32 copy of a large weight either.
+_REFERENCE_GRAD_CHUNK_ROWS = 1024
+
+__all__ = [
+    "quantize_rowwise",
+    "quantize_rowwise_reference",
+    "quantize_rowwise_triton",
+    "outlier_columns",
+    "outlier_columns_reference",
+    "outlier_columns_triton",
+    "quantize_tokenwise",
+    "quantize_tokenwise_reference",
+    "quantize_tokenwise_triton",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "int8_matmul_triton",
+    "int8_matmul_grad_input",
+    "int8_matmul_grad_input_reference",
+    "int8_matmul_grad_input_triton",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (shared by both implementations, so both fail the same way)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_float_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D [rows, cols], got shape {tuple(t.shape)}; reshape it first "
+            f"(e.g. {name}.reshape(-1, {name}.shape[-1]))"
+        )
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_int8_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2 or t.dtype != torch.int8:
+        raise ValueError(
+            f"{name} must be a 2-D int8 tensor, got shape {tuple(t.shape)} dtype {t.dtype}; "
+            "produce it with quantize_rowwise / quantize_tokenwise"
+        )
+
+
+def _check_scale(name: str, scale: torch.Tensor, rows: int) -> None:
+    if scale.dtype != torch.float32 or scale.shape != (rows,):
+        raise ValueError(
+            f"{name} must be float32 of shape ({rows},), got shape {tuple(scale.shape)} dtype "
+            f"{scale.dtype}"
+        )
+
+
+def _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias) -> None:
+    _check_int8_2d("x_int8", x_int8)
+    _check_int8_2d("w_int8", w_int8)
+    if x_int8.shape[1] != w_int8.shape[1]:
+        raise ValueError(
+            f"x_int8 {tuple(x_int8.shape)} and w_int8 {tuple(w_int8.shape)} disagree on K "
+            "(w_int8 is [N, K], the layout of nn.Linear.weight)"
+        )
+    _check_scale("x_scale", x_scale, x_int8.shape[0])
+    _check_scale("w_scale", w_scale, w_int8.shape[0])
+    if bias is not None and (bias.shape != (w_int8.shape[0],) or bias.dtype not in _FLOAT_DTYPES):
+        raise ValueError(
+            f"bias must be a float vector of shape ({w_int8.shape[0]},), got shape "
+            f"{tuple(bias.shape)} dtype {bias.dtype}"
+        )
+
+
+def _check_grad_input_args(grad_y, w_int8, w_scale) -> None:
+    _check_float_2d("grad_y", grad_y)
+    _check_int8_2d("w_int8", w_int8)
+    if grad_y.shape[1] != w_int8.shape[0]:
+        raise ValueError(
+            f"grad_y {tuple(grad_y.shape)} must have N = w_int8.shape[0] = {w_int8.shape[0]} "
+            "columns"
+        )
+    _check_scale("w_scale", w_scale, w_int8.shape[0])
+
+
+def _safe_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    return torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+
+
+def _quantize_with_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Multiply first, then divide: the Triton kernels use the same order, so the codes agree
+    # bit for bit (torch.round is round-half-to-even).
+    return torch.round(values.float() * INT8_MAX / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch references
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float_2d("w", w)
+    w_scale = _safe_absmax(w.abs().amax(dim=1).float())
+    return _quantize_with_scale(w, w_scale), w_scale
+
+
+def outlier_columns_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    _check_float_2d("x", x)
+    if threshold <= 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    # Compared in float32 so a threshold that is not representable in bf16/fp16 is not rounded.
+    column_absmax = x.abs().amax(dim=0).float()
+    return torch.nonzero(column_absmax >= threshold).flatten()
+
+
+def quantize_tokenwise_reference(
+    x: torch.Tensor, outlier_cols: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float_2d("x", x)
+    if outlier_cols is not None and outlier_cols.numel() > 0:
+        x = x.clone()
+        x[:, outlier_cols] = 0
+    x_scale = _safe_absmax(x.abs().amax(dim=1).float())
+    return _quantize_with_scale(x, x_scale), x_scale
+
+
+def _int32_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [N, K].T int8 -> int32, exact."""
+    try:
+        return torch._int_mm(a, b.t())
+    except RuntimeError:
+        # _int_mm refuses some shapes/devices; an int32 product is exact for K < 2**31 / 127**2.
+        return a.int() @ b.int().t()
+
+
+def int8_matmul_reference(
+    x_int8: torch.Tensor,
+    w_int8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
+    acc = _int32_matmul_nt(x_int8, w_int8).float()
+    out = acc * x_scale[:, None] * w_scale[None, :] / (INT8_MAX * INT8_MAX)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def int8_matmul_grad_input_reference(
+    grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    _check_grad_input_args(grad_y, w_int8, w_scale)
+    n_rows = w_int8.shape[0]
+    grad_x = torch.zeros(grad_y.shape[0], w_int8.shape[1], dtype=torch.float32, device=grad_y.device)
+    for start in range(0, n_rows, _REFERENCE_GRAD_CHUNK_ROWS):
+        stop = min(start + _REFERENCE_GRAD_CHUNK_ROWS, n_rows)
+        w_chunk = w_int8[start:stop].float() * w_scale[start:stop, None] / INT8_MAX
+        grad_x += grad_y[:, start:stop].float() @ w_chunk
+    return grad_x.to(grad_y.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _round_half_to_even(v):
+        # torch.round's rule. libdevice.rint would do, but the interpreter cannot run it; this
+        # form is exact: floor and a - floor(a) (a >= 0) never round.
+        a = tl.abs(v)
+        whole = tl.floor(a)
+        frac = a - whole
+        whole_is_odd = (whole - 2.0 * tl.floor(whole * 0.5)) == 1.0
+        round_up = (frac > 0.5) | ((frac == 0.5) & whole_is_odd)
+        rounded = tl.where(round_up, whole + 1.0, whole)
+        return tl.where(v < 0, -rounded, rounded)
+
+    @triton.jit
+    def _quantize_rows_kernel(
+        x_ptr,
+        codes_ptr,
+        scale_ptr,
+        is_outlier_ptr,
+        K,
+        stride_xm,
+        stride_xk,
+        HAS_OUTLIERS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # One program per row: pass 1 finds the absmax (outlier columns excluded), pass 2 writes
+        # the codes. The second read of the row mostly hits L2.
+        row = tl.program_id(0).to(tl.int64)
+        x_row_ptr = x_ptr + row * stride_xm
+        block_absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            cols = k_start + tl.arange(0, BLOCK_K)
+            in_row = cols < K
+            magnitude = tl.abs(tl.load(x_row_ptr + cols * stride_xk, mask=in_row, other=0.0).to(tl.float32))
+            if HAS_OUTLIERS:
+                is_outlier = tl.load(is_outlier_ptr + cols, mask=in_row, other=0) != 0
+                magnitude = tl.where(is_outlier, 0.0, magnitude)
+            block_absmax = tl.maximum(block_absmax, magnitude)
+        scale = tl.max(block_absmax, axis=0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        tl.store(scale_ptr + row, scale)
+
+        for k_start in range(0, K, BLOCK_K):
+            cols = k_start + tl.arange(0, BLOCK_K)
+            in_row = cols < K
+            value = tl.load(x_row_ptr + cols * stride_xk, mask=in_row, other=0.0).to(tl.float32)
+            # div_rn: IEEE division, so the codes equal torch's bit for bit on the GPU too.
+            code = _round_half_to_even(tl.div_rn(value * 127.0, scale))
+            code = tl.minimum(tl.maximum(code, -127.0), 127.0)
+            if HAS_OUTLIERS:
+                is_outlier = tl.load(is_outlier_ptr + cols, mask=in_row, other=0) != 0
+                code = tl.where(is_outlier, 0.0, code)
+            tl.store(codes_ptr + row * K + cols, code.to(tl.int8), mask=in_row)
+
+    @triton.jit
+    def _column_absmax_kernel(
+        x_ptr,
+        partial_ptr,
+        M,
+        K,
+        stride_xm,
+        stride_xk,
+        ROWS_PER_PROGRAM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # Grid (column blocks, row chunks): each program reduces ROWS_PER_PROGRAM rows of a
+        # column block into one row of partial maxima, so thousands of tokens still fill the GPU.
+        pid_k = tl.program_id(0)
+        pid_rows = tl.program_id(1)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        column_absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for m_start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+            rows = (pid_rows * ROWS_PER_PROGRAM + m_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+            tile = tl.load(
+                x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=(rows[:, None] < M) & col_ok[None, :],
+                other=0.0,
+            )
+            column_absmax = tl.maximum(column_absmax, tl.max(tl.abs(tile.to(tl.float32)), axis=0))
+        tl.store(partial_ptr + pid_rows * K + cols, column_absmax, mask=col_ok)
+
+    @triton.jit
+    def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # Grouped launch order: GROUP_M row-tiles share each column-tile while it is in L2.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pids_per_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // pids_per_group) * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+        pid_n = (pid % pids_per_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _int8_matmul_kernel(
+        x_ptr,
+        w_ptr,
+        x_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        M_BUCKET,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        stride_om,
+        stride_on,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # M_BUCKET is only an autotuning key (next power of two of M), so every batch size of a
+        # training run does not trigger a fresh tuning sweep.
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Out-of-range rows/cols wrap around to valid memory instead of being masked on every
+        # load; the epilogue store drops them.
+        rows_in = (rows % M).to(tl.int64)
+        cols_in = (cols % N).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_ptrs = w_ptr + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k_start in range(0, K, BLOCK_K):
+            k_ok = ks + k_start < K
+            x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
+            w_tile = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+            acc = tl.dot(x_tile, w_tile, acc, out_dtype=tl.int32)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+        # Epilogue in fp32, same operation order as the reference.
+        x_scale = tl.load(x_scale_ptr + rows_in)
+        w_scale = tl.load(w_scale_ptr + cols_in)
+        out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+        out = tl.div_rn(out, 16129.0)
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(
+            out_ptrs,
+            out.to(out_ptr.dtype.element_ty),
+            mask=(rows[:, None] < M) & (cols[None, :] < N),
+        )
+
+    @triton.jit
+    def _int8_grad_input_kernel(
+        grad_y_ptr,
+        w_ptr,
+        w_scale_ptr,
+        grad_x_ptr,
+        M,
+        N,
+        K,
+        M_BUCKET,
+        stride_gm,
+        stride_gn,
+        stride_wn,
+        stride_wk,
+        stride_om,
+        stride_ok,
+        DOT_IN_FP32: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # grad_x [M, K] = grad_y [M, N] @ dequant(w) [N, K], reducing over N. Each weight tile is
+        # dequantized in registers to grad_y's dtype right before the dot.
+        pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rows_in = (rows % M).to(tl.int64)
+        cols_in = (cols % K).to(tl.int64)
+        ns = tl.arange(0, BLOCK_N)
+        g_ptrs = grad_y_ptr + rows_in[:, None] * stride_gm + ns[None, :] * stride_gn
+        w_ptrs = w_ptr + ns.to(tl.int64)[:, None] * stride_wn + cols_in[None, :] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for n_start in range(0, N, BLOCK_N):
+            n_ok = ns + n_start < N
+            g_tile = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            w_codes = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+            w_row_scale = tl.load(w_scale_ptr + n_start + ns, mask=n_ok, other=0.0) / 127.0
+            w_tile = w_codes.to(tl.float32) * w_row_scale[:, None]
+            if DOT_IN_FP32:
+                g_tile = g_tile.to(tl.float32)
+            else:
+                w_tile = w_tile.to(g_tile.dtype)
+            acc = tl.dot(g_tile, w_tile, acc, input_precision=DOT_PRECISION)
+            g_ptrs += BLOCK_N * stride_gn
+            w_ptrs += BLOCK_N * stride_wn
+        out_ptrs = grad_x_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_ok
+        tl.store(
+            out_ptrs,
+            acc.to(grad_x_ptr.dtype.element_ty),
+            mask=(rows[:, None] < M) & (cols[None, :] < K),
+        )
+
+    def _gpu_matmul_configs() -> list:
+        # Large tiles for thousands of tokens; thin-M tiles for decoding (M = 1..16), where the
+        # op is a weight-bandwidth-bound GEMV and wants many programs along N.
+        shapes = [
+            (128, 256, 128, 3, 8),
+            (256, 128, 128, 3, 8),
+            (128, 128, 128, 4, 8),
+            (128, 128, 64, 4, 4),
+            (64, 128, 128, 4, 4),
+            (128, 64, 128, 4, 4),
+            (64, 64, 128, 4, 4),
+            (32, 64, 256, 4, 4),
+            (16, 64, 256, 4, 4),
+            (16, 32, 256, 4, 4),
+            (16, 128, 128, 4, 4),
+        ]
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                num_stages=stages,
+                num_warps=warps,
+            )
+            for bm, bn, bk, stages, warps in shapes
+        ]
+
+    def _gpu_grad_input_configs() -> list:
+        # Same tile menu, re-labelled: here N is the reduction dim and K the output columns.
+        return [
+            triton.Config(
+                {
+                    "BLOCK_M": c.kwargs["BLOCK_M"],
+                    "BLOCK_K": c.kwargs["BLOCK_N"],
+                    "BLOCK_N": min(c.kwargs["BLOCK_K"], 64),
+                    "GROUP_M": 8,
+                },
+                num_stages=c.num_stages,
+                num_warps=c.num_warps,
+            )
+            for c in _gpu_matmul_configs()
+        ]
+
+    _int8_matmul_tuned = triton.autotune(
+        configs=_gpu_matmul_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"]
+    )(_int8_matmul_kernel)
+    _int8_grad_input_tuned = triton.autotune(
+        configs=_gpu_grad_input_configs(), key=["M_BUCKET", "N", "K", "DOT_IN_FP32"]
+    )(_int8_grad_input_kernel)
+
+# Fixed small tiles for the interpreter (CPU tensors): autotuning there would only cost time.
+_INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 4096)
+
+
+def _launch_quantize_rows(x: torch.Tensor, is_outlier: torch.Tensor | None):
+    m, k = x.shape
+    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scale
+    block_k = min(triton.next_power_of_2(max(k, 1)), 1024 if x.is_cuda else 128)
+    _quantize_rows_kernel[(m,)](
+        x,
+        codes,
+        scale,
+        is_outlier if is_outlier is not None else codes,  # unread when HAS_OUTLIERS is False
+        k,
+        x.stride(0),
+        x.stride(1),
+        HAS_OUTLIERS=is_outlier is not None,
+        BLOCK_K=block_k,
+    )
+    return codes, scale
+
+
+def quantize_rowwise_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float_2d("w", w)
+    return _launch_quantize_rows(w, None)
+
+
+def outlier_columns_triton(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    _check_float_2d("x", x)
+    if threshold <= 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    m, k = x.shape
+    rows_per_program = 256 if x.is_cuda else 64
+    block_m, block_k = (32, 128) if x.is_cuda else (16, 64)
+    row_chunks = max(triton.cdiv(m, rows_per_program), 1)
+    partial = torch.zeros(row_chunks, k, dtype=torch.float32, device=x.device)
+    if m > 0 and k > 0:
+        _column_absmax_kernel[(triton.cdiv(k, block_k), row_chunks)](
+            x,
+            partial,
+            m,
+            k,
+            x.stride(0),
+            x.stride(1),
+            ROWS_PER_PROGRAM=rows_per_program,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+        )
+    return torch.nonzero(partial.amax(dim=0) >= threshold).flatten()
+
+
+def quantize_tokenwise_triton(
+    x: torch.Tensor, outlier_cols: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float_2d("x", x)
+    is_outlier = None
+    if outlier_cols is not None and outlier_cols.numel() > 0:
+        is_outlier = torch.zeros(x.shape[1], dtype=torch.int8, device=x.device)
+        is_outlier[outlier_cols] = 1
+    return _launch_quantize_rows(x, is_outlier)
+
+
+def int8_matmul_triton(
+    x_int8: torch.Tensor,
+    w_int8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    m, k = x_int8.shape
+    n = w_int8.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x_int8.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    args = (
+        x_int8,
+        w_int8,
+        x_scale,
+        w_scale,
+        bias if bias is not None else x_scale,  # unread when HAS_BIAS is False
+        out,
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        x_int8.stride(0),
+        x_int8.stride(1),
+        w_int8.stride(0),
+        w_int8.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
+    if x_int8.is_cuda:
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+        )
+        _int8_matmul_tuned[grid](*args, HAS_BIAS=bias is not None)
+    else:
+        tiles = _INTERPRETER_TILES
+        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
+        _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **tiles)
+    return out
+
+
+def int8_matmul_grad_input_triton(
+    grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    _check_grad_input_args(grad_y, w_int8, w_scale)
+    m, n = grad_y.shape
+    k = w_int8.shape[1]
+    grad_x = torch.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
+    if m == 0 or k == 0:
+        return grad_x
+    if n == 0:
+        return grad_x.zero_()
+    # fp32 gradients get a true fp32 product; tf32 would cost ~3 decimal digits. On the GPU a
+    # 16-bit grad_y meets a weight tile dequantized to the same 16-bit dtype (tensor cores). The
+    # interpreter (CPU tensors) multiplies bf16 tiles as raw uint16 bits, so there bf16 tiles
+    # are multiplied in fp32 instead.
+    dot_in_fp32 = grad_y.dtype == torch.float32 or (
+        grad_y.dtype == torch.bfloat16 and not grad_y.is_cuda
+    )
+    precision = "ieee" if grad_y.dtype == torch.float32 else "tf32"
+    args = (
+        grad_y,
+        w_int8,
+        w_scale,
+        grad_x,
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        grad_y.stride(0),
+        grad_y.stride(1),
+        w_int8.stride(0),
+        w_int8.stride(1),
+        grad_x.stride(0),
+        grad_x.stride(1),
+    )
+    if grad_y.is_cuda:
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
+        )
+        _int8_grad_input_tuned[grid](*args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision)
+    else:
+        tiles = _INTERPRETER_TILES
+        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]),)
+        _int8_grad_input_kernel[grid](
+            *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **tiles
+        )
+    return grad_x
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [N, K] float -> (int8 codes [N, K], float32 row absmax [N]; 1.0 for all-zero rows)."""
+    if use_triton(w):
+        return quantize_rowwise_triton(w)
+    return quantize_rowwise_reference(w)
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Sorted unique indices of the columns of x [M, K] holding any |x| >= threshold.
+
+    ``threshold <= 0`` turns the outlier decomposition off: the result is empty.
+    """
+    if use_triton(x):
+        return outlier_columns_triton(x, threshold)
+    return outlier_columns_reference(x, threshold)
+
+
+def quantize_tokenwise(
+    x: torch.Tensor, outlier_cols: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (int8 codes [M, K], float32 row absmax [M]).
+
+    The absmax of each row ignores ``outlier_cols`` and their codes are 0: those columns take
+    the 16-bit path in the layer.
+    """
+    if use_triton(x):
+        return quantize_tokenwise_triton(x, outlier_cols)
+    return quantize_tokenwise_reference(x, outlier_cols)
+
+
+def int8_matmul(
+    x_int8: torch.Tensor,
+    w_int8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(x_int8 @ w_int8.T in int32) * x_scale[:, None] * w_scale[None, :] / 127**2 (+ bias).
+
+    The epilogue runs in float32; the result is written in ``out_dtype`` (pass the activation
+    dtype so bf16 models stay bf16).
+    """
+    if use_triton(x_int8):
+        return int8_matmul_triton(x_int8, w_int8, x_scale, w_scale, bias, out_dtype)
+    return int8_matmul_reference(x_int8, w_int8, x_scale, w_scale, bias, out_dtype)
+
+
+def int8_matmul_grad_input(
+    grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """grad_y [M, N] @ (w_int8 * w_scale[:, None] / 127) -> [M, K] in grad_y's dtype.
+
+    Accumulates in float32. The Triton kernel dequantizes weight tiles in registers, so no
+    16-bit copy of the weight is ever materialized.
+    """
+    if use_triton(grad_y):
+        return int8_matmul_grad_input_triton(grad_y, w_int8, w_scale)
+    return int8_matmul_grad_input_reference(grad_y, w_int8, w_scale)

@@ -1,0 +1,137 @@
+"""Swapping a loaded model's linear layers for Int8Linear, one layer at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
+
+
+@dataclass
+class QuantizationReport:
+    """What quantize_model did. Bytes count every parameter and buffer of the model once."""
+
+    bytes_before: int
+    bytes_after: int
+    n_quantized: int
+    quantized_params: int = 0  # weight elements now stored as int8 (1 byte each)
+
+    def __str__(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"{self.n_quantized} layers quantized ({self.quantized_params} weights): "
+            f"{self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB "
+            f"({self.bytes_after / max(self.bytes_before, 1):.1%})"
+        )
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers; tied tensors are counted once."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = id(tensor) if tensor.device.type == "meta" else (tensor.data_ptr(), tensor.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def default_skip_names(model: nn.Module) -> set[str]:
+    """Names of the output head and of any layer whose weight is tied to an embedding.
+
+    transformers keeps these in 16-bit (the head dominates the output error and a tied weight
+    would be quantized under the embedding too).
+    """
+    names: set[str] = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+        elif getattr(module, "weight", None) is not None and id(module.weight) in embedding_weights:
+            names.add(name)
+    return names
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) and not isinstance(module, Int8Linear)) or is_conv1d(module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, threshold: float = DEFAULT_THRESHOLD, skip: Iterable[str] = ()
+) -> QuantizationReport:
+    """Replace, in place, every nn.Linear / Conv1D of ``model`` by an Int8Linear.
+
+    Skipped: the output head, layers tied to an embedding, and modules matching a ``skip``
+    pattern, matched as transformers matches ``modules_to_not_convert``: a name prefix ending at
+    a module boundary ("transformer.h.0"), a regex with the same boundary ("h\\.[01]\\.mlp"),
+    or a suffix ("lm_head", "mlp.dense_4h_to_h"). Each layer's float weight is freed as soon as it is quantized, so the
+    peak is the model plus one layer. Marks the model 8-bit loaded, which PEFT reads.
+    """
+    skip = list(skip)
+    skipped = default_skip_names(model)
+    bytes_before = model_bytes(model)
+    # Names only: holding the modules would keep every float weight alive until the end.
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name and is_quantizable(module) and name not in skipped and should_convert_module(name, skip)
+    ]
+    quantized_params = 0
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        float_layer = getattr(parent, child_name)
+        int8_layer = Int8Linear.from_linear(float_layer, threshold=threshold)
+        int8_layer.train(float_layer.training)
+        setattr(parent, child_name, int8_layer)
+        quantized_params += int8_layer.weight.numel()
+    if targets:
+        mark_int8_loaded(model)
+    return QuantizationReport(
+        bytes_before=bytes_before,
+        bytes_after=model_bytes(model),
+        n_quantized=len(targets),
+        quantized_params=quantized_params,
+    )
+
+
+def mark_int8_loaded(model: nn.Module) -> None:
+    """Flag the model the way transformers flags bitsandbytes 8-bit models.
+
+    PEFT only enables input gradients for gradient checkpointing on models that say so.
+    """
+    model.is_loaded_in_8bit = True
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace, in place, every Int8Linear of ``model`` by an nn.Linear holding its dequantized
+    weight in ``dtype``; the inverse of quantize_model up to the quantization error."""
+    names = [name for name, module in model.named_modules() if isinstance(module, Int8Linear)]
+    for name in names:
+        int8_layer = model.get_submodule(name)
+        float_layer = dequantized_linear(int8_layer, dtype)
+        model.set_submodule(name, float_layer)
+    if names and getattr(model, "is_loaded_in_8bit", False):
+        model.is_loaded_in_8bit = False
+    return model
+
+
+def dequantized_linear(int8_layer: Int8Linear, dtype: torch.dtype) -> nn.Linear:
+    device = int8_layer.weight.device
+    float_layer = nn.Linear(
+        int8_layer.in_features, int8_layer.out_features, bias=int8_layer.bias is not None, device="meta", dtype=dtype
+    )
+    float_layer.weight = nn.Parameter(int8_layer.dequantized_weight(dtype).to(device), requires_grad=False)
+    if int8_layer.bias is not None:
+        float_layer.bias = nn.Parameter(int8_layer.bias.detach().to(device, dtype), requires_grad=False)
+    float_layer.train(int8_layer.training)
+    return float_layer

@@ -1,0 +1,143 @@
+"""Quantize while loading: a transformers quantization method for Int8Linear.
+
+``AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8Config(...))`` builds the
+model on the meta device, swaps its linear layers for Int8Linear (meta tensors), then the loader
+reads the checkpoint one tensor at a time: every weight of an Int8Linear goes through
+:class:`Int8Quantize`, which turns it into the int8 weight and its scale before the next tensor is
+read. The full 16-bit model is never in memory.
+
+A saved quantized model carries ``quantization_config`` in its config.json; loading it back
+builds the same Int8Linear layers and reads the int8 weights and scales as they are.
+
+Registration with transformers is per process; importing this module (``import bytetune`` does)
+is what registers the method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from bytetune.kernels.int8_matmul import quantize_rowwise
+from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_int8_loaded
+from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
+
+QUANT_METHOD = "bytetune_int8"
+
+
+class Int8Config(QuantizationConfigMixin):
+    """LLM.int8() quantization of every linear layer while loading.
+
+    Args:
+        threshold: outlier threshold of each Int8Linear (0 = pure vector-wise quantization).
+        skip_modules: module names (or prefixes, suffixes, regexes, as transformers matches them)
+            kept in their original precision, on top of the output head and tied embeddings,
+            which are always kept.
+    """
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, skip_modules: list[str] | None = None, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.threshold = float(threshold)
+        self.skip_modules = list(skip_modules) if skip_modules is not None else None
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0 (0 turns outlier columns off), got {threshold}")
+
+
+class Int8Quantize(ConversionOps):
+    """Checkpoint weight (16/32-bit) -> {weight: int8 [out, in], weight_scale: float32 [out]}."""
+
+    def __init__(self, hf_quantizer: HfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs):
+        (value,) = input_dict.values()
+        value = value[0] if isinstance(value, list) else value
+        module, _ = get_module_from_name(model, full_layer_name)
+        if module.source_is_conv1d:
+            value = value.t()  # Conv1D checkpoints store [in, out]
+        w_int8, w_scale = quantize_rowwise(value.contiguous())
+        prefix = full_layer_name.rpartition(".")[0]
+        return {full_layer_name: w_int8, f"{prefix}.weight_scale": w_scale}
+
+
+class Int8HfQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: Int8Config
+
+    @property
+    def quantized_element_size(self) -> float:
+        return 1
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, Int8Linear) and tensor_name == "weight"
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
+        )
+        replace_with_int8_linear(model, self.modules_to_not_convert, self.quantization_config.threshold)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        mark_int8_loaded(model)
+        return model
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return Int8Quantize(self)
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        return dequantize_model(model, dtype=dtype or torch.float32)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Adapters on top (LoRA) train; the int8 weights themselves stay frozen.
+        return True
+
+
+def replace_with_int8_linear(model: nn.Module, modules_to_not_convert: list[str], threshold: float) -> int:
+    """Swap linear layers for empty Int8Linear ones on the meta device (before weights load)."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name and is_quantizable(module) and should_convert_module(name, modules_to_not_convert)
+    ]
+    for name in names:
+        float_layer = model.get_submodule(name)
+        conv1d = is_conv1d(float_layer)
+        out_features, in_features = (
+            (float_layer.nf, float_layer.nx) if conv1d else (float_layer.out_features, float_layer.in_features)
+        )
+        bias = float_layer.bias
+        with torch.device("meta"):
+            int8_layer = Int8Linear(
+                in_features,
+                out_features,
+                bias=bias is not None,
+                threshold=threshold,
+                bias_dtype=None if bias is None else bias.dtype,
+            )
+        int8_layer.source_is_conv1d = conv1d
+        model.set_submodule(name, int8_layer)
+    return len(names)
+
+
+def register() -> None:
+    """Register the method with transformers (idempotent; transformers refuses duplicates)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(Int8Config)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(Int8HfQuantizer)
+
+
+register()
