@@ -4,6 +4,22 @@ __version__ = "0.1.0"
 
 # Importing quant_layers registers the Int8Config quantization method with transformers, which
 # must happen in every process that loads or saves an int8 model.
-from bytetune.quant_layers import Int8Config, Int8Linear, QuantizationReport, quantize_model  # noqa: E402
+from bytetune.quant_layers import (  # noqa: E402
+    GroupQuantLinear,
+    Int8Config,
+    Int8Linear,
+    QuantizationReport,
+    ZeroQuantConfig,
+    quantize_model,
+    quantize_model_zeroquant,
+)
 
-__all__ = ["Int8Config", "Int8Linear", "QuantizationReport", "quantize_model"]
+__all__ = [
+    "GroupQuantLinear",
+    "Int8Config",
+    "Int8Linear",
+    "QuantizationReport",
+    "ZeroQuantConfig",
+    "quantize_model",
+    "quantize_model_zeroquant",
+]
