@@ -379,20 +379,22 @@ class LKDRun:
     lkd: LKDConfig = field(default_factory=LKDConfig)
 
 
-def load_model_and_tokenizer(name: str):
+def load_model_and_tokenizer(name: str, need_tokenizer: bool = True):
+    """(float32 model, tokenizer or None): "smollm2" is the offline default model."""
     if name == "smollm2":
         from bytetune.trainer.models import load_smollm2
 
         return load_smollm2(torch.float32)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return model, (AutoTokenizer.from_pretrained(name) if need_tokenizer else None)
 
 
 def lkd_quantize(run: LKDRun, log: Callable[[str], None] = print) -> tuple[nn.Module, list[LayerReport]]:
     """Load ``run.model``, calibrate it with LKD, save it to ``run.output_dir``."""
     torch.manual_seed(run.seed)
-    model, tokenizer = load_model_and_tokenizer(run.model)
+    model, tokenizer = load_model_and_tokenizer(run.model, need_tokenizer=run.data == "text")
     model.eval()
     batches = calibration_batches(
         tokenizer, run.n_batches, run.batch_size, run.seq_len, run.data, model.config.vocab_size, run.seed

@@ -300,7 +300,7 @@ if HAS_TRITON:
         x_ptr, x_scale_ptr, codes_ptr, scales_ptr, bias_ptr, y_ptr,
         M, N, K, num_groups, stride_x, stride_codes, stride_y,
         GROUP_SIZE: tl.constexpr, INT4: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
-        UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -321,8 +321,8 @@ if HAS_TRITON:
                 w = _load_weight_codes_kt(codes_ptr, stride_codes, rows_n, cols, mask_k[:, None] & mask_n[None, :], INT4)
                 if X_INT8:
                     partial += tl.dot(x, w, out_dtype=tl.int32)
-                elif UPCAST_DOT:
-                    partial += tl.dot(x.to(tl.float32), w.to(tl.float32))
+                elif FP32_DOT:
+                    partial += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
                 else:
                     # Integers up to 127 are exact in bf16/fp16: the codes convert without loss.
                     partial += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
@@ -339,7 +339,7 @@ if HAS_TRITON:
     def _groupwise_grad_input_kernel(
         grad_y_ptr, codes_ptr, scales_ptr, grad_x_ptr,
         M, N, K, num_groups, stride_gy, stride_codes, stride_gx,
-        GROUP_SIZE: tl.constexpr, INT4: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        GROUP_SIZE: tl.constexpr, INT4: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # grad_x[m, k] = sum_n grad_y[m, n] * scale[n, k // GROUP_SIZE] * code[n, k]; the scale
@@ -360,8 +360,8 @@ if HAS_TRITON:
             codes_kn = _load_weight_codes_kt(codes_ptr, stride_codes, rows_n, cols, mask_k[:, None] & mask_n[None, :], INT4)
             scale = tl.load(scales_ptr + rows_n * num_groups + group, mask=mask_n, other=0.0)
             w = tl.trans(codes_kn).to(tl.float32) * scale[:, None]
-            if UPCAST_DOT:
-                acc += tl.dot(gy.to(tl.float32), w)
+            if FP32_DOT:
+                acc += tl.dot(gy.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(gy, w.to(gy.dtype), out_dtype=tl.float32)
         tl.store(grad_x_ptr + rows_m[:, None] * stride_gx + cols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
@@ -372,10 +372,11 @@ def _require_triton() -> None:
         raise RuntimeError("triton is not installed: call the *_reference function or install triton")
 
 
-def _interpreter_needs_fp32_dot(t: torch.Tensor) -> bool:
-    # triton 3.9's interpreter returns garbage from tl.dot on bfloat16 operands (loads and stores
-    # are fine); on CPU tensors the dot runs in float32 instead. Compiled GPU kernels keep bf16.
-    return t.dtype == torch.bfloat16 and not t.is_cuda
+def _needs_fp32_dot(t: torch.Tensor) -> bool:
+    # float32 operands: full-precision dot ("ieee", not TF32), as an fp32 model expects.
+    # bfloat16 on CPU: triton 3.9's interpreter returns garbage from tl.dot on bf16 operands
+    # (loads and stores are fine), so the dot runs in float32; compiled GPU kernels keep bf16.
+    return t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and not t.is_cuda)
 
 
 def _block_k(group_size: int) -> int:
@@ -449,7 +450,7 @@ def groupwise_matmul_triton(
         bias.contiguous() if bias is not None else scales, y,
         m, n, in_features, scales.shape[1], x.stride(0), codes.stride(0), y.stride(0),
         GROUP_SIZE=group_size, INT4=bits == 4, X_INT8=x_scale is not None, HAS_BIAS=bias is not None,
-        UPCAST_DOT=_interpreter_needs_fp32_dot(x),
+        FP32_DOT=_needs_fp32_dot(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(group_size),
     )
     return y
@@ -475,7 +476,7 @@ def groupwise_matmul_grad_input_triton(
     _groupwise_grad_input_kernel[grid](
         grad_y, codes, scales, grad_x,
         m, n, in_features, scales.shape[1], grad_y.stride(0), codes.stride(0), grad_x.stride(0),
-        GROUP_SIZE=group_size, INT4=bits == 4, UPCAST_DOT=_interpreter_needs_fp32_dot(grad_y),
+        GROUP_SIZE=group_size, INT4=bits == 4, FP32_DOT=_needs_fp32_dot(grad_y),
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k,
     )
     return grad_x

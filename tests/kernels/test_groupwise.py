@@ -66,11 +66,11 @@ def test_quantize_by_hand(bits):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_f,in_f,group_size", WEIGHT_CASES)
-def test_quantize_groupwise_triton_matches_reference_and_oracle(bits, dtype, out_f, in_f, group_size):
+def test_quantize_groupwise_triton_matches_reference_and_oracle(bits, dtype, out_f, in_f, group_size, device):
     w = _weight(out_f, in_f, dtype)
     w[0, : min(in_f, group_size)] = 0.0  # an all-zero group: scale 1, codes 0
     codes_ref, scales_ref = gw.quantize_groupwise_reference(w, bits, group_size)
-    codes_tri, scales_tri = gw.quantize_groupwise_triton(w, bits, group_size)
+    codes_tri, scales_tri = (t.cpu() for t in gw.quantize_groupwise_triton(w.to(device), bits, group_size))
     torch.testing.assert_close(codes_tri, codes_ref, rtol=0, atol=0)
     torch.testing.assert_close(scales_tri, scales_ref, rtol=0, atol=0)
 
@@ -88,12 +88,12 @@ def test_quantize_groupwise_triton_matches_reference_and_oracle(bits, dtype, out
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,features", [(1, 1), (3, 255), (5, 4097)])
-def test_quantize_tokenwise_triton_matches_reference(dtype, tokens, features):
+def test_quantize_tokenwise_triton_matches_reference(dtype, tokens, features, device):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(tokens, features, generator=g) * 3).to(dtype)
     x[-1] = 0.0  # an all-zero token keeps scale 1 and codes 0
     codes_ref, scale_ref = gw.quantize_tokenwise_reference(x)
-    codes_tri, scale_tri = gw.quantize_tokenwise_triton(x)
+    codes_tri, scale_tri = (t.cpu() for t in gw.quantize_tokenwise_triton(x.to(device)))
     torch.testing.assert_close(codes_tri, codes_ref, rtol=0, atol=0)
     torch.testing.assert_close(scale_tri, scale_ref, rtol=0, atol=0)
     xf = x.float()
@@ -105,7 +105,7 @@ def test_quantize_tokenwise_triton_matches_reference(dtype, tokens, features):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act", ["int8", torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,in_f,out_f,group_size", MATMUL_CASES)
-def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_f, group_size):
+def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_f, group_size, device):
     g = torch.Generator().manual_seed(2)
     w = _weight(out_f, in_f, torch.float32, seed=3)
     codes, scales = gw.quantize_groupwise_reference(w, bits, group_size)
@@ -119,7 +119,8 @@ def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_
         x_in, x_scale, out_dtype = x.to(act), None, act
         x_deq = x_in.float()
     y_ref = gw.groupwise_matmul_reference(x_in, x_scale, codes, scales, bits, group_size, bias)
-    y_tri = gw.groupwise_matmul_triton(x_in, x_scale, codes, scales, bits, group_size, bias)
+    on_device = [None if t is None else t.to(device) for t in (x_in, x_scale, codes, scales, bias)]
+    y_tri = gw.groupwise_matmul_triton(*on_device[:4], bits, group_size, on_device[4]).cpu()
     assert y_ref.dtype == y_tri.dtype == out_dtype
     # Independent oracle: dequantize everything and use a float64 linear.
     w_deq = gw.dequantize_groupwise(codes, scales, bits, group_size, in_f).double()
@@ -132,7 +133,7 @@ def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,in_f,out_f,group_size", MATMUL_CASES)
-def test_groupwise_grad_input_triton_matches_autograd(bits, dtype, tokens, in_f, out_f, group_size):
+def test_groupwise_grad_input_triton_matches_autograd(bits, dtype, tokens, in_f, out_f, group_size, device):
     g = torch.Generator().manual_seed(4)
     codes, scales = gw.quantize_groupwise_reference(_weight(out_f, in_f, torch.float32, seed=5), bits, group_size)
     grad_y = torch.randn(tokens, out_f, generator=g).to(dtype)
@@ -140,7 +141,9 @@ def test_groupwise_grad_input_triton_matches_autograd(bits, dtype, tokens, in_f,
     x = torch.zeros(tokens, in_f, dtype=torch.float64, requires_grad=True)
     F.linear(x, w_deq).backward(grad_y.double())
     grad_ref = gw.groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_f)
-    grad_tri = gw.groupwise_matmul_grad_input_triton(grad_y, codes, scales, bits, group_size, in_f)
+    grad_tri = gw.groupwise_matmul_grad_input_triton(
+        grad_y.to(device), codes.to(device), scales.to(device), bits, group_size, in_f
+    ).cpu()
     assert grad_ref.dtype == grad_tri.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=0.05)
     torch.testing.assert_close(grad_ref.double(), x.grad, **tol)
