@@ -45,16 +45,17 @@ class LKDConfig:
     ``act_bits``: activations of the calibrated layers (16 = W4/8-A16, 8 = W4/8-A8; with 8 the
     student sees token-wise INT8 activations through a straight-through estimator).
     ``lr``: Adam step on each group scale's relative factor (scale = absmax scale * (1 + f)).
-    ``weight_lr``: Adam step on the float weights behind the codes (0 = scales only).
+    ``weight_lr``: Adam step on the float weights behind the codes, trained through a
+    straight-through estimator on the rounding (0 = learn the scales only).
     """
 
     module_bits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MODULE_BITS))
     default_bits: int = DEFAULT_BITS
     group_size: int = DEFAULT_GROUP_SIZE
     act_bits: int = 16
-    steps: int = 30
-    lr: float = 5e-3
-    weight_lr: float = 0.0
+    steps: int = 20
+    lr: float = 1e-3
+    weight_lr: float = 1e-4
     skip: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -373,7 +374,7 @@ class LKDRun:
     output_dir: str = "runs/lkd"
     data: str = "text"  # "text" (stdlib training split) or "random"
     n_batches: int = 2
-    batch_size: int = 4
+    batch_size: int = 2
     seq_len: int = 128
     seed: int = 0
     lkd: LKDConfig = field(default_factory=LKDConfig)

@@ -53,10 +53,10 @@ def num_groups(in_features: int, group_size: int) -> int:
 
 
 def _check_group_size(group_size: int, bits: int) -> None:
-    if not isinstance(group_size, int) or group_size < 16 or group_size % 16 != 0:
+    if not isinstance(group_size, int) or group_size < 32 or group_size % 32 != 0:
         raise ValueError(
-            f"group_size must be a positive multiple of 16 (the GEMM tile width), got {group_size}; "
-            "use e.g. 64 or 128"
+            f"group_size must be a positive multiple of 32 (the GEMM's K tile, the smallest an int8 "
+            f"tensor-core dot takes), got {group_size}; use e.g. 64 or 128"
         )
     qmax_for(bits)
 
@@ -380,11 +380,8 @@ def _needs_fp32_dot(t: torch.Tensor) -> bool:
 
 
 def _block_k(group_size: int) -> int:
-    # A K tile never straddles two groups: it must divide group_size (a multiple of 16).
-    for block in (64, 32, 16):
-        if group_size % block == 0:
-            return block
-    raise AssertionError("unreachable: group_size is checked to be a multiple of 16")
+    # A K tile never straddles two groups: it must divide group_size (a multiple of 32).
+    return 64 if group_size % 64 == 0 else 32
 
 
 def quantize_groupwise_triton(

@@ -43,7 +43,7 @@ class ZeroQuantConfig(QuantizationConfigMixin):
         module_bits: {regex on the module name: 8 or 4}; the first pattern that ``re.search``es
             the name wins (default: attention blocks 8, MLP blocks 4).
         default_bits: bits of a linear layer no pattern matches.
-        group_size: input columns per scale (a multiple of 16; a ragged last group is fine).
+        group_size: input columns per scale (a multiple of 32; a ragged last group is fine).
         act_bits: 8 (INT8 activations per token) or 16 (float activations).
         skip_modules: names kept in their original precision (prefixes, suffixes or regexes, as
             transformers matches them), on top of the output head and tied embeddings.
@@ -69,8 +69,8 @@ class ZeroQuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"bits must be 8 or 4, got {bits} for {pattern!r}")
         if self.act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
-        if self.group_size < 16 or self.group_size % 16:
-            raise ValueError(f"group_size must be a positive multiple of 16, got {group_size}")
+        if self.group_size < 32 or self.group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {group_size}")
 
 
 class GroupQuantize(ConversionOps):

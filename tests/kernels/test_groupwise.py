@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from bytetune.kernels import groupwise as gw
 
 WEIGHT_CASES = [  # (out, in, group_size): one group, ragged last group, several full groups
-    (1, 16, 16),
+    (1, 32, 32),
     (7, 200, 64),
     (9, 256, 128),
 ]
@@ -53,13 +53,13 @@ def test_int4_pack_roundtrip_and_layout():
 def test_quantize_by_hand(bits):
     # absmax of each group is qmax, so scale is 1 and codes are the values rounded half away from 0.
     qmax = 127 if bits == 8 else 7
-    first = torch.tensor([qmax, 2.5, -2.5, 1.49, -0.5, 0.4] + [0.0] * 10)
-    second = torch.tensor([-qmax * 2.0, 3.0] + [0.0] * 14)  # scale 2: 3.0 / 2 = 1.5 -> 2
+    first = torch.tensor([qmax, 2.5, -2.5, 1.49, -0.5, 0.4] + [0.0] * 26)
+    second = torch.tensor([-qmax * 2.0, 3.0] + [0.0] * 30)  # scale 2: 3.0 / 2 = 1.5 -> 2
     w = torch.cat([first, second])[None, :]
-    codes, scales = gw.quantize_groupwise_reference(w, bits=bits, group_size=16)
+    codes, scales = gw.quantize_groupwise_reference(w, bits=bits, group_size=32)
     ints = codes if bits == 8 else gw.unpack_int4(codes)
     assert ints[0, :6].tolist() == [qmax, 3, -3, 1, -1, 0]
-    assert ints[0, 16:18].tolist() == [-qmax, 2]
+    assert ints[0, 32:34].tolist() == [-qmax, 2]
     torch.testing.assert_close(scales, torch.tensor([[1.0, 2.0]]), rtol=0, atol=0)
 
 
@@ -166,7 +166,7 @@ def test_public_ops_dispatch_to_reference_on_cpu():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: gw.quantize_groupwise(torch.randn(4, 64), bits=8, group_size=24), "multiple of 16"),
+        (lambda: gw.quantize_groupwise(torch.randn(4, 64), bits=8, group_size=48), "multiple of 32"),
         (lambda: gw.quantize_groupwise(torch.randn(4, 63), bits=4, group_size=32), "must be even"),
         (lambda: gw.quantize_groupwise(torch.randn(4, 64), bits=3, group_size=32), "bits must be 8 or 4"),
         (lambda: gw.quantize_groupwise(torch.randint(0, 3, (4, 64)), bits=8, group_size=32), "float32/float16"),

@@ -115,7 +115,7 @@ def test_module_patterns_and_skips_are_honoured(bloom_dir):
     assert model.transformer.h[1].self_attention.dense.bits == 4
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(default_bits=3), "bits must be 8 or 4"), (dict(act_bits=4), "act_bits"), (dict(group_size=20), "multiple of 16")])
+@pytest.mark.parametrize("kwargs,match", [(dict(default_bits=3), "bits must be 8 or 4"), (dict(act_bits=4), "act_bits"), (dict(group_size=20), "multiple of 32")])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ZeroQuantConfig(**kwargs)
