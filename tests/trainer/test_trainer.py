@@ -1,0 +1,116 @@
+"""The training loop on the tiny recipe: resume equivalence, schedules, non-finite steps, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bytetune.trainer.checkpoint import CheckpointError, list_checkpoints
+from bytetune.trainer.config import RecipeError, ScheduleConfig
+from bytetune.trainer.trainer import Trainer, TrainingError, lr_factor
+
+from .helpers import tiny_overrides
+
+# 4 micro-batches of 4 x 32 tokens per step keeps each step well under a second on 2 cores.
+SMALL = {"training.max_steps": 6, "training.grad_accum_steps": 2, "checkpoint.every_steps": 3}
+
+
+def adapter_weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+
+
+def test_resume_is_indistinguishable_from_straight_run(tmp_path):
+    straight = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path / "a", **SMALL))
+    straight.train()
+
+    interrupted = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path / "b", **SMALL))
+    assert interrupted.train(stop_after_step=3)["stopped_early"]
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["step-00000003"]
+    resumed = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path / "b", **SMALL, **{"checkpoint.resume": "true"}))
+    summary = resumed.train()
+
+    losses_a = [h["loss"] for h in straight.history]
+    losses_b = [h["loss"] for h in resumed.history]
+    assert len(losses_a) == len(losses_b) == 6
+    assert max(abs(a - b) for a, b in zip(losses_a, losses_b)) <= 1e-6
+    weights_a, weights_b = adapter_weights(straight), adapter_weights(resumed)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    # the adapters moved away from their initial values, and the run wrote its end products
+    assert summary["steps"] == 6 and summary["steps_this_session"] == 3
+    run = tmp_path / "b" / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "summary.json").read_text())["final_eval_loss"] == summary["final_eval_loss"]
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "tokens_per_s"} <= set(logged[-2]) or {"loss", "tokens_per_s"} <= set(logged[-1])
+
+
+def test_training_lowers_loss_and_checkpoints_rotate(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"training.max_steps": 10, "training.grad_accum_steps": 1,
+                                            "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
+                                            "optimizer.lr": 3e-3, "lora.dropout": 0.0, "logging.plot": True})
+    trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    summary = trainer.train()
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert math.isclose(summary["final_eval_ppl"], math.exp(summary["final_eval_loss"]), rel_tol=1e-9)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000010"]
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_lr_schedule_warms_up_then_decays(name):
+    sched = OmegaConf.structured(ScheduleConfig(name=name, warmup_steps=4, min_lr_ratio=0.1))
+    factors = [lr_factor(step, 20, sched) for step in range(21)]
+    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert factors[4] == pytest.approx(1.0)
+    if name == "constant":
+        assert factors[20] == pytest.approx(1.0)
+    else:
+        assert factors[20] == pytest.approx(0.1)
+        assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+        mid = 0.1 + 0.9 * (0.5 if name == "cosine" else 0.5)
+        assert factors[12] == pytest.approx(mid)
+
+
+def test_nonfinite_loss_skips_the_step_then_stops(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"training.max_steps": 6, "training.grad_accum_steps": 1,
+                                            "training.max_nonfinite_steps": 1, "eval.at_start": False})
+    trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    base = trainer.unwrapped.get_base_model()
+    calls = {"n": 0}
+
+    def poison_second_and_later(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] >= 2 else output
+
+    base.lm_head.register_forward_hook(poison_second_and_later)
+    before = adapter_weights(trainer)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        with pytest.raises(TrainingError, match="max_nonfinite_steps=1"):
+            trainer.train()
+    # step 1 updated the adapters, step 2 was skipped, step 3 was the second skip and stopped the run
+    assert trainer.nonfinite_steps == 2 and trainer.step == 2
+    after = adapter_weights(trainer)
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_errors_that_need_a_run(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"checkpoint.resume": "true"}))
+    with pytest.raises(RecipeError, match="model.name_or_path='./no/such/model' does not exist"):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"model.from_config": False,
+                                                                        "model.name_or_path": "./no/such/model"}))
+    with pytest.raises(RecipeError, match="data.eval file .* does not exist"):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"data.eval": str(tmp_path / "gone.jsonl")}))
+    # a checkpoint from another model: same recipe with a wider LoRA
+    small = {"training.max_steps": 1, "training.grad_accum_steps": 1, "eval.at_start": False}
+    Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small)).train()
+    other = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small, **{"lora.r": 8, "checkpoint.resume": "latest"}))
+    with pytest.raises(CheckpointError, match="from a different model"):
+        other.train()
