@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for
 from bytetune.quant_layers.convert import default_skip_names
@@ -239,8 +240,9 @@ def run_lkd(
 
         for name, student in students.items():
             layer.set_submodule(name, student.to_group_quant_linear())
+        remaining = set(layer.parameters())  # the float linears' weights are gone by now
         for p, was in frozen:
-            if p in set(layer.parameters()):
+            if p in remaining:
                 p.requires_grad_(was)
         with torch.no_grad():
             states = [(_run_layer(layer, state),) + tuple(state[1:]) for state in states]
@@ -266,8 +268,6 @@ def run_lkd(
 
 
 def _swap_in_fake_quant(layer: nn.Module, prefix: str, config: LKDConfig, never_quantize: set[str]) -> dict:
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     students = {}
     names = [name for name, module in layer.named_modules() if name and is_float_linear(module)]
     for name in names:
