@@ -19,11 +19,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bytetune.lkd import LKDConfig, calibration_batches, run_lkd
+from bytetune.lkd import LKDConfig, calibration_batches, load_smollm2_cached, run_lkd
 from bytetune.quant_layers import quantize_model
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant, quantized_weight_bytes_per_param
 from bytetune.trainer.local_text import stdlib_text
-from bytetune.trainer.models import load_smollm2
 
 ALL_8_BITS = {r".": 8}
 ROWS = ("fp32", "int8", "w8a8", "w48a8", "w48a16", "lkd")
@@ -63,7 +62,7 @@ def main() -> None:
         raise SystemExit(f"unknown rows {sorted(wanted - set(ROWS))}; choose from {ROWS}")
 
     t0 = time.perf_counter()
-    fp_model, tokenizer = load_smollm2(torch.float32)
+    fp_model, tokenizer = load_smollm2_cached()
     fp_model.eval().to(args.device)
     heldout = torch.tensor(tokenizer(stdlib_text("heldout", max_chars=args.eval_tokens * 8))["input_ids"])
     heldout = heldout[: args.eval_tokens]

@@ -228,6 +228,7 @@ def run_lkd(
             groups.append({"params": weight_params, "lr": config.weight_lr})
 
         mse_before = _mean_mse(layer, states, targets)
+        initial = [p.detach().clone() for p in scale_params + weight_params]
         if students and config.steps > 0:
             optimizer = torch.optim.Adam(groups)
             for step in range(config.steps):
@@ -237,6 +238,14 @@ def run_lkd(
                 loss.backward()
                 optimizer.step()
         mse_after = _mean_mse(layer, states, targets)
+        if mse_after > mse_before:
+            # A few steps on little data can overshoot (seen on SmolLM2's layer 29, whose
+            # activations are orders of magnitude larger): keep the plain quantization then.
+            with torch.no_grad():
+                for p, value in zip(scale_params + weight_params, initial):
+                    p.copy_(value)
+            mse_after = _mean_mse(layer, states, targets)
+        del initial
 
         for name, student in students.items():
             layer.set_submodule(name, student.to_group_quant_linear())
@@ -380,12 +389,19 @@ class LKDRun:
     lkd: LKDConfig = field(default_factory=LKDConfig)
 
 
+def load_smollm2_cached():
+    """SmolLM2-135M in float32 through the trainer's GGUF conversion cache (seconds, not a minute)."""
+    from bytetune.trainer.config import ModelConfig
+    from bytetune.trainer.models import load_gguf_cached, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    return load_gguf_cached(path.parent, path.name, torch.float32, ModelConfig.cache_dir)
+
+
 def load_model_and_tokenizer(name: str, need_tokenizer: bool = True):
     """(float32 model, tokenizer or None): "smollm2" is the offline default model."""
     if name == "smollm2":
-        from bytetune.trainer.models import load_smollm2
-
-        return load_smollm2(torch.float32)
+        return load_smollm2_cached()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)

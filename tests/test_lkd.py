@@ -158,3 +158,12 @@ def test_cli_calibrates_and_saves_a_model(tmp_path, capsys):
     assert "lkd layer 1/2" in printed and "lkd layer 2/2" in printed
     loaded = lkd.load_quantized(LlamaForCausalLM.from_pretrained(model_dir), out_dir)
     assert loaded.model.layers[1].mlp.down_proj.bits == 4
+
+
+def test_a_layer_that_calibration_makes_worse_keeps_its_plain_quantization():
+    model = tiny_llama()
+    batches = calibration_batches(n_batches=2, batch_size=2, seq_len=8, source="random", vocab_size=96)
+    # Absurd steps make the scales and weights overshoot; the guard must undo them.
+    reports = run_lkd(model, batches, LKDConfig(group_size=32, steps=5, lr=5.0, weight_lr=1.0), log=lambda s: None)
+    for r in reports:
+        assert r.mse_after <= r.mse_before
