@@ -424,9 +424,25 @@ def lkd_quantize(run: LKDRun, log: Callable[[str], None] = print) -> tuple[nn.Mo
     return model, reports
 
 
+def _run_from_training_recipe(recipe) -> dict:
+    """What LKD needs from a fine-tuning recipe: its model and its quantization section."""
+    from bytetune.trainer.models import SMOLLM2_GGUF
+
+    model = recipe.get("model") or {}
+    quant = recipe.get("quantization") or {}
+    name = "smollm2" if model.get("gguf_file") == SMOLLM2_GGUF else model.get("name_or_path", "smollm2")
+    lkd: dict = {key: quant[key] for key in ("group_size", "act_bits") if key in quant}
+    if quant.get("module_bits"):
+        lkd["module_bits"] = dict(quant["module_bits"])
+    if quant.get("skip_modules"):
+        lkd["skip"] = list(quant["skip_modules"])
+    return {"model": name, "output_dir": f"runs/lkd/{recipe.get('name', 'recipe')}", "lkd": lkd}
+
+
 def parse_cli(argv: list[str]) -> LKDRun:
-    """``recipe=NAME_OR_PATH`` (recipes/NAME.yaml; its ``lkd_run:`` section, else the top level)
-    then ``key=value`` overrides (``lkd.steps=20``)."""
+    """``recipe=NAME_OR_PATH`` (recipes/NAME.yaml: its ``lkd_run:`` section if it has one, else
+    the model and quantization sections of a fine-tuning recipe) then ``key=value`` overrides
+    (``lkd.steps=20``)."""
     from omegaconf import OmegaConf
 
     schema = OmegaConf.structured(LKDRun)
@@ -442,8 +458,8 @@ def parse_cli(argv: list[str]) -> LKDRun:
             path = Path(__file__).resolve().parent.parent / "recipes" / f"{recipe[-1]}.yaml"
         if not path.is_file():
             raise SystemExit(f"recipe {recipe[-1]!r} not found (looked at {path})")
-        loaded = OmegaConf.load(path)
-        section = loaded.get("lkd_run", loaded)
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+        section = loaded["lkd_run"] if "lkd_run" in loaded else _run_from_training_recipe(loaded)
         merged = OmegaConf.merge(merged, section)
     merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged)

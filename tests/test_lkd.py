@@ -167,3 +167,12 @@ def test_a_layer_that_calibration_makes_worse_keeps_its_plain_quantization():
     reports = run_lkd(model, batches, LKDConfig(group_size=32, steps=5, lr=5.0, weight_lr=1.0), log=lambda s: None)
     for r in reports:
         assert r.mse_after <= r.mse_before
+
+
+def test_cli_reads_a_fine_tuning_recipe():
+    run = lkd.parse_cli(["recipe=smollm2_lora4", "lkd.steps=3"])
+    assert run.model == "smollm2" and run.output_dir == "runs/lkd/smollm2_lora4"
+    assert run.lkd.group_size == 128 and run.lkd.act_bits == 8 and run.lkd.skip == ["lm_head"]
+    assert run.lkd.steps == 3
+    bloom = lkd.parse_cli(["recipe=bloom_lora4"])
+    assert bloom.model == "bigscience/bloom"
