@@ -4,9 +4,17 @@ __version__ = "0.1.0"
 
 from bytetune.optim import Adam8bit, AdamW8bit, Lion8bit, SGD8bit, StableEmbedding  # noqa: E402
 
-# Importing quant_layers registers the Int8Config quantization method with transformers, which
-# must happen in every process that loads or saves an int8 model.
-from bytetune.quant_layers import Int8Config, Int8Linear, QuantizationReport, quantize_model  # noqa: E402
+# Importing quant_layers registers the Int8Config and ZeroQuantConfig quantization methods with
+# transformers, which must happen in every process that loads or saves such a model.
+from bytetune.quant_layers import (  # noqa: E402
+    GroupQuantLinear,
+    Int8Config,
+    Int8Linear,
+    QuantizationReport,
+    ZeroQuantConfig,
+    quantize_model,
+    quantize_model_zeroquant,
+)
 
 # The memory planner (bytetune/plan): imports torch only until asked to plan.
 from bytetune.plan import plan_memory  # noqa: E402
@@ -15,6 +23,7 @@ __all__ = [
     "Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit", "StableEmbedding",
     "Int8Config", "Int8Linear", "QuantizationReport", "quantize_model",
     "plan_memory",
+    "GroupQuantLinear", "ZeroQuantConfig", "quantize_model_zeroquant",
     "Trainer",
 ]
 

@@ -44,6 +44,9 @@ OPTIM_8BIT_BLOCK = 256
 OPTIM_8BIT_MIN_SIZE = 4096
 # LLM.int8() layout (bytetune.Int8Linear): int8 weight [N, K] and a float32 scale per output row.
 INT8_SCALE_BYTES = 4
+# ZeroQuant layout (bytetune.GroupQuantLinear): INT8 [N, K] or INT4 two per byte [N, K / 2], plus a
+# float32 scale per (row, group of group_size input columns).
+GROUP_SCALE_BYTES = 4
 
 DTYPES = {
     "float32": torch.float32,
@@ -76,7 +79,9 @@ class PlanSpec:
     micro_batch: int
     gradient_checkpointing: bool = True
     compute_dtype: str | torch.dtype = torch.bfloat16
-    quantization: str = "int8"  # "int8": block linears are Int8Linear; "none": frozen compute-dtype linears
+    # "int8": block linears are Int8Linear; "zeroquant": GroupQuantLinear (bits per module from
+    # zeroquant_bits, groups of group_size); "none": frozen compute-dtype linears
+    quantization: str = "int8"
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -90,11 +95,13 @@ class PlanSpec:
     optimizer_block: int = 256  # elements per float32 absmax
     # Block linears kept unquantized (suffixes, like quantization.skip_modules).
     quantization_skip: Sequence[str] = ()
+    zeroquant_bits: dict | None = None  # {regex on the module name: 8 or 4}; None: bytetune's default
+    group_size: int = 128
     name: str = "model"
 
     def __post_init__(self):
-        if self.quantization not in ("int8", "none"):
-            raise ValueError(f"quantization={self.quantization!r}: use 'int8' or 'none'")
+        if self.quantization not in ("int8", "zeroquant", "none"):
+            raise ValueError(f"quantization={self.quantization!r}: use 'int8', 'zeroquant' or 'none'")
         if self.optimizer_bits not in (8, 32):
             raise ValueError(f"optimizer_bits={self.optimizer_bits}: use 8 or 32")
         if self.seq_len < 1 or self.micro_batch < 1:
@@ -204,6 +211,17 @@ def target_linears(block: nn.Module, targets: str | Sequence[str]) -> list[tuple
     return chosen
 
 
+def _quantized_weight_bytes(name: str, linear: nn.Linear, spec: PlanSpec) -> int:
+    n, k = linear.out_features, linear.in_features
+    if spec.quantization == "int8":
+        return n * k + n * INT8_SCALE_BYTES
+    from bytetune.quant_layers.zeroquant import DEFAULT_MODULE_BITS, bits_for
+
+    bits = bits_for(name, spec.zeroquant_bits or DEFAULT_MODULE_BITS)
+    groups = math.ceil(k / spec.group_size)
+    return n * (k * bits // 8) + n * groups * GROUP_SCALE_BYTES
+
+
 def optimizer_state_bytes(numel: int, spec: PlanSpec) -> int:
     """Optimizer state of one parameter tensor."""
     if spec.optimizer_bits == 32 or numel < spec.min_8bit_size:
@@ -244,17 +262,17 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         # Outside the blocks accelerate places the direct children of the model's submodules.
         return param_name.rsplit(".", 1)[0]
 
-    quantized: dict[str, tuple[int, int]] = {}  # weight param name -> (N, K)
+    quantized: dict[str, int] = {}  # weight param name -> bytes of its quantized form
     lora: dict[str, int] = {}
     for bname, block in blocks:
         for lname, linear in target_linears(block, spec.lora_targets):
             lora[f"{bname}.{lname}"] = spec.lora_r * (linear.out_features + linear.in_features)
-        if spec.quantization != "int8":
+        if spec.quantization == "none":
             continue
         for lname, linear in target_linears(block, "all-linear"):
             full = f"{bname}.{lname}"
             if not any(full == s or full.endswith("." + s) for s in spec.quantization_skip):
-                quantized[f"{full}.weight"] = (linear.out_features, linear.in_features)
+                quantized[f"{full}.weight"] = _quantized_weight_bytes(full, linear, spec)
 
     costs: dict[str, ModuleCost] = {}
     special: dict[str, torch.dtype] = {}
@@ -265,8 +283,9 @@ def _weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCos
         seen.add(id(param))
         unit = costs.setdefault(unit_of(pname), ModuleCost(unit_of(pname)))
         if pname in quantized:
-            n, k = quantized[pname]
-            unit.quantized_weights += n * k + n * INT8_SCALE_BYTES
+            unit.quantized_weights += quantized[pname]
+            # accelerate sizes dtypes in whole bytes: INT4 weights are counted as int8 in its map,
+            # the planner's own per-device totals use the true bytes.
             special[pname] = torch.int8
         else:
             unit.other_weights += param.numel() * compute
@@ -553,7 +572,7 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     t = plan.totals
     for label, key in [
-        ("int8 weights + scales", "quantized_weights"),
+        ("quantized weights + scales", "quantized_weights"),
         ("unquantized (embeddings, norms, head)", "other_weights"),
         ("LoRA parameters", "lora_params"),
         ("LoRA gradients", "lora_grads"),
@@ -565,7 +584,7 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"  {'largest temporary (loss or block backward)':<42} {_gib(max(d.temporary for d in plan.devices)):>9}")
     lines += ["", "Per device (GiB):"]
     header = (
-        f"  {'device':<8} {'blocks':>6} {'int8 w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
+        f"  {'device':<8} {'blocks':>6} {'quant w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
         f"{'activ':>7} {'temp':>6} {'alloc':>7} {'ovhd':>6} {'total':>7} {'cap':>7} {'headroom':>8}  verdict"
     )
     lines.append(header)
@@ -630,7 +649,7 @@ class Planner:
         # Int8Linear's forward quantizes the input (int8, tokens x K) and may accumulate in int32
         # (tokens x N); its backward dequantizes weight tiles only, never the whole matrix.
         int8_scratch = 0
-        if spec.quantization == "int8":
+        if spec.quantization in ("int8", "zeroquant"):
             tokens = spec.micro_batch * spec.seq_len
             for linear in (m for _, m in target_linears(blocks[0][1], "all-linear")):
                 int8_scratch = max(int8_scratch, tokens * (linear.in_features + 4 * linear.out_features))
@@ -739,7 +758,7 @@ class Planner:
         notes = []
         if true_weights != accel_weights:
             notes.append(
-                f"weights: {_gib(true_weights)} GiB counted (int8 + fp32 row scales); accelerate's map sized "
+                f"weights: {_gib(true_weights)} GiB counted (quantized codes + fp32 scales); accelerate's map sized "
                 f"them as {_gib(accel_weights)} GiB"
             )
         return MemoryPlan(
@@ -849,8 +868,10 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
         micro_batch=recipe.training.micro_batch_size,
         gradient_checkpointing=recipe.training.gradient_checkpointing,
         compute_dtype=recipe.model.dtype,
-        quantization="int8" if recipe.quantization.int8 else "none",
+        quantization="int8" if recipe.quantization.int8 else ("zeroquant" if recipe.quantization.zeroquant else "none"),
         quantization_skip=tuple(recipe.quantization.skip_modules),
+        zeroquant_bits=dict(recipe.quantization.module_bits) or None,
+        group_size=recipe.quantization.group_size,
         lora_r=recipe.lora.r,
         lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -69,6 +69,12 @@ class QuantizationConfig:
     int8: bool = True  # freeze the base linear layers in LLM.int8() form
     threshold: float = 6.0  # outlier threshold: activation columns with |x| >= this stay 16-bit
     skip_modules: List[str] = field(default_factory=lambda: ["lm_head"])
+    # ZeroQuant instead of LLM.int8() (set int8: false): group-wise INT8/INT4 weights, picked per
+    # module by regex (default: attention INT8, MLP INT4), INT8 (8) or 16-bit (16) activations.
+    zeroquant: bool = False
+    module_bits: Dict[str, int] = field(default_factory=dict)  # empty: bytetune's default patterns
+    group_size: int = 128
+    act_bits: int = 8
 
 
 @dataclass
@@ -249,6 +255,16 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
     if len(cfg.optimizer.betas) != 2:
         raise RecipeError(f"optimizer.betas must have two values, got {list(cfg.optimizer.betas)}")
+    if cfg.quantization.int8 and cfg.quantization.zeroquant:
+        raise RecipeError("quantization.int8 and quantization.zeroquant are both true: pick one (set int8: false)")
+    if cfg.quantization.zeroquant:
+        bad_bits = {k: v for k, v in cfg.quantization.module_bits.items() if v not in (8, 4)}
+        if bad_bits:
+            raise RecipeError(f"quantization.module_bits values must be 8 or 4, got {bad_bits}")
+        if cfg.quantization.act_bits not in (8, 16):
+            raise RecipeError(f"quantization.act_bits must be 8 or 16, got {cfg.quantization.act_bits}")
+        if cfg.quantization.group_size < 32 or cfg.quantization.group_size % 32:
+            raise RecipeError(f"quantization.group_size must be a positive multiple of 32, got {cfg.quantization.group_size}")
     for key in ("training.seq_len", "training.micro_batch_size", "training.grad_accum_steps",
                 "lora.r", "eval.batch_size", "optimizer.block_size", "logging.every_steps",
                 "checkpoint.keep_last"):

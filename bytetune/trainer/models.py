@@ -169,6 +169,18 @@ def shrink_model_config(config: dict, shrink) -> dict:
     return config
 
 
+def zeroquant_config(quantization):
+    """The recipe's quantization section as a bytetune.ZeroQuantConfig."""
+    from bytetune.quant_layers import ZeroQuantConfig
+
+    return ZeroQuantConfig(
+        module_bits=dict(quantization.module_bits) or None,
+        group_size=quantization.group_size,
+        act_bits=quantization.act_bits,
+        skip_modules=list(quantization.skip_modules),
+    )
+
+
 def load_base_model(cfg, device_map: dict | None = None):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
     quantized while loading when quantization.int8 is set; the others are quantized afterwards."""
@@ -200,6 +212,8 @@ def load_base_model(cfg, device_map: dict | None = None):
                 kwargs["quantization_config"] = Int8Config(
                     threshold=cfg.quantization.threshold, skip_modules=list(cfg.quantization.skip_modules)
                 )
+            elif cfg.quantization.zeroquant:
+                kwargs["quantization_config"] = zeroquant_config(cfg.quantization)
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             tokenizer_source = location
     if model_cfg.tokenizer == "bytes":

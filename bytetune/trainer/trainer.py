@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint as ckpt
 from .config import RecipeConfig, RecipeError, load_recipe, validate
 from .data import DataError, LOCAL_BUILDERS, as_token_blocks, build_token_blocks
-from .models import load_base_model
+from .models import load_base_model, zeroquant_config
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -67,6 +67,18 @@ def build_model(cfg: DictConfig, device_map: dict | None = None):
         # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
         prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
         lora = register_int8_lora(lora)
+    elif cfg.quantization.zeroquant:
+        from bytetune.quant_layers.group_lora import register_zeroquant_lora
+        from bytetune.quant_layers.lora import prepare_for_kbit_training
+        from bytetune.quant_layers.zeroquant import quantize_model_zeroquant
+
+        if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
+            zq = zeroquant_config(cfg.quantization)
+            quantize_model_zeroquant(
+                model, module_bits=zq.module_bits, group_size=zq.group_size, act_bits=zq.act_bits, skip=zq.skip_modules
+            )
+        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
+        lora = register_zeroquant_lora(lora)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     return get_peft_model(model, lora), tokenizer
 
@@ -581,6 +593,15 @@ class Trainer:
                 from bytetune.quant_layers.lora import export_merged
 
                 export_merged(self.unwrapped, directory, dtype)
+            elif self.cfg.quantization.zeroquant:
+                from bytetune.quant_layers.lora import _forget_quantization
+                from bytetune.quant_layers.zeroquant import dequantize_zeroquant_model
+
+                # Dequantize the bases under the adapters, then merge in float: no requantization.
+                dequantize_zeroquant_model(self.unwrapped, dtype=torch.float32)
+                merged = self.unwrapped.merge_and_unload().to(dtype)
+                _forget_quantization(merged)
+                merged.save_pretrained(directory)
             else:
                 self.unwrapped.merge_and_unload().to(dtype).save_pretrained(directory)
             if self.tokenizer is not None:

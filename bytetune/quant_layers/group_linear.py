@@ -1,0 +1,198 @@
+"""ZeroQuant linear layer (arXiv 2206.01861): group-wise INT8/INT4 weight, INT8 or 16-bit activations.
+
+Forward: with ``act_bits=8`` the activations are quantized per token to int8 and the GEMM adds
+up each K-group's int32 partial product times the group's weight scale (W8A8 / W4A8); with
+``act_bits=16`` the float activations multiply the integer codes and the per-group scales are
+applied the same way (W8A16 / W4A16).
+
+Backward: the input gradient only (the weight is frozen), from the kernel that dequantizes weight
+tiles in registers. Quantizing the activations is treated as identity (straight-through).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bytetune.kernels.groupwise import (
+    DEFAULT_GROUP_SIZE,
+    dequantize_groupwise,
+    groupwise_matmul,
+    groupwise_matmul_grad_input,
+    num_groups,
+    pack_int4,
+    qmax_for,
+    quantize_groupwise,
+    quantize_tokenwise,
+)
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_ACT_BITS = (8, 16)
+
+
+class GroupQuantMatmulFunction(torch.autograd.Function):
+    """y = x @ dequant(W).T + bias for a 2-D x."""
+
+    @staticmethod
+    def forward(ctx, x2d, codes, scales, bias, bits, group_size, act_bits):
+        if act_bits == 8:
+            x_codes, x_scale = quantize_tokenwise(x2d)
+            y = groupwise_matmul(x_codes, x_scale, codes, scales, bits, group_size, bias=bias, out_dtype=x2d.dtype)
+        else:
+            y = groupwise_matmul(x2d, None, codes, scales, bits, group_size, bias=bias)
+        ctx.save_for_backward(codes, scales)
+        ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, x2d.shape[1]
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        codes, scales = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = groupwise_matmul_grad_input(
+                grad_y.contiguous(), codes, scales, ctx.bits, ctx.group_size, ctx.in_features
+            )
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, None, None, grad_bias, None, None, None
+
+
+class GroupQuantLinear(nn.Linear):
+    """A frozen ZeroQuant linear layer.
+
+    State: ``weight`` (a frozen Parameter so that PEFT and transformers see a Linear: int8 codes
+    [out, in] for bits=8, uint8 [out, in // 2] with two INT4 codes per byte for bits=4),
+    ``weight_scale`` (float32 buffer [out, ceil(in / group_size)]) and an optional ``bias``.
+    ``bits`` and ``group_size`` define the storage; ``act_bits`` (8 or 16) is a forward-time choice.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 8,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        act_bits: int = 8,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
+        # nn.Linear.__init__ would allocate (and initialize) a float weight we never use.
+        nn.Module.__init__(self)
+        qmax_for(bits)
+        if act_bits not in SUPPORTED_ACT_BITS:
+            raise ValueError(f"act_bits must be 8 (int8 tokens) or 16 (float activations), got {act_bits}")
+        if bits == 4 and in_features % 2 != 0:
+            raise ValueError(f"INT4 packs two codes per byte: in_features must be even, got {in_features}; use bits=8")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.act_bits = act_bits
+        code_shape, code_dtype = (
+            ((out_features, in_features), torch.int8) if bits == 8 else ((out_features, in_features // 2), torch.uint8)
+        )
+        self.weight = nn.Parameter(torch.zeros(code_shape, dtype=code_dtype, device=device), requires_grad=False)
+        self.register_buffer(
+            "weight_scale",
+            torch.ones(out_features, num_groups(in_features, group_size), dtype=torch.float32, device=device),
+        )
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=bias_dtype or torch.get_default_dtype(), device=device),
+                requires_grad=False,
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls, linear: nn.Linear, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE, act_bits: int = 8
+    ) -> "GroupQuantLinear":
+        """Quantize an nn.Linear's weight group-wise (absmax per group)."""
+        if isinstance(linear, GroupQuantLinear) or not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected a float nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            act_bits=act_bits,
+            device=linear.weight.device,
+            bias_dtype=None if linear.bias is None else linear.bias.dtype,
+        )
+        layer.set_weight(linear.weight)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float [out, in] weight into this layer's codes and group scales."""
+        self._check_float_weight(weight)
+        codes, scales = quantize_groupwise(weight.float(), self.bits, self.group_size)
+        self.weight.data = codes.to(self.weight.device)
+        self.weight_scale = scales.to(self.weight.device)
+
+    @torch.no_grad()
+    def set_quantized(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """Store integer codes [out, in] (unpacked, within +-qmax) and their float32 group scales,
+        e.g. the result of a calibration (LKD) that chose the scales itself."""
+        qmax = qmax_for(self.bits)
+        if tuple(codes.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"codes must be [{self.out_features}, {self.in_features}], got {tuple(codes.shape)}")
+        if tuple(scales.shape) != tuple(self.weight_scale.shape):
+            raise ValueError(f"scales must be {tuple(self.weight_scale.shape)}, got {tuple(scales.shape)}")
+        if codes.is_floating_point() or int(codes.abs().max()) > qmax:
+            raise ValueError(f"codes must be integers in [-{qmax}, {qmax}] for bits={self.bits}")
+        codes = codes.to(torch.int8)
+        self.weight.data = (codes if self.bits == 8 else pack_int4(codes)).to(self.weight.device)
+        self.weight_scale = scales.detach().to(self.weight.device, torch.float32).contiguous()
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float [out, in] weight the codes stand for."""
+        return dequantize_groupwise(
+            self.weight, self.weight_scale, self.bits, self.group_size, self.in_features, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"GroupQuantLinear takes float32/float16/bfloat16 activations, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"GroupQuantLinear expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        x2d = x.reshape(-1, self.in_features)
+        y = GroupQuantMatmulFunction.apply(
+            x2d, self.weight, self.weight_scale, bias, self.bits, self.group_size, self.act_bits
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _check_float_weight(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit a layer of [{self.out_features}, {self.in_features}]"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != self.weight.dtype:
+            # Copying a float weight into integer storage would silently truncate it.
+            error_msgs.append(
+                f"{prefix}weight is {weight.dtype}, a {self.bits}-bit GroupQuantLinear loads {self.weight.dtype} "
+                f"codes with {prefix}weight_scale; quantize a float layer with GroupQuantLinear.from_linear instead"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, act_bits={self.act_bits}"
+        )

@@ -1,0 +1,189 @@
+"""Group-wise (ZeroQuant) kernels: Triton (interpreter on CPU) against the PyTorch references, and
+the references against independent float math."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bytetune.kernels import groupwise as gw
+
+WEIGHT_CASES = [  # (out, in, group_size): one group, ragged last group, several full groups
+    (1, 32, 32),
+    (7, 200, 64),
+    (9, 256, 128),
+]
+MATMUL_CASES = [  # (tokens, in, out, group_size)
+    (1, 64, 16, 32),
+    (33, 200, 40, 64),
+    (65, 256, 70, 128),
+]
+
+
+def _weight(out_f, in_f, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * torch.rand(out_f, 1, generator=g)
+    return w.to(dtype)
+
+
+def _oracle_groupwise(weight, bits, group_size):
+    """Per-group loop in float64: the textbook definition, written independently of the module."""
+    qmax = 127 if bits == 8 else 7
+    w = weight.double()
+    codes = torch.empty_like(w)
+    scales = []
+    for start in range(0, w.shape[1], group_size):
+        block = w[:, start : start + group_size]
+        absmax = block.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+        v = block / scale
+        codes[:, start : start + group_size] = torch.sign(v) * torch.floor(v.abs() + 0.5)
+        scales.append(scale)
+    return codes, torch.cat(scales, dim=1)
+
+
+def test_int4_pack_roundtrip_and_layout():
+    codes = torch.tensor([[-7, 7, 0, -1, 3, -3]], dtype=torch.int8)
+    packed = gw.pack_int4(codes)
+    # Low nibble holds the even column, each nibble is code + 8.
+    assert packed.tolist() == [[(-7 + 8) | ((7 + 8) << 4), 8 | (7 << 4), 11 | (5 << 4)]]
+    torch.testing.assert_close(gw.unpack_int4(packed), codes, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_by_hand(bits):
+    # absmax of each group is qmax, so scale is 1 and codes are the values rounded half away from 0.
+    qmax = 127 if bits == 8 else 7
+    first = torch.tensor([qmax, 2.5, -2.5, 1.49, -0.5, 0.4] + [0.0] * 26)
+    second = torch.tensor([-qmax * 2.0, 3.0] + [0.0] * 30)  # scale 2: 3.0 / 2 = 1.5 -> 2
+    w = torch.cat([first, second])[None, :]
+    codes, scales = gw.quantize_groupwise_reference(w, bits=bits, group_size=32)
+    ints = codes if bits == 8 else gw.unpack_int4(codes)
+    assert ints[0, :6].tolist() == [qmax, 3, -3, 1, -1, 0]
+    assert ints[0, 32:34].tolist() == [-qmax, 2]
+    torch.testing.assert_close(scales, torch.tensor([[1.0, 2.0]]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,group_size", WEIGHT_CASES)
+def test_quantize_groupwise_triton_matches_reference_and_oracle(bits, dtype, out_f, in_f, group_size, device):
+    w = _weight(out_f, in_f, dtype)
+    w[0, : min(in_f, group_size)] = 0.0  # an all-zero group: scale 1, codes 0
+    codes_ref, scales_ref = gw.quantize_groupwise_reference(w, bits, group_size)
+    codes_tri, scales_tri = (t.cpu() for t in gw.quantize_groupwise_triton(w.to(device), bits, group_size))
+    torch.testing.assert_close(codes_tri, codes_ref, rtol=0, atol=0)
+    torch.testing.assert_close(scales_tri, scales_ref, rtol=0, atol=0)
+
+    oracle_codes, oracle_scales = _oracle_groupwise(w, bits, group_size)
+    assert scales_ref.shape == (out_f, -(-in_f // group_size))
+    torch.testing.assert_close(scales_ref.double(), oracle_scales, rtol=1e-6, atol=0)
+    ints = (codes_ref if bits == 8 else gw.unpack_int4(codes_ref)).double()
+    # Float32 vs float64 may tip an exact .5 tie; nothing may move by more than one step.
+    assert (ints - oracle_codes).abs().max() <= 1
+    assert (ints != oracle_codes).double().mean() < 1e-3
+    deq = gw.dequantize_groupwise(codes_ref, scales_ref, bits, group_size, in_f).double()
+    step = gw.expand_group_scales(oracle_scales, group_size, in_f)
+    assert ((deq - w.double()).abs() <= 0.5 * step * (1 + 1e-5) + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,features", [(1, 1), (3, 255), (5, 4097)])
+def test_quantize_tokenwise_triton_matches_reference(dtype, tokens, features, device):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(tokens, features, generator=g) * 3).to(dtype)
+    x[-1] = 0.0  # an all-zero token keeps scale 1 and codes 0
+    codes_ref, scale_ref = gw.quantize_tokenwise_reference(x)
+    codes_tri, scale_tri = (t.cpu() for t in gw.quantize_tokenwise_triton(x.to(device)))
+    torch.testing.assert_close(codes_tri, codes_ref, rtol=0, atol=0)
+    torch.testing.assert_close(scale_tri, scale_ref, rtol=0, atol=0)
+    xf = x.float()
+    expected_scale = torch.where(xf.abs().amax(1) > 0, xf.abs().amax(1) / 127, torch.ones(tokens))
+    torch.testing.assert_close(scale_ref, expected_scale, rtol=1e-6, atol=0)
+    assert ((codes_ref.float() * scale_ref[:, None] - xf).abs() <= 0.5 * scale_ref[:, None] * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("act", ["int8", torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,in_f,out_f,group_size", MATMUL_CASES)
+def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_f, group_size, device):
+    g = torch.Generator().manual_seed(2)
+    w = _weight(out_f, in_f, torch.float32, seed=3)
+    codes, scales = gw.quantize_groupwise_reference(w, bits, group_size)
+    x = torch.randn(tokens, in_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    if act == "int8":
+        x_in, x_scale = gw.quantize_tokenwise_reference(x)
+        x_deq = x_in.float() * x_scale[:, None]
+        out_dtype = torch.float32
+    else:
+        x_in, x_scale, out_dtype = x.to(act), None, act
+        x_deq = x_in.float()
+    y_ref = gw.groupwise_matmul_reference(x_in, x_scale, codes, scales, bits, group_size, bias)
+    on_device = [None if t is None else t.to(device) for t in (x_in, x_scale, codes, scales, bias)]
+    y_tri = gw.groupwise_matmul_triton(*on_device[:4], bits, group_size, on_device[4]).cpu()
+    assert y_ref.dtype == y_tri.dtype == out_dtype
+    # Independent oracle: dequantize everything and use a float64 linear.
+    w_deq = gw.dequantize_groupwise(codes, scales, bits, group_size, in_f).double()
+    y_oracle = F.linear(x_deq.double(), w_deq, bias.double())
+    tol = dict(rtol=1e-5, atol=1e-4) if out_dtype == torch.float32 else dict(rtol=1e-2, atol=0.1)
+    torch.testing.assert_close(y_ref.double(), y_oracle, **tol)
+    torch.testing.assert_close(y_tri.double(), y_oracle, **tol)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,in_f,out_f,group_size", MATMUL_CASES)
+def test_groupwise_grad_input_triton_matches_autograd(bits, dtype, tokens, in_f, out_f, group_size, device):
+    g = torch.Generator().manual_seed(4)
+    codes, scales = gw.quantize_groupwise_reference(_weight(out_f, in_f, torch.float32, seed=5), bits, group_size)
+    grad_y = torch.randn(tokens, out_f, generator=g).to(dtype)
+    w_deq = gw.dequantize_groupwise(codes, scales, bits, group_size, in_f).double()
+    x = torch.zeros(tokens, in_f, dtype=torch.float64, requires_grad=True)
+    F.linear(x, w_deq).backward(grad_y.double())
+    grad_ref = gw.groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_f)
+    grad_tri = gw.groupwise_matmul_grad_input_triton(
+        grad_y.to(device), codes.to(device), scales.to(device), bits, group_size, in_f
+    ).cpu()
+    assert grad_ref.dtype == grad_tri.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=0.05)
+    torch.testing.assert_close(grad_ref.double(), x.grad, **tol)
+    torch.testing.assert_close(grad_tri.double(), x.grad, **tol)
+
+
+def test_public_ops_dispatch_to_reference_on_cpu():
+    w = _weight(20, 96, torch.float32)
+    codes, scales = gw.quantize_groupwise(w, bits=4, group_size=32)
+    codes_ref, scales_ref = gw.quantize_groupwise_reference(w, bits=4, group_size=32)
+    assert torch.equal(codes, codes_ref) and torch.equal(scales, scales_ref)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6))
+    x_codes, x_scale = gw.quantize_tokenwise(x)
+    y = gw.groupwise_matmul(x_codes, x_scale, codes, scales, 4, 32)
+    torch.testing.assert_close(y, gw.groupwise_matmul_reference(x_codes, x_scale, codes, scales, 4, 32))
+    grad = gw.groupwise_matmul_grad_input(y, codes, scales, 4, 32, 96)
+    torch.testing.assert_close(grad, gw.groupwise_matmul_grad_input_reference(y, codes, scales, 4, 32, 96))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: gw.quantize_groupwise(torch.randn(4, 64), bits=8, group_size=48), "multiple of 32"),
+        (lambda: gw.quantize_groupwise(torch.randn(4, 63), bits=4, group_size=32), "must be even"),
+        (lambda: gw.quantize_groupwise(torch.randn(4, 64), bits=3, group_size=32), "bits must be 8 or 4"),
+        (lambda: gw.quantize_groupwise(torch.randint(0, 3, (4, 64)), bits=8, group_size=32), "float32/float16"),
+        (
+            lambda: gw.groupwise_matmul(torch.randn(2, 64), None, torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2), 4, 32),
+            "uint8",
+        ),
+        (
+            lambda: gw.groupwise_matmul(torch.randn(2, 64), torch.ones(2), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2), 8, 32),
+            "int8 codes",
+        ),
+        (
+            lambda: gw.groupwise_matmul(torch.randn(2, 64), None, torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 3), 8, 32),
+            "scales must be float32",
+        ),
+    ],
+)
+def test_bad_input_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

@@ -1,0 +1,137 @@
+"""GroupQuantLinear: forward and input gradient against float math on the dequantized weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bytetune.quant_layers.group_linear import GroupQuantLinear
+
+
+def _linear(in_f, out_f, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def _fake_quant_tokens(x):
+    """Token-wise int8 round trip, written independently: absmax / 127 per row, round half away."""
+    xf = x.float()
+    absmax = xf.abs().amax(-1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    v = xf / scale
+    return torch.sign(v) * torch.floor(v.abs() + 0.5) * scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_f,out_f,group_size", [(64, 24, 32), (200, 33, 64)])
+def test_forward_matches_dequantized_float(bits, act_bits, dtype, in_f, out_f, group_size):
+    linear = _linear(in_f, out_f)
+    layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=group_size, act_bits=act_bits)
+    x = torch.randn(2, 5, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = layer(x)
+    assert y.shape == (2, 5, out_f) and y.dtype == dtype
+    x_eff = _fake_quant_tokens(x) if act_bits == 8 else x.float()
+    expected = F.linear(x_eff.double(), layer.dequantized_weight().double(), linear.bias.double())
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("bits,max_rel_err", [(8, 0.01), (4, 0.2)])
+def test_quantization_error_is_small(bits, max_rel_err):
+    linear = _linear(256, 64)
+    layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=64, act_bits=16)
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = linear(x)
+        rel = (layer(x) - ref).norm() / ref.norm()
+    assert rel < max_rel_err
+    assert rel > 0  # the weight really is quantized
+
+
+def test_smaller_groups_are_more_accurate():
+    linear = _linear(256, 64)
+    w = linear.weight.detach()
+    errs = [
+        (GroupQuantLinear.from_linear(linear, bits=4, group_size=g).dequantized_weight() - w).norm()
+        for g in (256, 64, 32)
+    ]
+    assert errs[0] > errs[1] > errs[2]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_backward_input_and_bias_grad(bits, act_bits):
+    linear = _linear(96, 40)
+    layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=32, act_bits=act_bits)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    grad_y = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(4))
+    layer(x).backward(grad_y)
+    w_deq = layer.dequantized_weight()
+    torch.testing.assert_close(x.grad, grad_y @ w_deq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, grad_y.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_storage_bytes_and_dtypes():
+    int4 = GroupQuantLinear.from_linear(_linear(256, 64, bias=False), bits=4, group_size=128)
+    int8 = GroupQuantLinear.from_linear(_linear(256, 64, bias=False), bits=8, group_size=128)
+    assert int4.weight.dtype == torch.uint8 and int4.weight.shape == (64, 128)
+    assert int8.weight.dtype == torch.int8 and int8.weight.shape == (64, 256)
+    assert int4.weight_scale.shape == int8.weight_scale.shape == (64, 2)
+    int4_bytes = sum(t.numel() * t.element_size() for t in int4.state_dict().values())
+    assert int4_bytes == 64 * 256 // 2 + 64 * 2 * 4  # codes + float32 scales
+
+
+def test_ragged_last_group():
+    linear = _linear(80, 8)  # groups of 32: 32 + 32 + 16
+    layer = GroupQuantLinear.from_linear(linear, bits=4, group_size=32)
+    assert layer.weight_scale.shape == (8, 3)
+    # The short group's scale comes from its own 16 columns only.
+    torch.testing.assert_close(layer.weight_scale[:, 2], linear.weight.detach()[:, 64:].abs().amax(1) / 7)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_dict_roundtrip_and_float_weight_rejected(bits):
+    layer = GroupQuantLinear.from_linear(_linear(64, 16), bits=bits, group_size=32)
+    fresh = GroupQuantLinear(64, 16, bits=bits, group_size=32)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="from_linear"):
+        fresh.load_state_dict(_linear(64, 16).state_dict())
+
+
+def test_set_quantized_stores_codes_and_scales():
+    layer = GroupQuantLinear(64, 2, bias=False, bits=4, group_size=32)
+    codes = torch.randint(-7, 8, (2, 64), generator=torch.Generator().manual_seed(6))
+    scales = torch.rand(2, 2, generator=torch.Generator().manual_seed(7)) + 0.1
+    layer.set_quantized(codes, scales)
+    expected = codes.float() * scales.repeat_interleave(32, dim=1)
+    torch.testing.assert_close(layer.dequantized_weight(), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[-7, 7\]"):
+        layer.set_quantized(codes * 2, scales)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=3), "bits must be 8 or 4"),
+        (dict(act_bits=4), "act_bits must be 8"),
+        (dict(bits=4, in_features=33), "must be even"),
+    ],
+)
+def test_bad_config_errors(kwargs, match):
+    args = dict(in_features=32, out_features=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        GroupQuantLinear(**args)
+
+
+def test_bad_input_errors():
+    layer = GroupQuantLinear.from_linear(_linear(32, 4), bits=8, group_size=32)
+    with pytest.raises(ValueError, match="last dim 32"):
+        layer(torch.randn(2, 31))
+    with pytest.raises(TypeError, match="activations"):
+        layer(torch.ones(2, 32, dtype=torch.int32))
