@@ -1,7 +1,7 @@
 """Triton kernels, each beside its plain-PyTorch reference. Imports nothing else of bytetune."""
 
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
-from bytetune.kernels.int8_matmul import (
+from bytetune.kernels.llm_int8 import (
     int8_matmul,
     int8_matmul_grad_input,
     outlier_columns,

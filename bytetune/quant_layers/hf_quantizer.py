@@ -25,7 +25,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from bytetune.kernels.int8_matmul import quantize_rowwise
+from bytetune.kernels.llm_int8 import quantize_rowwise
 from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_int8_loaded
 from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bytetune.kernels.int8_matmul import (
+from bytetune.kernels.llm_int8 import (
     INT8_MAX,
     int8_matmul,
     int8_matmul_grad_input,

@@ -8,7 +8,7 @@ import torch
 
 from bytetune.kernels import int8_matmul as public_int8_matmul
 from bytetune.kernels.dispatch import HAS_TRITON
-from bytetune.kernels.int8_matmul import (
+from bytetune.kernels.llm_int8 import (
     int8_matmul_grad_input,
     int8_matmul_grad_input_reference,
     int8_matmul_grad_input_triton,
@@ -25,9 +25,7 @@ from bytetune.kernels.int8_matmul import (
     quantize_tokenwise_triton,
 )
 
-# The package re-exports the function int8_matmul under the module's own name, so the module
-# object (for monkeypatching) comes from the import system.
-KERNEL_MODULE = importlib.import_module("bytetune.kernels.int8_matmul")
+KERNEL_MODULE = importlib.import_module("bytetune.kernels.llm_int8")  # for monkeypatching
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
