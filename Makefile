@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # The CPU build of torch keeps the environment small; on a GPU machine use `make TORCH_SPEC=torch ...`.
 TORCH_SPEC ?= torch==2.13.0
 RECIPE ?= smollm2_lora8
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU run.
+THREADS ?= $(shell nproc)
 
 .PHONY: setup train test bench gpu-check clean
 
@@ -20,7 +22,7 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 train: setup
-	$(VENV)/bin/accelerate launch train.py recipe=$(RECIPE) $(ARGS)
+	$(VENV)/bin/accelerate launch --num_cpu_threads_per_process $(THREADS) train.py recipe=$(RECIPE) $(ARGS)
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x $(ARGS)
