@@ -227,8 +227,11 @@ def test_cpu_tensors_use_the_reference(monkeypatch):
     x = torch.randn(3, 8)
     codes, scale = quantize_rowwise(x)
     quantize_tokenwise(x, outlier_columns(x, 1.0))
-    public_int8_matmul(codes, codes, scale, scale)
-    int8_matmul_grad_input(torch.randn(3, 3), codes, scale)
+    out = public_int8_matmul(codes, codes, scale, scale)
+    assert torch.equal(out, KERNEL_MODULE.int8_matmul_reference(codes, codes, scale, scale))
+    grad_y = torch.randn(3, 3)
+    grad_x = int8_matmul_grad_input(grad_y, codes, scale)
+    assert torch.equal(grad_x, KERNEL_MODULE.int8_matmul_grad_input_reference(grad_y, codes, scale))
 
 
 # ------------------------------------------------------------------------------------------
