@@ -6,9 +6,9 @@ Every source ends as :class:`TokenBlocks`: equal-length rows of input ids, label
 loss is taken) and attention mask. Tokenized blocks are cached on disk, keyed by everything that
 changes them.
 
-The stdlib held-out split cut by ``max_chars`` is sampled, not truncated: windows of
-``STDLIB_WINDOW_CHARS`` spread evenly over the whole split (many files), so a short eval measures
-the library rather than its alphabetically first held-out file.
+A stdlib split cut by ``max_chars`` is sampled, not truncated: windows of ``STDLIB_WINDOW_CHARS``
+spread evenly over the whole split (many files), so a short run trains on, and a short eval
+measures, the library rather than its alphabetically first files.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from .config import RecipeError
 from .local_text import stdlib_source_files, stdlib_text
 
-STDLIB_WINDOW_CHARS = 2000  # one held-out sample: a few functions' worth of source
+STDLIB_WINDOW_CHARS = 2000  # one sample: a few functions' worth of source
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -165,7 +165,7 @@ def build_token_blocks(data_cfg, tokenizer, seq_len: int, role: str) -> TokenBlo
     if source == "stdlib" and data_cfg.format != "text":
         raise DataError(f"data.{role}=stdlib is plain text: use data.format=text")
     key_parts = [
-        _source_fingerprint(source, split), f"window{STDLIB_WINDOW_CHARS}", _tokenizer_fingerprint(tokenizer), str(seq_len), data_cfg.format,
+        _source_fingerprint(source, split), f"spread-windows{STDLIB_WINDOW_CHARS}", _tokenizer_fingerprint(tokenizer), str(seq_len), data_cfg.format,
         str(max_chars), str(max_samples), data_cfg.text_field, data_cfg.prompt_field, data_cfg.response_field,
         data_cfg.template,
     ]
@@ -188,17 +188,17 @@ def build_token_blocks(data_cfg, tokenizer, seq_len: int, role: str) -> TokenBlo
     return blocks
 
 
-def stdlib_heldout_windows(max_chars: int | None) -> list[str]:
-    """``max_chars`` of the stdlib held-out split as windows spread evenly over all of it.
+def stdlib_windows(split: str, max_chars: int | None) -> list[str]:
+    """``max_chars`` of a stdlib split ("train" or "heldout") as windows spread evenly over it.
 
     Each window starts at a line start (so no token is cut) and is its own document (packed with
     an EOS after it). ``None`` or a budget at least the split's size gives the whole split.
     """
-    text = stdlib_text("heldout")
+    text = stdlib_text(split)
     if max_chars is None or max_chars >= len(text):
         return [text]
     if max_chars <= 0:
-        raise DataError(f"data.max_eval_chars must be > 0, got {max_chars}")
+        raise DataError(f"the character budget of the stdlib {split} split must be > 0, got {max_chars}")
     n_windows = -(-max_chars // STDLIB_WINDOW_CHARS)
     width = -(-max_chars // n_windows)
     span = len(text) - width
@@ -212,10 +212,8 @@ def stdlib_heldout_windows(max_chars: int | None) -> list[str]:
 
 
 def _tokenize(source, split, data_cfg, tokenizer, seq_len, role, max_chars, max_samples) -> TokenBlocks:
-    if source == "stdlib" and split == "heldout":
-        return _pack_text(stdlib_heldout_windows(max_chars), tokenizer, seq_len)
     if source == "stdlib":
-        return _pack_text([stdlib_text(split, max_chars)], tokenizer, seq_len)
+        return _pack_text(stdlib_windows(split, max_chars), tokenizer, seq_len)
     rows = _load_rows(source, split, role, max_samples)
     if data_cfg.format == "instruction":
         return _instruction_rows(rows, tokenizer, data_cfg, seq_len, role)

@@ -95,14 +95,14 @@ def test_missing_file_and_empty_data_fail_clearly(tmp_path, tokenizer):
 
 
 def test_stdlib_heldout_sample_spreads_over_the_whole_split():
-    from bytetune.trainer.data import STDLIB_WINDOW_CHARS, stdlib_heldout_windows
+    from bytetune.trainer.data import STDLIB_WINDOW_CHARS, stdlib_windows
     from bytetune.trainer.local_text import HELDOUT_EVERY, stdlib_source_files
 
     heldout_files = [p for i, p in enumerate(stdlib_source_files()) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in heldout_files]
     whole = "\n".join(texts)
     budget = 10 * STDLIB_WINDOW_CHARS + 123
-    windows = stdlib_heldout_windows(budget)
+    windows = stdlib_windows("heldout", budget)
     assert sum(len(w) for w in windows) == budget
     assert len(windows) == 11
     offsets = [whole.index(w) for w in windows]
@@ -117,15 +117,15 @@ def test_stdlib_heldout_sample_spreads_over_the_whole_split():
         file_starts.append(file_starts[-1] + len(text) + 1)
     files_touched = {sum(start <= o for start in file_starts) for o in offsets}
     assert len(files_touched) >= 8
-    assert stdlib_heldout_windows(None) == [whole]
+    assert stdlib_windows("heldout", None) == [whole]
 
 
 def test_stdlib_eval_blocks_come_from_the_spread_sample(tmp_path, tokenizer):
-    from bytetune.trainer.data import stdlib_heldout_windows
+    from bytetune.trainer.data import stdlib_windows
 
     blocks = build_token_blocks(data_cfg(tmp_path, max_eval_chars=5000), tokenizer, seq_len=64, role="eval")
     stream = []
-    for window in stdlib_heldout_windows(5000):
+    for window in stdlib_windows("heldout", 5000):
         stream += tokenizer(window, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n = len(stream) // 64
     assert blocks.input_ids.flatten().tolist() == stream[: n * 64]
