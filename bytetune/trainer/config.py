@@ -10,7 +10,6 @@ Field names are stable: other parts of bytetune (the memory planner) read them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
