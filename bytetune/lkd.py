@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for
+from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for, quantize_tokenwise
 from bytetune.quant_layers.convert import default_skip_names
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.zeroquant import (
@@ -75,7 +75,7 @@ class LayerReport:
 
 
 def _round_half_away(v: torch.Tensor) -> torch.Tensor:
-    # The kernels' rounding, so the saved codes are exactly what the student trained with.
+    # The weight kernels' rounding, so the saved codes are exactly what the student trained with.
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
 
 
@@ -112,9 +112,10 @@ class FakeQuantLinear(nn.Module):
         codes, scales = self.codes_and_scales()
         weight = codes * expand_group_scales(scales, self.group_size, self.in_features)
         if self.act_bits == 8:
-            absmax = x.detach().abs().amax(-1, keepdim=True).float()
-            x_scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-            x = x + ((_round_half_away(x / x_scale).clamp(-127, 127) * x_scale).to(x.dtype) - x).detach()
+            # The saved layer's own token-wise quantization, so the student sees its activations;
+            # straight-through for the gradient.
+            codes, x_scale = quantize_tokenwise(x.detach().reshape(-1, self.in_features))
+            x = x + ((codes * x_scale[:, None]).reshape(x.shape).to(x.dtype) - x).detach()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
 

@@ -9,10 +9,11 @@ Conventions, shared by the Triton kernels and the PyTorch references:
 - INT8 codes are in [-127, 127] (int8 [N, K]). INT4 codes are in [-7, 7], symmetric so that the
   grid is the same for both signs; they are stored as ``code + 8`` in a nibble, two per uint8
   along K (column 2j in the low nibble, 2j+1 in the high one): uint8 [N, K // 2], K even.
-- Rounding is half away from zero, ``code = sign(v) * floor(|v| + 0.5)`` with ``v = w * (qmax /
+- Weight rounding is half away from zero, ``code = sign(v) * floor(|v| + 0.5)`` with ``v = w * (qmax /
   absmax)``; both sides compute the reciprocal with a correctly rounded division so that the
   kernels and references agree bit for bit.
-- Activations [M, K] are quantized per token (row): int8 codes and a float32 scale absmax / 127.
+- Activations [M, K] are quantized per token (row) by :mod:`bytetune.kernels.llm_int8`'s
+  ``quantize_tokenwise`` (its rounding, half to even), with the scale as absmax / 127.
 - GEMM: for each K-group, the partial product of the codes (int32 for int8 activations, float32
   otherwise) is scaled by that group's weight scale in float32 and summed over groups; int8
   activations then multiply by their token scale. Input gradients dequantize weight tiles in
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from bytetune.kernels import llm_int8
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -171,15 +173,6 @@ def dequantize_groupwise(
     return (ints.float() * expand_group_scales(scales, group_size, in_features)).to(dtype)
 
 
-def quantize_tokenwise_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be a 2-D float tensor [tokens, features], got {x.dtype} {tuple(x.shape)}")
-    xf = x.float()
-    scale, inv = _reciprocal_scale(xf.abs().amax(dim=1), INT8_MAX)
-    codes = _round_half_away(xf * inv[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, scale
-
-
 def groupwise_matmul_reference(
     x: torch.Tensor,
     x_scale: torch.Tensor | None,
@@ -263,24 +256,6 @@ if HAS_TRITON:
         else:
             tl.store(codes_row + col_even, code_even.to(tl.int8), mask=mask_even)
             tl.store(codes_row + col_odd, code_odd.to(tl.int8), mask=mask_odd)
-
-    @triton.jit
-    def _quantize_tokenwise_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes, BLOCK_K: tl.constexpr):
-        row = tl.program_id(0)
-        x_row = x_ptr + row * stride_x
-        absmax = tl.zeros((), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=0))
-        safe = tl.where(absmax > 0, absmax, 1.0)
-        inv = tl.div_rn(tl.full((), 127.0, tl.float32), safe)
-        tl.store(scale_ptr + row, tl.where(absmax > 0, tl.div_rn(safe, tl.full((), 127.0, tl.float32)), 1.0))
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            code = tl.minimum(tl.maximum(_round_half_away_tl(x * inv), -127.0), 127.0)
-            tl.store(codes_ptr + row * stride_codes + cols, code.to(tl.int8), mask=cols < K)
 
     @triton.jit
     def _load_weight_codes_kt(codes_ptr, stride_codes, rows, cols, mask, INT4: tl.constexpr):
@@ -404,21 +379,6 @@ def quantize_groupwise_triton(
     return codes, scales
 
 
-def quantize_tokenwise_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _require_triton()
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be a 2-D float tensor [tokens, features], got {x.dtype} {tuple(x.shape)}")
-    x = x.contiguous()
-    m, k = x.shape
-    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-    if m == 0 or k == 0:
-        return codes, scale
-    block_k = min(triton.next_power_of_2(k), 4096)
-    _quantize_tokenwise_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), BLOCK_K=block_k)
-    return codes, scale
-
-
 def groupwise_matmul_triton(
     x: torch.Tensor,
     x_scale: torch.Tensor | None,
@@ -495,10 +455,14 @@ def quantize_groupwise(
 
 
 def quantize_tokenwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float [M, K] -> (int8 codes [M, K], float32 per-token scales [M] = absmax / 127)."""
-    if use_triton(x):
-        return quantize_tokenwise_triton(x)
-    return quantize_tokenwise_reference(x)
+    """Float [M, K] -> (int8 codes [M, K], float32 per-token scales [M] = absmax / 127).
+
+    The codes are LLM.int8()'s (that op dispatches itself); only the scale differs, because the
+    group-wise GEMM multiplies by a step rather than by absmax / 127. An all-zero token gets
+    scale 1 / 127 (llm_int8's guard of 1, divided): its codes are 0, so its output is the bias.
+    """
+    codes, absmax = llm_int8.quantize_tokenwise(x)
+    return codes, absmax / INT8_MAX
 
 
 def groupwise_matmul(

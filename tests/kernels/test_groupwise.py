@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bytetune.kernels import groupwise as gw
+from bytetune.kernels import llm_int8
 
 WEIGHT_CASES = [  # (out, in, group_size): one group, ragged last group, several full groups
     (1, 32, 32),
@@ -86,20 +87,32 @@ def test_quantize_groupwise_triton_matches_reference_and_oracle(bits, dtype, out
     assert ((deq - w.double()).abs() <= 0.5 * step * (1 + 1e-5) + 1e-12).all()
 
 
+def test_quantize_tokenwise_by_hand():
+    # absmax 127: the scale is 1 and the codes are the values rounded, ties to even. The codes are
+    # LLM.int8()'s, so its rule applies (group-wise weights still round half away from zero).
+    x = torch.tensor([[127.0, 2.5, -2.5, 3.5, 1.49, -0.5], [0.0] * 6])
+    codes, scale = gw.quantize_tokenwise(x)
+    assert codes.tolist() == [[127, 2, -2, 4, 1, 0], [0] * 6]
+    assert scale[0].item() == 1.0
+    assert torch.isfinite(scale[1]) and scale[1] > 0  # all-zero token: codes 0, output = bias
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,features", [(1, 1), (3, 255), (5, 4097)])
-def test_quantize_tokenwise_triton_matches_reference(dtype, tokens, features, device):
+def test_quantize_tokenwise_is_llm_int8_codes_with_step_scale(dtype, tokens, features, device):
+    # llm_int8's tests hold its Triton kernel to its reference; here the codes must be its codes
+    # and the scale the step absmax / 127 that the group-wise GEMM multiplies by.
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(tokens, features, generator=g) * 3).to(dtype)
-    x[-1] = 0.0  # an all-zero token keeps scale 1 and codes 0
-    codes_ref, scale_ref = gw.quantize_tokenwise_reference(x)
-    codes_tri, scale_tri = (t.cpu() for t in gw.quantize_tokenwise_triton(x.to(device)))
-    torch.testing.assert_close(codes_tri, codes_ref, rtol=0, atol=0)
-    torch.testing.assert_close(scale_tri, scale_ref, rtol=0, atol=0)
+    x[-1] = 0.0  # an all-zero token: codes 0 and a finite scale
+    codes, scale = (t.cpu() for t in gw.quantize_tokenwise(x.to(device)))
+    assert torch.equal(codes, llm_int8.quantize_tokenwise_reference(x)[0])
     xf = x.float()
-    expected_scale = torch.where(xf.abs().amax(1) > 0, xf.abs().amax(1) / 127, torch.ones(tokens))
-    torch.testing.assert_close(scale_ref, expected_scale, rtol=1e-6, atol=0)
-    assert ((codes_ref.float() * scale_ref[:, None] - xf).abs() <= 0.5 * scale_ref[:, None] * (1 + 1e-5)).all()
+    absmax = xf.abs().amax(1)
+    nonzero = absmax > 0
+    torch.testing.assert_close(scale[nonzero], absmax[nonzero] / 127, rtol=1e-6, atol=0)
+    assert not codes[~nonzero].any() and torch.isfinite(scale).all()
+    assert ((codes.float() * scale[:, None] - xf).abs() <= 0.5 * scale[:, None] * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -112,7 +125,7 @@ def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_
     x = torch.randn(tokens, in_f, generator=g)
     bias = torch.randn(out_f, generator=g)
     if act == "int8":
-        x_in, x_scale = gw.quantize_tokenwise_reference(x)
+        x_in, x_scale = gw.quantize_tokenwise(x)
         x_deq = x_in.float() * x_scale[:, None]
         out_dtype = torch.float32
     else:
