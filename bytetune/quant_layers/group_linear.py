@@ -25,8 +25,9 @@ from bytetune.kernels.groupwise import (
     quantize_groupwise,
     quantize_tokenwise,
 )
+# ACTIVATION_DTYPES stays importable from here, where it was defined before frozen_linear.py.
+from bytetune.quant_layers.frozen_linear import ACTIVATION_DTYPES, FrozenQuantLinear  # noqa: F401
 
-ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_ACT_BITS = (8, 16)
 
 
@@ -58,7 +59,7 @@ class GroupQuantMatmulFunction(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None, None, None
 
 
-class GroupQuantLinear(nn.Linear):
+class GroupQuantLinear(FrozenQuantLinear):
     """A frozen ZeroQuant linear layer.
 
     State: ``weight`` (a frozen Parameter so that PEFT and transformers see a Linear: int8 codes
@@ -78,33 +79,27 @@ class GroupQuantLinear(nn.Linear):
         device=None,
         bias_dtype: torch.dtype | None = None,
     ) -> None:
-        # nn.Linear.__init__ would allocate (and initialize) a float weight we never use.
-        nn.Module.__init__(self)
         qmax_for(bits)
         if act_bits not in SUPPORTED_ACT_BITS:
             raise ValueError(f"act_bits must be 8 (int8 tokens) or 16 (float activations), got {act_bits}")
         if bits == 4 and in_features % 2 != 0:
             raise ValueError(f"INT4 packs two codes per byte: in_features must be even, got {in_features}; use bits=8")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bits = bits
-        self.group_size = group_size
-        self.act_bits = act_bits
         code_shape, code_dtype = (
             ((out_features, in_features), torch.int8) if bits == 8 else ((out_features, in_features // 2), torch.uint8)
         )
-        self.weight = nn.Parameter(torch.zeros(code_shape, dtype=code_dtype, device=device), requires_grad=False)
-        self.register_buffer(
-            "weight_scale",
-            torch.ones(out_features, num_groups(in_features, group_size), dtype=torch.float32, device=device),
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            code_shape=code_shape,
+            code_dtype=code_dtype,
+            scale_shape=(out_features, num_groups(in_features, group_size)),
+            device=device,
+            bias_dtype=bias_dtype,
         )
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=bias_dtype or torch.get_default_dtype(), device=device),
-                requires_grad=False,
-            )
-        else:
-            self.register_parameter("bias", None)
+        self.bits = bits
+        self.group_size = group_size
+        self.act_bits = act_bits
 
     @classmethod
     @torch.no_grad()
@@ -160,36 +155,10 @@ class GroupQuantLinear(nn.Linear):
             self.weight, self.weight_scale, self.bits, self.group_size, self.in_features, dtype=dtype
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in ACTIVATION_DTYPES:
-            raise TypeError(f"GroupQuantLinear takes float32/float16/bfloat16 activations, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"GroupQuantLinear expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
-            )
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        x2d = x.reshape(-1, self.in_features)
-        y = GroupQuantMatmulFunction.apply(
+    def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return GroupQuantMatmulFunction.apply(
             x2d, self.weight, self.weight_scale, bias, self.bits, self.group_size, self.act_bits
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _check_float_weight(self, weight: torch.Tensor) -> None:
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not fit a layer of [{self.out_features}, {self.in_features}]"
-            )
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.dtype != self.weight.dtype:
-            # Copying a float weight into integer storage would silently truncate it.
-            error_msgs.append(
-                f"{prefix}weight is {weight.dtype}, a {self.bits}-bit GroupQuantLinear loads {self.weight.dtype} "
-                f"codes with {prefix}weight_scale; quantize a float layer with GroupQuantLinear.from_linear instead"
-            )
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (

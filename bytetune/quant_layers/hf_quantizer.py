@@ -19,14 +19,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bytetune.kernels.llm_int8 import quantize_rowwise
 from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_int8_loaded
+from bytetune.quant_layers.hf_quantizer_base import (
+    FrozenLinearHfQuantizer,
+    QuantizeOnLoad,
+    register_method,
+    swap_linear_layers,
+)
 from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
 
 QUANT_METHOD = "bytetune_int8"
@@ -50,31 +52,21 @@ class Int8Config(QuantizationConfigMixin):
             raise ValueError(f"threshold must be >= 0 (0 turns outlier columns off), got {threshold}")
 
 
-class Int8Quantize(ConversionOps):
+class Int8Quantize(QuantizeOnLoad):
     """Checkpoint weight (16/32-bit) -> {weight: int8 [out, in], weight_scale: float32 [out]}."""
 
-    def __init__(self, hf_quantizer: HfQuantizer):
-        self.hf_quantizer = hf_quantizer
-
-    @torch.no_grad()
-    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs):
-        (value,) = input_dict.values()
-        value = value[0] if isinstance(value, list) else value
-        module, _ = get_module_from_name(model, full_layer_name)
+    def quantize(self, module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if module.source_is_conv1d:
             value = value.t()  # Conv1D checkpoints store [in, out]
-        w_int8, w_scale = quantize_rowwise(value.contiguous())
-        prefix = full_layer_name.rpartition(".")[0]
-        return {full_layer_name: w_int8, f"{prefix}.weight_scale": w_scale}
+        return quantize_rowwise(value.contiguous())
 
 
-class Int8HfQuantizer(HfQuantizer):
-    requires_calibration = False
+class Int8HfQuantizer(FrozenLinearHfQuantizer):
     quantization_config: Int8Config
-
-    @property
-    def quantized_element_size(self) -> float:
-        return 1
+    layer_class = Int8Linear
+    quantize_op = Int8Quantize
+    mark_loaded = staticmethod(mark_int8_loaded)
+    dequantize_layers = staticmethod(dequantize_model)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         # Called with the user's device_map before the layers are swapped, and again with the
@@ -86,14 +78,7 @@ class Int8HfQuantizer(HfQuantizer):
             if model is not None:
                 restore_float_layers(model, self.replaced_layers, self.disk_modules)
 
-    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
-        module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, Int8Linear) and tensor_name == "weight"
-
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
-        )
+    def _swap_layers(self, model: nn.Module) -> None:
         # When quantizing on the fly, disk-offloaded layers stay in the checkpoint's dtype:
         # transformers' offload index points at the original checkpoint tensor for weights
         # converted while loading, so an int8 layer would read float bytes back as int8
@@ -106,22 +91,7 @@ class Int8HfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
         self.swapped_model = self.replaced_layers = None  # drop the meta float layers
-        mark_int8_loaded(model)
-        return model
-
-    def get_quantize_ops(self) -> ConversionOps:
-        return Int8Quantize(self)
-
-    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        return dequantize_model(model, dtype=dtype or torch.float32)
-
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        # Adapters on top (LoRA) train; the int8 weights themselves stay frozen.
-        return True
+        return super()._process_model_after_weight_loading(model, **kwargs)
 
 
 def replace_with_int8_linear(
@@ -131,35 +101,28 @@ def replace_with_int8_linear(
 
     Returns the replaced (meta) float layers by name, so that a later device map can put some back.
     """
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and is_quantizable(module) and should_convert_module(name, modules_to_not_convert)
-    ]
-    replaced = {}
-    for name in names:
-        float_layer = model.get_submodule(name)
-        replaced[name] = float_layer
+
+    def build(name: str, float_layer: nn.Module) -> Int8Linear:
         conv1d = is_conv1d(float_layer)
         out_features, in_features = (
             (float_layer.nf, float_layer.nx) if conv1d else (float_layer.out_features, float_layer.in_features)
         )
         bias = float_layer.bias
-        with torch.device("meta"):
-            int8_layer = Int8Linear(
-                in_features,
-                out_features,
-                bias=bias is not None,
-                threshold=threshold,
-                bias_dtype=None if bias is None else bias.dtype,
-            )
+        int8_layer = Int8Linear(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            threshold=threshold,
+            bias_dtype=None if bias is None else bias.dtype,
+        )
         int8_layer.source_is_conv1d = conv1d
         # transformers runs its float initializers (normal_) on weights it did not see loaded, such
         # as those offloaded to disk; int8 storage cannot take them, and its values come from the
         # checkpoint anyway.
         int8_layer.weight._is_hf_initialized = True
-        model.set_submodule(name, int8_layer)
-    return replaced
+        return int8_layer
+
+    return swap_linear_layers(model, modules_to_not_convert, is_quantizable, build)
 
 
 def restore_float_layers(model: nn.Module, replaced: dict[str, nn.Module], prefixes: list[str]) -> None:
@@ -171,10 +134,7 @@ def restore_float_layers(model: nn.Module, replaced: dict[str, nn.Module], prefi
 
 def register() -> None:
     """Register the method with transformers (idempotent; transformers refuses duplicates)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(Int8Config)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(Int8HfQuantizer)
+    register_method(QUANT_METHOD, Int8Config, Int8HfQuantizer)
 
 
 register()

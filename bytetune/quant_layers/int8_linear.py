@@ -23,9 +23,10 @@ from bytetune.kernels.llm_int8 import (
     quantize_rowwise,
     quantize_tokenwise,
 )
+# ACTIVATION_DTYPES stays importable from here, where it was defined before frozen_linear.py.
+from bytetune.quant_layers.frozen_linear import ACTIVATION_DTYPES, FrozenQuantLinear  # noqa: F401
 
 DEFAULT_THRESHOLD = 6.0
-ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dequantize_rowwise(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -60,13 +61,12 @@ class Int8MatmulFunction(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None
 
 
-class Int8Linear(nn.Linear):
+class Int8Linear(FrozenQuantLinear):
     """A frozen LLM.int8() linear layer.
 
     State: ``weight`` (int8 [out, in], a frozen Parameter so that PEFT and transformers see a
     Linear), ``weight_scale`` (float32 [out] buffer: each row's absmax) and an optional ``bias``.
-    ``threshold`` is not state: it is a forward-time choice. Subclassing nn.Linear is what makes
-    PEFT's ``target_modules="all-linear"`` find it.
+    ``threshold`` is not state: it is a forward-time choice.
     """
 
     # True when built in place of transformers' Conv1D, whose checkpoints store weights [in, out].
@@ -81,22 +81,17 @@ class Int8Linear(nn.Linear):
         device=None,
         bias_dtype: torch.dtype | None = None,
     ) -> None:
-        # nn.Linear.__init__ would allocate (and initialize) a float weight we never use.
-        nn.Module.__init__(self)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.threshold = float(threshold)
-        self.weight = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            code_shape=(out_features, in_features),
+            code_dtype=torch.int8,
+            scale_shape=(out_features,),
+            device=device,
+            bias_dtype=bias_dtype,
         )
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=bias_dtype or torch.get_default_dtype(), device=device),
-                requires_grad=False,
-            )
-        else:
-            self.register_parameter("bias", None)
+        self.threshold = float(threshold)
 
     @classmethod
     @torch.no_grad()
@@ -121,8 +116,7 @@ class Int8Linear(nn.Linear):
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize a float [out, in] weight into this layer's int8 weight and scales."""
-        if weight.shape != self.weight.shape:
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a layer of {tuple(self.weight.shape)}")
+        self._check_float_weight(weight)
         w_int8, w_scale = quantize_rowwise(weight.float())
         self.weight.data = w_int8.to(self.weight.device)
         self.weight_scale = w_scale.to(self.weight.device, torch.float32)
@@ -132,15 +126,8 @@ class Int8Linear(nn.Linear):
         """The float [out, in] weight the int8 weight stands for."""
         return dequantize_rowwise(self.weight, self.weight_scale, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in ACTIVATION_DTYPES:
-            raise TypeError(f"Int8Linear takes float32/float16/bfloat16 activations, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Int8Linear expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        x2d = x.reshape(-1, self.in_features)
-        y = Int8MatmulFunction.apply(x2d, self.weight, self.weight_scale, bias, self.threshold)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return Int8MatmulFunction.apply(x2d, self.weight, self.weight_scale, bias, self.threshold)
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() cast every float buffer; the scales must stay float32
@@ -151,17 +138,6 @@ class Int8Linear(nn.Linear):
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = scale.to(self.weight_scale.device)
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.dtype != torch.int8:
-            # Copying a float weight into int8 storage would silently truncate it.
-            error_msgs.append(
-                f"{prefix}weight is {weight.dtype}, Int8Linear loads int8 weights with their "
-                f"{prefix}weight_scale; quantize a float layer with Int8Linear.from_linear instead"
-            )
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (

@@ -13,14 +13,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, quantize_groupwise
 from bytetune.quant_layers.group_linear import GroupQuantLinear
+from bytetune.quant_layers.hf_quantizer_base import (
+    FrozenLinearHfQuantizer,
+    QuantizeOnLoad,
+    register_method,
+    swap_linear_layers,
+)
 from bytetune.quant_layers.zeroquant import (
     DEFAULT_BITS,
     DEFAULT_MODULE_BITS,
@@ -73,89 +75,44 @@ class ZeroQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"group_size must be a positive multiple of 32, got {group_size}")
 
 
-class GroupQuantize(ConversionOps):
+class GroupQuantize(QuantizeOnLoad):
     """Checkpoint weight (16/32-bit) -> {weight: codes, weight_scale: float32 group scales}."""
 
-    def __init__(self, hf_quantizer: HfQuantizer):
-        self.hf_quantizer = hf_quantizer
-
-    @torch.no_grad()
-    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs):
-        (value,) = input_dict.values()
-        value = value[0] if isinstance(value, list) else value
-        module, _ = get_module_from_name(model, full_layer_name)
-        codes, scales = quantize_groupwise(value.float().contiguous(), module.bits, module.group_size)
-        prefix = full_layer_name.rpartition(".")[0]
-        return {full_layer_name: codes, f"{prefix}.weight_scale": scales}
+    def quantize(self, module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_groupwise(value.float().contiguous(), module.bits, module.group_size)
 
 
-class ZeroQuantHfQuantizer(HfQuantizer):
-    requires_calibration = False
+class ZeroQuantHfQuantizer(FrozenLinearHfQuantizer):
     quantization_config: ZeroQuantConfig
+    layer_class = GroupQuantLinear
+    quantize_op = GroupQuantize
+    mark_loaded = staticmethod(mark_zeroquant_loaded)
+    dequantize_layers = staticmethod(dequantize_zeroquant_model)
 
-    @property
-    def quantized_element_size(self) -> float:
-        # The loader sizes its memory plan with this: INT4 layers need half of it.
-        return 1
-
-    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
-        module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, GroupQuantLinear) and tensor_name == "weight"
-
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
-        )
+    def _swap_layers(self, model: nn.Module) -> None:
         replace_with_group_quant_linear(model, self.modules_to_not_convert, self.quantization_config)
-
-    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
-        mark_zeroquant_loaded(model)
-        return model
-
-    def get_quantize_ops(self) -> ConversionOps:
-        return GroupQuantize(self)
-
-    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        return dequantize_zeroquant_model(model, dtype=dtype or torch.float32)
-
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        # Adapters on top (LoRA) train; the quantized weights stay frozen.
-        return True
 
 
 def replace_with_group_quant_linear(model: nn.Module, modules_to_not_convert: list[str], config: ZeroQuantConfig) -> int:
     """Swap linear layers for empty GroupQuantLinear ones on the meta device (before weights load)."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and is_float_linear(module) and should_convert_module(name, modules_to_not_convert)
-    ]
-    for name in names:
-        float_layer = model.get_submodule(name)
-        with torch.device("meta"):
-            layer = GroupQuantLinear(
-                float_layer.in_features,
-                float_layer.out_features,
-                bias=float_layer.bias is not None,
-                bits=bits_for(name, config.module_bits, config.default_bits),
-                group_size=config.group_size,
-                act_bits=config.act_bits,
-                bias_dtype=None if float_layer.bias is None else float_layer.bias.dtype,
-            )
-        model.set_submodule(name, layer)
-    return len(names)
+
+    def build(name: str, float_layer: nn.Module) -> GroupQuantLinear:
+        return GroupQuantLinear(
+            float_layer.in_features,
+            float_layer.out_features,
+            bias=float_layer.bias is not None,
+            bits=bits_for(name, config.module_bits, config.default_bits),
+            group_size=config.group_size,
+            act_bits=config.act_bits,
+            bias_dtype=None if float_layer.bias is None else float_layer.bias.dtype,
+        )
+
+    return len(swap_linear_layers(model, modules_to_not_convert, is_float_linear, build))
 
 
 def register() -> None:
     """Register the method with transformers (idempotent; transformers refuses duplicates)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(ZeroQuantConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(ZeroQuantHfQuantizer)
+    register_method(QUANT_METHOD, ZeroQuantConfig, ZeroQuantHfQuantizer)
 
 
 register()

@@ -1,0 +1,77 @@
+"""What Int8Linear (LLM.int8()) and GroupQuantLinear (ZeroQuant) have in common: a frozen layer
+whose ``weight`` holds integer codes, with a float32 ``weight_scale`` buffer and an optional frozen
+``bias``. Subclasses choose the codes' layout and the autograd function of the forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FrozenQuantLinear(nn.Linear):
+    """Base of the frozen quantized linear layers.
+
+    ``weight`` is a frozen Parameter (not a buffer) and the class subclasses nn.Linear so that PEFT
+    (``target_modules="all-linear"``) and transformers see a Linear. Subclasses implement
+    :meth:`_matmul`, ``from_linear``, ``set_weight`` and ``dequantized_weight``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        code_shape: tuple[int, ...],
+        code_dtype: torch.dtype,
+        scale_shape: tuple[int, ...],
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
+        # nn.Linear.__init__ would allocate (and initialize) a float weight we never use.
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.zeros(code_shape, dtype=code_dtype, device=device), requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=bias_dtype or torch.get_default_dtype(), device=device),
+                requires_grad=False,
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x2d [tokens, in] @ dequant(weight).T + bias, differentiable in x2d (and bias)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        if x.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{name} takes float32/float16/bfloat16 activations, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{name} expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = self._matmul(x.reshape(-1, self.in_features), bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _check_float_weight(self, weight: torch.Tensor) -> None:
+        # Against [out, in], not self.weight.shape: packed codes (INT4) are narrower.
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit a layer of [{self.out_features}, {self.in_features}]"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != self.weight.dtype:
+            # Copying a float weight into integer storage would silently truncate it.
+            name = type(self).__name__
+            error_msgs.append(
+                f"{prefix}weight is {weight.dtype}, this {name} loads {self.weight.dtype} codes with their "
+                f"{prefix}weight_scale; quantize a float layer with {name}.from_linear instead"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
