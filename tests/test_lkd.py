@@ -13,6 +13,8 @@ from bytetune.lkd import FakeQuantLinear, LKDConfig, calibration_batches, run_lk
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_llama(seed=0, layers=2):
     torch.manual_seed(seed)
@@ -27,15 +29,6 @@ def tiny_llama(seed=0, layers=2):
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second thread only adds synchronisation stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(model, ids):
