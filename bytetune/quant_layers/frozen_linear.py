@@ -57,6 +57,16 @@ class FrozenQuantLinear(nn.Linear):
         y = self._matmul(x.reshape(-1, self.in_features), bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every float buffer; the scales must stay float32
+        # (the kernels take float32 scales, and bf16 would round each scale by ~0.4 %).
+        # Only their device follows the move, taken from the exact float32 copy.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
     def _check_float_weight(self, weight: torch.Tensor) -> None:
         # Against [out, in], not self.weight.shape: packed codes (INT4) are narrower.
         if tuple(weight.shape) != (self.out_features, self.in_features):

@@ -25,8 +25,7 @@ from bytetune.kernels.groupwise import (
     quantize_groupwise,
     quantize_tokenwise,
 )
-# ACTIVATION_DTYPES stays importable from here, where it was defined before frozen_linear.py.
-from bytetune.quant_layers.frozen_linear import ACTIVATION_DTYPES, FrozenQuantLinear  # noqa: F401
+from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 
 SUPPORTED_ACT_BITS = (8, 16)
 

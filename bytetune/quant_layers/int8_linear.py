@@ -23,8 +23,7 @@ from bytetune.kernels.llm_int8 import (
     quantize_rowwise,
     quantize_tokenwise,
 )
-# ACTIVATION_DTYPES stays importable from here, where it was defined before frozen_linear.py.
-from bytetune.quant_layers.frozen_linear import ACTIVATION_DTYPES, FrozenQuantLinear  # noqa: F401
+from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 
 DEFAULT_THRESHOLD = 6.0
 
@@ -128,16 +127,6 @@ class Int8Linear(FrozenQuantLinear):
 
     def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return Int8MatmulFunction.apply(x2d, self.weight, self.weight_scale, bias, self.threshold)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) / .half() cast every float buffer; the scales must stay float32
-        # (the int8 kernels take float32 scales, and bf16 would round each row's scale by ~0.4 %).
-        # Only their device follows the move, taken from the exact float32 copy.
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(self.weight_scale.device)
-        return self
 
     def extra_repr(self) -> str:
         return (

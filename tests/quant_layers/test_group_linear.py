@@ -85,6 +85,17 @@ def test_storage_bytes_and_dtypes():
     assert int4_bytes == 64 * 256 // 2 + 64 * 2 * 4  # codes + float32 scales
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dtype_casts_keep_float32_scales(bits):
+    # model.to(torch.bfloat16) must not round the scales: the GEMMs take float32 scales only.
+    layer = GroupQuantLinear.from_linear(_linear(64, 16), bits=bits, group_size=32)
+    scale, codes = layer.weight_scale.clone(), layer.weight.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert torch.equal(layer.weight, codes) and layer.bias.dtype == torch.bfloat16
+    assert layer(torch.randn(3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_ragged_last_group():
     linear = _linear(80, 8)  # groups of 32: 32 + 32 + 16
     layer = GroupQuantLinear.from_linear(linear, bits=4, group_size=32)
