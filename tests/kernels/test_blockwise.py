@@ -8,11 +8,12 @@ from bytetune.kernels.blockwise import (
     dequantize_blockwise,
     dequantize_blockwise_reference,
     dequantize_blockwise_triton,
+    nearest_code_reference,
     quantize_blockwise,
     quantize_blockwise_reference,
     quantize_blockwise_triton,
 )
-from bytetune.kernels.quant_maps import dynamic_map, linear_map
+from bytetune.kernels.quant_maps import code_midpoints, dynamic_map, linear_map
 from tests.kernels.triton_rounding import cast_like_triton
 
 # ~1e6 runs only on a GPU: the interpreter needs ~0.1 s per 256-element program (measured ~400 s).
@@ -53,6 +54,30 @@ def test_reference_picks_nearest_code(shape, block_size):
     assert torch.all(chosen <= distance.min(1).values + 1e-7)
     roundtrip = dequantize_blockwise_reference(codes, absmax, code_map, block_size)
     assert roundtrip.shape == x.shape
+
+
+@pytest.mark.parametrize("code_map", [dynamic_map(True), dynamic_map(False), linear_map(True), linear_map(False)])
+def test_nearest_code_table_equals_bucketize(code_map):
+    # The table lookup must give torch.bucketize's answer bit for bit: on values of every
+    # magnitude, on each midpoint and its float neighbours (the ties), and on the special values
+    # (NaN aside: no state is ever NaN, and bucketize and the kernel's search disagree on it).
+    midpoints = code_midpoints(code_map).contiguous()
+    gen = torch.Generator().manual_seed(3)
+    scattered = torch.randn(200_000, generator=gen) * 10.0 ** torch.randint(-12, 1, (200_000,), generator=gen)
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, float("inf"), -float("inf")])
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    values = torch.cat([scattered, midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down), code_map, specials])
+    expected = torch.bucketize(values, midpoints).to(torch.uint8)
+    assert torch.equal(nearest_code_reference(values, midpoints), expected)
+    blocks = scattered.view(-1, 250)  # any shape, as quantize_blocks_reference passes [blocks, block]
+    assert torch.equal(nearest_code_reference(blocks, midpoints), torch.bucketize(blocks, midpoints).to(torch.uint8))
+
+
+def test_nearest_code_falls_back_when_midpoints_crowd_a_bin():
+    # 255 midpoints inside [0.5, 0.502): one 16-bit bin of floats holds several of them.
+    midpoints = 0.5 + torch.arange(255, dtype=torch.float32) * 1e-5
+    values = torch.rand(10_000, generator=torch.Generator().manual_seed(4)) * 0.01 + 0.495
+    assert torch.equal(nearest_code_reference(values, midpoints), torch.bucketize(values, midpoints).to(torch.uint8))
 
 
 def test_zero_block_and_exact_absmax():
