@@ -36,10 +36,7 @@ SHRINK = {
 def test_recipe_runs_shrunk(tmp_path, recipe):
     cfg = load_recipe(recipe)
     assert cfg.model.config_file, f"{recipe} names no bundled config (model.config_file)"
-    shrink = dict(SHRINK)
-    if cfg.lora.layers:  # block indices of the full model: keep adapters on the top shrunken block
-        shrink["lora.layers"] = [SHRINK["model.shrink.num_layers"] - 1]
-    trainer = Trainer.from_recipe(recipe, **tiny_overrides(tmp_path, **shrink))
+    trainer = Trainer.from_recipe(recipe, **tiny_overrides(tmp_path, **SHRINK))
     config = trainer.unwrapped.get_base_model().config
     bundled = json.loads((MODEL_CONFIGS_DIR / f"{cfg.model.config_file}.json").read_text())
     assert config.model_type == bundled["model_type"] and type(config).__name__ == bundled["architectures"][0].replace("ForCausalLM", "Config")
