@@ -97,7 +97,7 @@ def nearest_code_reference(normalized: torch.Tensor, midpoints: torch.Tensor) ->
     if table is None:
         return torch.bucketize(normalized, midpoints).to(torch.uint8)
     below_bin, next_midpoint = (t.to(normalized.device) for t in table)
-    bins = normalized.contiguous().view(torch.int32).bitwise_right_shift(16).bitwise_and(0xFFFF).long()
+    bins = normalized.view(torch.int32).bitwise_right_shift(16).bitwise_and(0xFFFF).long()
     return torch.take(below_bin, bins) + torch.gt(normalized, torch.take(next_midpoint, bins))
 
 
@@ -113,7 +113,7 @@ def quantize_blockwise_reference(
     check_block_size(block_size)
     _check_map(code_map)
     flat = x.detach().reshape(-1).float()
-    codes, absmax = quantize_blocks_reference(_as_blocks(flat, block_size), code_map_midpoints(code_map))
+    codes, absmax = quantize_blocks_reference(_as_blocks(flat, block_size), code_midpoints(code_map))
     return codes.reshape(-1)[: x.numel()].reshape(x.shape), absmax
 
 
@@ -129,10 +129,6 @@ def dequantize_blockwise_reference(
     blocks = _as_blocks(codes.reshape(-1), block_size)
     values = dequantize_blocks_reference(blocks, absmax, code_map)
     return values.reshape(-1)[: codes.numel()].reshape(codes.shape).to(dtype)
-
-
-def code_map_midpoints(code_map: torch.Tensor) -> torch.Tensor:
-    return code_midpoints(code_map).contiguous()
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -193,7 +189,7 @@ def quantize_blockwise_triton(
     absmax = torch.empty(n_blocks(numel, block_size), dtype=torch.float32, device=x.device)
     if numel:
         _quantize_blockwise_kernel[(absmax.numel(),)](
-            flat, codes, absmax, code_map_midpoints(code_map), numel, BLOCK_SIZE=block_size
+            flat, codes, absmax, code_midpoints(code_map), numel, BLOCK_SIZE=block_size
         )
     return codes.reshape(x.shape), absmax
 

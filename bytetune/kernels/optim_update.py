@@ -29,12 +29,12 @@ from bytetune.kernels.blockwise import (
     HAS_TRITON,
     _as_blocks,
     check_block_size,
-    code_map_midpoints,
     dequantize_blocks_reference,
     n_blocks,
     quantize_blocks_reference,
 )
 from bytetune.kernels.dispatch import use_triton
+from bytetune.kernels.quant_maps import code_midpoints
 
 if HAS_TRITON:
     import triton
@@ -148,11 +148,11 @@ def optimizer_update_8bit_reference(
     s1 = _dequantize_state(codes1, absmax1, map1, block_size)
     s2 = _dequantize_state(codes2, absmax2, map2, block_size) if kind == UpdateKind.ADAM else None
     new_p, new_s1, new_s2 = optimizer_update_reference(kind, scalars, p, g, s1, s2, nesterov)
-    q1, a1 = quantize_blocks_reference(new_s1, code_map_midpoints(map1))
+    q1, a1 = quantize_blocks_reference(new_s1, code_midpoints(map1))
     codes1.reshape(-1).copy_(q1.reshape(-1)[:numel])
     absmax1.copy_(a1)
     if kind == UpdateKind.ADAM:
-        q2, a2 = quantize_blocks_reference(new_s2, code_map_midpoints(map2))
+        q2, a2 = quantize_blocks_reference(new_s2, code_midpoints(map2))
         codes2.reshape(-1).copy_(q2.reshape(-1)[:numel])
         absmax2.copy_(a2)
     param.detach().copy_(new_p.reshape(-1)[:numel].reshape(param.shape))
@@ -274,8 +274,8 @@ def optimizer_update_8bit_triton(
         codes2, absmax2, map2 = codes1, absmax1, map1
     _optimizer_update_8bit_kernel[(absmax1.numel(),)](
         param.detach(), grad,
-        codes1, absmax1, map1, code_map_midpoints(map1),
-        codes2, absmax2, map2, code_map_midpoints(map2),
+        codes1, absmax1, map1, code_midpoints(map1),
+        codes2, absmax2, map2, code_midpoints(map2),
         param.numel(),
         *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
         KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size,
