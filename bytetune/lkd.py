@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from bytetune.kernels.dispatch import round_half_away
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for, quantize_tokenwise
 from bytetune.quant_layers.convert import default_skip_names
 from bytetune.quant_layers.group_linear import GroupQuantLinear
@@ -74,13 +75,9 @@ class LayerReport:
     seconds: float
 
 
-def _round_half_away(v: torch.Tensor) -> torch.Tensor:
-    # The weight kernels' rounding, so the saved codes are exactly what the student trained with.
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
-
-
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    return v + (_round_half_away(v) - v).detach()
+    # The weight kernels' rounding, so the saved codes are exactly what the student trained with.
+    return v + (round_half_away(v) - v).detach()
 
 
 class FakeQuantLinear(nn.Module):

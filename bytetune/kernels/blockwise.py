@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, require_triton, use_triton
 from bytetune.kernels.quant_maps import N_CODES, code_midpoints
 
 if HAS_TRITON:
@@ -172,15 +172,10 @@ if HAS_TRITON:
         tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
-def _require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use the *_reference op or install triton")
-
-
 def quantize_blockwise_triton(
     x: torch.Tensor, code_map: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _require_triton()
+    require_triton()
     check_block_size(block_size)
     _check_map(code_map)
     flat = x.detach().contiguous().reshape(-1)
@@ -201,7 +196,7 @@ def dequantize_blockwise_triton(
     block_size: int = DEFAULT_BLOCK_SIZE,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    _require_triton()
+    require_triton()
     check_block_size(block_size)
     _check_map(code_map)
     flat = codes.contiguous().reshape(-1)

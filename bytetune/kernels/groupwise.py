@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from bytetune.kernels import llm_int8
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, require_triton, round_half_away, use_triton
 
 if HAS_TRITON:
     import triton
@@ -114,10 +114,6 @@ def _reciprocal_scale(absmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, to
     return torch.where(nonzero, safe / qmax_t, torch.ones_like(absmax)), qmax_t / safe
 
 
-def _round_half_away(v: torch.Tensor) -> torch.Tensor:
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
-
-
 # ----------------------------------------------------------------------------------------------
 # PyTorch references
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +154,7 @@ def quantize_groupwise_reference(
     n, k = weight.shape
     grouped = _group_view(weight.float(), group_size)
     scales, inv = _reciprocal_scale(grouped.abs().amax(dim=2), qmax)
-    codes = _round_half_away(grouped * inv[:, :, None]).clamp_(-qmax, qmax)
+    codes = round_half_away(grouped * inv[:, :, None]).clamp_(-qmax, qmax)
     codes = codes.reshape(n, -1)[:, :k].to(torch.int8)
     return (codes if bits == 8 else pack_int4(codes)), scales
 
@@ -342,11 +338,6 @@ if HAS_TRITON:
         tl.store(grad_x_ptr + rows_m[:, None] * stride_gx + cols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-def _require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed: call the *_reference function or install triton")
-
-
 def _needs_fp32_dot(t: torch.Tensor) -> bool:
     # float32 operands: full-precision dot ("ieee", not TF32), as an fp32 model expects.
     # bfloat16 on CPU: triton 3.9's interpreter returns garbage from tl.dot on bf16 operands
@@ -362,7 +353,7 @@ def _block_k(group_size: int) -> int:
 def quantize_groupwise_triton(
     weight: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _require_triton()
+    require_triton()
     _check_weight(weight, bits, group_size)
     weight = weight.contiguous()
     n, k = weight.shape
@@ -389,7 +380,7 @@ def groupwise_matmul_triton(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    _require_triton()
+    require_triton()
     in_features = x.shape[1] if x.dim() == 2 else -1
     _check_activation(x, x_scale, in_features)
     _check_codes(codes, scales, bits, group_size, in_features)
@@ -416,7 +407,7 @@ def groupwise_matmul_triton(
 def groupwise_matmul_grad_input_triton(
     grad_y: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int
 ) -> torch.Tensor:
-    _require_triton()
+    require_triton()
     _check_codes(codes, scales, bits, group_size, in_features)
     if grad_y.dim() != 2 or grad_y.shape[1] != codes.shape[0] or grad_y.dtype not in FLOAT_DTYPES:
         raise ValueError(f"grad_y must be a float [tokens, {codes.shape[0]}], got {grad_y.dtype} {tuple(grad_y.shape)}")

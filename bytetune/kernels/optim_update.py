@@ -33,7 +33,7 @@ from bytetune.kernels.blockwise import (
     n_blocks,
     quantize_blocks_reference,
 )
-from bytetune.kernels.dispatch import use_triton
+from bytetune.kernels.dispatch import require_triton, use_triton
 from bytetune.kernels.quant_maps import code_midpoints
 
 if HAS_TRITON:
@@ -262,8 +262,7 @@ def optimizer_update_8bit_triton(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """In place, same contract as :func:`optimizer_update_8bit_reference`; all tensors contiguous."""
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use optimizer_update_8bit_reference")
+    require_triton()
     _check_update_args(kind, param, grad, codes1, absmax1, codes2, absmax2, block_size)
     for name, t in (("param", param), ("grad", grad), ("codes1", codes1), ("codes2", codes2)):
         if t is not None and not t.is_contiguous():
