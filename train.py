@@ -1,7 +1,7 @@
 """Fine-tune with a recipe: ``accelerate launch train.py recipe=NAME [key.sub=value ...]``.
 
 ``recipe`` is a name in recipes/ or a path to a YAML file (default: smollm2_lora8). Overrides are
-checked against the schema (bytetune/trainer/config.py) before anything loads. ``--print-config``
+checked against the schema (bytetune/recipe/schema.py) before anything loads. ``--print-config``
 prints the resolved recipe and exits. Errors in the recipe, data or checkpoint print one line.
 """
 
@@ -14,7 +14,7 @@ DEFAULT_RECIPE = "smollm2_lora8"
 
 
 def main(argv: list[str]) -> int:
-    from bytetune.trainer.config import RecipeError, load_recipe, parse_overrides, to_yaml
+    from bytetune.recipe.schema import RecipeError, load_recipe, parse_overrides, to_yaml
 
     print_only = "--print-config" in argv
     args = [a for a in argv if a != "--print-config"]

@@ -389,7 +389,7 @@ class LKDRun:
 
 def load_smollm2_cached():
     """SmolLM2-135M in float32 through the trainer's GGUF conversion cache (seconds, not a minute)."""
-    from bytetune.trainer.config import ModelConfig
+    from bytetune.recipe.schema import ModelConfig
     from bytetune.trainer.models import load_gguf_cached, smollm2_gguf_path
 
     path = smollm2_gguf_path()

@@ -18,7 +18,7 @@ ALIASES = {"training.micro_batch": "training.micro_batch_size"}
 
 def main(argv: list[str]) -> int:
     from bytetune.plan.memory import plan_memory
-    from bytetune.trainer.config import RecipeError, load_recipe, parse_overrides
+    from bytetune.recipe.schema import RecipeError, load_recipe, parse_overrides
 
     devices = None
     json_out = None

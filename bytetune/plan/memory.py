@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from bytetune.recipe import torch_dtype
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -48,22 +50,10 @@ INT8_SCALE_BYTES = 4
 # float32 scale per (row, group of group_size input columns).
 GROUP_SCALE_BYTES = 4
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
 
 
 def dtype_bytes(dtype: str | torch.dtype) -> int:
@@ -841,12 +831,12 @@ def model_config_from_recipe(recipe):
     """The transformers config of a recipe's model: its bundled config.json, shrunk as the recipe says."""
     from transformers import AutoConfig
 
-    from bytetune.trainer.models import bundled_model_config, shrink_model_config
+    from bytetune.recipe import bundled_model_config, shrink_model_config
 
     if not recipe.model.config_file:
         raise ValueError(
             f"recipe {recipe.name!r} names no model.config_file: the planner builds the model from a "
-            "bundled config (bytetune/trainer/model_configs/NAME.json)"
+            "bundled config (bytetune/recipe/model_configs/NAME.json)"
         )
     config_dict = shrink_model_config(bundled_model_config(recipe.model.config_file), recipe.model.shrink)
     model_type = config_dict.pop("model_type")
@@ -855,7 +845,7 @@ def model_config_from_recipe(recipe):
 
 
 def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
-    """A recipe (bytetune.trainer.config.RecipeConfig, loaded) reduced to its memory facts.
+    """A recipe (bytetune.recipe.RecipeConfig, loaded) reduced to its memory facts.
 
     ``model_config`` (a transformers config) replaces the recipe's bundled one, for a model built
     by hand.

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from bytetune.plan.memory import Device, MemoryPlan, plan_memory, spec_from_recipe
-from bytetune.trainer.config import RecipeError
+from bytetune.recipe.schema import RecipeError
 
 
 class DoesNotFitError(RecipeError):

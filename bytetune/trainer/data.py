@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RecipeError
+from bytetune.recipe.schema import RecipeError
 from .local_text import stdlib_source_files, stdlib_text
 
 STDLIB_WINDOW_CHARS = 2000  # one sample: a few functions' worth of source

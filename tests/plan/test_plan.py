@@ -163,7 +163,7 @@ def test_min_devices_is_the_smallest_that_fits():
 
 
 def test_recipe_plans_use_the_bundled_configs():
-    from bytetune.trainer.config import load_recipe
+    from bytetune.recipe.schema import load_recipe
 
     recipe = load_recipe("bloom_lora8", ["training.seq_len=512"])
     from bytetune.plan import spec_from_recipe
@@ -194,7 +194,7 @@ def test_cli_prints_json_and_asks_for_devices():
 
 @pytest.mark.slow
 def test_bloom_176b_plan_on_24gib_gpus():
-    from bytetune.trainer.config import load_recipe
+    from bytetune.recipe.schema import load_recipe
 
     plan = plan_memory(load_recipe("bloom_lora8", ["training.seq_len=512"]), "8x24GiB")
     # BLOOM-176B: 70 blocks of ~2.4e9 params; int8 weights + fp32 row scales.

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bytetune.trainer.config import RecipeError, available_recipes, load_recipe, parse_overrides
+from bytetune.recipe.schema import RecipeError, available_recipes, load_recipe, parse_overrides
 
 from .helpers import REPO
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bytetune.trainer.config import DataConfig
+from bytetune.recipe.schema import DataConfig
 from bytetune.trainer.data import IGNORE_INDEX, DataError, as_token_blocks, build_token_blocks
 from bytetune.trainer.models import byte_tokenizer
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bytetune.trainer.config import MODEL_CONFIGS_DIR, available_recipes, load_recipe
+from bytetune.recipe import MODEL_CONFIGS_DIR, available_recipes, load_recipe
 from bytetune.trainer.trainer import Trainer
 
 from .helpers import tiny_overrides

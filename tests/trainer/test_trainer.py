@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bytetune.trainer.checkpoint import CheckpointError, list_checkpoints
-from bytetune.trainer.config import RecipeError, ScheduleConfig
+from bytetune.recipe.schema import RecipeError, ScheduleConfig
 from bytetune.trainer.trainer import Trainer, TrainingError, lr_factor
 
 from .helpers import tiny_overrides

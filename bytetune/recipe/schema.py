@@ -14,14 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
+# Package data: a non-editable install finds its recipes beside this file (recipes/ at the top of
+# the repository is a link to this folder).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Both spellings name a torch dtype: recipes use the long names for weights, the short ones for
+# autocast precision.
+TORCH_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
 OPTIMIZERS = ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("text", "instruction")
@@ -48,7 +57,7 @@ class ModelConfig:
     name_or_path: str = MISSING
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path; weights are dequantized
     dtype: str = "float32"  # one of DTYPES: the dtype the base weights are loaded in
-    # Build the architecture from a bundled config.json (bytetune/trainer/model_configs/NAME.json)
+    # Build the architecture from a bundled config.json (bytetune/recipe/model_configs/NAME.json)
     # with random weights instead of loading any: offline CI runs of every recipe.
     from_config: bool = False
     config_file: Optional[str] = None  # bundled config name (without .json), used by from_config
@@ -276,7 +285,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.training.max_steps == 0 and cfg.training.epochs == 0:
         raise RecipeError("training.max_steps and training.epochs are both 0: set one of them > 0")
     if cfg.model.from_config and not cfg.model.config_file:
-        raise RecipeError("model.from_config=true needs model.config_file (a name in bytetune/trainer/model_configs)")
+        raise RecipeError("model.from_config=true needs model.config_file (a name in bytetune/recipe/model_configs)")
     for key in ("num_layers", "hidden_size", "num_heads", "vocab_size"):
         _check_positive(cfg.model.shrink[key], f"model.shrink.{key}")
 
@@ -332,6 +341,14 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
         raise RecipeError(f"recipe {path} leaves required keys unset: {', '.join(missing)}")
     validate(cfg)
     return cfg
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a recipe's dtype or precision name (``float32``/``fp32``, ...)."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise RecipeError(f"unknown dtype {name!r}: choose one of {', '.join(TORCH_DTYPES)}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,0 +1,22 @@
+"""What the trainer and the planner both need: the recipe schema and loader, its errors, and the
+bundled model configs. Imports nothing of bytetune above the kernels' floor."""
+
+from bytetune.recipe.bundled import MODEL_CONFIGS_DIR, bundled_model_config, shrink_model_config
+from bytetune.recipe.schema import (
+    RECIPES_DIR,
+    RecipeConfig,
+    RecipeError,
+    available_recipes,
+    load_recipe,
+    parse_overrides,
+    recipe_path,
+    to_yaml,
+    torch_dtype,
+    validate,
+)
+
+__all__ = [
+    "MODEL_CONFIGS_DIR", "bundled_model_config", "shrink_model_config",
+    "RECIPES_DIR", "RecipeConfig", "RecipeError", "available_recipes", "load_recipe",
+    "parse_overrides", "recipe_path", "to_yaml", "torch_dtype", "validate",
+]

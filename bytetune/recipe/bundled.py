@@ -1,0 +1,53 @@
+"""Model configs bundled with bytetune: the architectures of the shipped recipes, built without
+downloading anything (offline CI runs, the memory planner), and shrunken copies of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
+
+# Config keys that set depth / width / heads, per naming family (BLOOM vs Llama-style).
+_LAYER_KEYS = ("n_layer", "num_hidden_layers")
+_HEAD_KEYS = ("n_head", "num_attention_heads")
+
+
+def bundled_model_config(name: str) -> dict:
+    path = MODEL_CONFIGS_DIR / f"{name}.json"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json")))
+        raise FileNotFoundError(f"model.config_file={name!r} is not bundled: choose one of {valid}")
+    return json.loads(path.read_text())
+
+
+def shrink_model_config(config: dict, shrink) -> dict:
+    """A small copy of ``config``: fewer layers, narrower, fewer heads (CI runs of big recipes)."""
+    config = dict(config)
+    for key in _LAYER_KEYS:
+        if key in config and shrink.num_layers:
+            config[key] = shrink.num_layers
+    if shrink.hidden_size:
+        old_hidden = config["hidden_size"]
+        config["hidden_size"] = shrink.hidden_size
+        if "intermediate_size" in config:
+            config["intermediate_size"] = config["intermediate_size"] * shrink.hidden_size // old_hidden
+    if shrink.num_heads:
+        for key in _HEAD_KEYS:
+            if key in config:
+                old_heads = config[key]
+                config[key] = shrink.num_heads
+                if "num_key_value_heads" in config:
+                    # keep grouped-query attention: the same number of query heads per kv head
+                    group = max(1, old_heads // config["num_key_value_heads"])
+                    config["num_key_value_heads"] = max(1, shrink.num_heads // group)
+                config.pop("head_dim", None)
+    if shrink.vocab_size:
+        config["vocab_size"] = shrink.vocab_size
+    heads = next(config[k] for k in _HEAD_KEYS if k in config)
+    if config["hidden_size"] % heads:
+        raise ValueError(
+            f"model.shrink gives hidden_size {config['hidden_size']} not divisible by {heads} heads: "
+            "set model.shrink.num_heads to a divisor"
+        )
+    return config
