@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bytetune.lkd import LKDConfig, calibration_batches, load_smollm2_cached, run_lkd
+from bytetune.quant_layers.lkd import LKDConfig, run_lkd
+from bytetune.trainer.lkd_run import calibration_batches, load_smollm2_cached
 from bytetune.quant_layers import quantize_model
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant, quantized_weight_bytes_per_param
 from bytetune.trainer.local_text import stdlib_text

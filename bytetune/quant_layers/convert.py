@@ -1,4 +1,5 @@
-"""Swapping a loaded model's linear layers for Int8Linear, one layer at a time."""
+"""Swapping a loaded model's linear layers for Int8Linear one layer at a time, and back: what both
+frozen quantized layers (Int8Linear, GroupQuantLinear) share at the model level."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
+from bytetune.quant_layers.int8_config import Int8Config
 from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
 
 
@@ -98,11 +101,8 @@ def quantize_model(
         setattr(parent, child_name, int8_layer)
         quantized_params += int8_layer.weight.numel()
     if targets:
-        mark_int8_loaded(model)
+        mark_kbit_loaded(model)
         if hasattr(getattr(model, "config", None), "to_dict"):
-            # Imported here: the quantizer module imports this one.
-            from bytetune.quant_layers.hf_quantizer import Int8Config
-
             model.config.quantization_config = Int8Config(threshold, skip_modules=sorted(set(skip) | skipped))
     return QuantizationReport(
         bytes_before=bytes_before,
@@ -112,7 +112,7 @@ def quantize_model(
     )
 
 
-def mark_int8_loaded(model: nn.Module) -> None:
+def mark_kbit_loaded(model: nn.Module) -> None:
     """Flag the model the way transformers flags bitsandbytes 8-bit models.
 
     PEFT only enables input gradients for gradient checkpointing on models that say so.
@@ -122,25 +122,38 @@ def mark_int8_loaded(model: nn.Module) -> None:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace, in place, every Int8Linear of ``model`` by an nn.Linear holding its dequantized
-    weight in ``dtype``; the inverse of quantize_model up to the quantization error."""
-    names = [name for name, module in model.named_modules() if isinstance(module, Int8Linear)]
+    """Replace, in place, every frozen quantized layer of ``model`` (Int8Linear, GroupQuantLinear)
+    by an nn.Linear holding its dequantized weight in ``dtype``; the inverse of quantize_model /
+    quantize_model_zeroquant up to the quantization error."""
+    names = [name for name, module in model.named_modules() if isinstance(module, FrozenQuantLinear)]
     for name in names:
-        int8_layer = model.get_submodule(name)
-        float_layer = dequantized_linear(int8_layer, dtype)
-        model.set_submodule(name, float_layer)
+        model.set_submodule(name, dequantized_linear(model.get_submodule(name), dtype))
     if names and getattr(model, "is_loaded_in_8bit", False):
         model.is_loaded_in_8bit = False
     return model
 
 
-def dequantized_linear(int8_layer: Int8Linear, dtype: torch.dtype) -> nn.Linear:
-    device = int8_layer.weight.device
-    float_layer = nn.Linear(
-        int8_layer.in_features, int8_layer.out_features, bias=int8_layer.bias is not None, device="meta", dtype=dtype
-    )
-    float_layer.weight = nn.Parameter(int8_layer.dequantized_weight(dtype).to(device), requires_grad=False)
-    if int8_layer.bias is not None:
-        float_layer.bias = nn.Parameter(int8_layer.bias.detach().to(device, dtype), requires_grad=False)
-    float_layer.train(int8_layer.training)
+def dequantized_linear(layer: FrozenQuantLinear, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear (frozen, same device and train mode) with ``layer``'s dequantized weight."""
+    device = layer.weight.device
+    float_layer = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
+    float_layer.weight = nn.Parameter(layer.dequantized_weight(dtype).to(device), requires_grad=False)
+    if layer.bias is not None:
+        float_layer.bias = nn.Parameter(layer.bias.detach().to(device, dtype), requires_grad=False)
+    float_layer.train(layer.training)
     return float_layer
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Drop every mark of quantization from a model whose layers are float again, so that
+    ``save_pretrained`` writes a plain checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(getattr(model, "config", None), "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if getattr(getattr(model, "config", None), "_is_quantized", False):
+        model.config._is_quantized = False

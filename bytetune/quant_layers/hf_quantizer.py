@@ -15,42 +15,19 @@ is what registers the method.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bytetune.kernels.llm_int8 import quantize_rowwise
-from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_int8_loaded
+from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_kbit_loaded
 from bytetune.quant_layers.hf_quantizer_base import (
     FrozenLinearHfQuantizer,
     QuantizeOnLoad,
     register_method,
     swap_linear_layers,
 )
-from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
-
-QUANT_METHOD = "bytetune_int8"
-
-
-class Int8Config(QuantizationConfigMixin):
-    """LLM.int8() quantization of every linear layer while loading.
-
-    Args:
-        threshold: outlier threshold of each Int8Linear (0 = pure vector-wise quantization).
-        skip_modules: module names (or prefixes, suffixes, regexes, as transformers matches them)
-            kept in their original precision, on top of the output head and tied embeddings,
-            which are always kept.
-    """
-
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, skip_modules: list[str] | None = None, **kwargs: Any):
-        self.quant_method = QUANT_METHOD
-        self.threshold = float(threshold)
-        self.skip_modules = list(skip_modules) if skip_modules is not None else None
-        if self.threshold < 0:
-            raise ValueError(f"threshold must be >= 0 (0 turns outlier columns off), got {threshold}")
-
+from bytetune.quant_layers.int8_config import QUANT_METHOD, Int8Config
+from bytetune.quant_layers.int8_linear import Int8Linear, is_conv1d
 
 class Int8Quantize(QuantizeOnLoad):
     """Checkpoint weight (16/32-bit) -> {weight: int8 [out, in], weight_scale: float32 [out]}."""
@@ -65,7 +42,7 @@ class Int8HfQuantizer(FrozenLinearHfQuantizer):
     quantization_config: Int8Config
     layer_class = Int8Linear
     quantize_op = Int8Quantize
-    mark_loaded = staticmethod(mark_int8_loaded)
+    mark_loaded = staticmethod(mark_kbit_loaded)
     dequantize_layers = staticmethod(dequantize_model)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:

@@ -24,7 +24,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from bytetune.quant_layers.convert import dequantize_model, dequantized_linear
+from bytetune.quant_layers.convert import dequantize_model, dequantized_linear, forget_quantization
 from bytetune.quant_layers.int8_linear import Int8Linear
 
 
@@ -171,7 +171,7 @@ def merged_16bit_model(peft_model: PeftModel, dtype: torch.dtype = torch.bfloat1
     for param in model.parameters():
         if param.is_floating_point():
             param.data = param.data.to(dtype)
-    _forget_quantization(model)
+    forget_quantization(model)
     if hasattr(model, "config"):
         model.config.dtype = dtype
     return model
@@ -183,16 +183,3 @@ def export_merged(peft_model: PeftModel, out_dir: str | Path, dtype: torch.dtype
     model = merged_16bit_model(peft_model, dtype)
     model.save_pretrained(str(out_dir))
     return model
-
-
-def _forget_quantization(model: nn.Module) -> None:
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    elif hasattr(getattr(model, "config", None), "quantization_config"):
-        del model.config.quantization_config
-    for attr in ("is_loaded_in_8bit", "is_quantized"):
-        if getattr(model, attr, False):
-            setattr(model, attr, False)
-    if getattr(getattr(model, "config", None), "_is_quantized", False):
-        model.config._is_quantized = False

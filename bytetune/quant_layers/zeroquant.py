@@ -15,7 +15,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE
-from bytetune.quant_layers.convert import QuantizationReport, default_skip_names, model_bytes
+from bytetune.quant_layers.convert import QuantizationReport, default_skip_names, mark_kbit_loaded, model_bytes
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.int8_linear import Int8Linear
 
@@ -81,28 +81,13 @@ def quantize_model_zeroquant(
         model.set_submodule(name, layer)
         quantized_params += layer.in_features * layer.out_features
     if targets:
-        mark_zeroquant_loaded(model)
+        mark_kbit_loaded(model)
     return QuantizationReport(
         bytes_before=bytes_before,
         bytes_after=model_bytes(model),
         n_quantized=len(targets),
         quantized_params=quantized_params,
     )
-
-
-def set_act_bits(model: nn.Module, act_bits: int) -> int:
-    """Switch every GroupQuantLinear between INT8 (8) and float (16) activations; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, GroupQuantLinear)]
-    if act_bits not in (8, 16):
-        raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
-    for layer in layers:
-        layer.act_bits = act_bits
-    return len(layers)
-
-
-def mark_zeroquant_loaded(model: nn.Module) -> None:
-    """Flag the model as k-bit loaded (PEFT reads it to enable input grads for checkpointing)."""
-    model.is_loaded_in_8bit = True
 
 
 def quantized_weight_bytes_per_param(model: nn.Module) -> dict[str, float]:
@@ -131,22 +116,3 @@ def quantized_weight_bytes_per_param(model: nn.Module) -> dict[str, float]:
         "whole_model": model_bytes(model) / max(total_params, 1),
         "quantized_fraction": weights / max(total_params, 1),
     }
-
-
-@torch.no_grad()
-def dequantize_zeroquant_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace, in place, every GroupQuantLinear by an nn.Linear holding its dequantized weight."""
-    names = [name for name, module in model.named_modules() if isinstance(module, GroupQuantLinear)]
-    for name in names:
-        layer = model.get_submodule(name)
-        float_layer = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype
-        )
-        float_layer.weight = nn.Parameter(layer.dequantized_weight(dtype), requires_grad=False)
-        if layer.bias is not None:
-            float_layer.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-        float_layer.train(layer.training)
-        model.set_submodule(name, float_layer)
-    if names and getattr(model, "is_loaded_in_8bit", False):
-        model.is_loaded_in_8bit = False
-    return model

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, quantize_groupwise
+from bytetune.quant_layers.convert import dequantize_model, mark_kbit_loaded
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.hf_quantizer_base import (
     FrozenLinearHfQuantizer,
@@ -27,9 +28,7 @@ from bytetune.quant_layers.zeroquant import (
     DEFAULT_BITS,
     DEFAULT_MODULE_BITS,
     bits_for,
-    dequantize_zeroquant_model,
     is_float_linear,
-    mark_zeroquant_loaded,
 )
 
 QUANT_METHOD = "bytetune_zeroquant"
@@ -86,8 +85,8 @@ class ZeroQuantHfQuantizer(FrozenLinearHfQuantizer):
     quantization_config: ZeroQuantConfig
     layer_class = GroupQuantLinear
     quantize_op = GroupQuantize
-    mark_loaded = staticmethod(mark_zeroquant_loaded)
-    dequantize_layers = staticmethod(dequantize_zeroquant_model)
+    mark_loaded = staticmethod(mark_kbit_loaded)
+    dequantize_layers = staticmethod(dequantize_model)
 
     def _swap_layers(self, model: nn.Module) -> None:
         replace_with_group_quant_linear(model, self.modules_to_not_convert, self.quantization_config)

@@ -21,12 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, is_initialized
+from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
+from bytetune import optim as bytetune_optim
+from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
+from bytetune.quant_layers import dequantize_model, quantize_model, quantize_model_zeroquant
+from bytetune.quant_layers.convert import forget_quantization
+from bytetune.quant_layers.group_lora import register_zeroquant_lora
+from bytetune.quant_layers.lora import export_merged, prepare_for_kbit_training, register_int8_lora
 from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
-from .data import DataError, LOCAL_BUILDERS, as_token_blocks, build_token_blocks
-from .models import load_base_model, zeroquant_config
+from bytetune.trainer import checkpoint as ckpt
+from bytetune.trainer.data import LOCAL_BUILDERS, DataError, as_token_blocks, build_token_blocks
+from bytetune.trainer.models import load_base_model, zeroquant_config
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -38,8 +50,6 @@ class TrainingError(RuntimeError):
 def build_model(cfg: DictConfig, device_map: dict | None = None):
     """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters.
     ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``."""
-    from peft import LoraConfig, get_peft_model
-
     try:
         model, tokenizer = load_base_model(cfg, device_map=device_map)
     except (FileNotFoundError, OSError, ValueError) as error:
@@ -59,19 +69,12 @@ def build_model(cfg: DictConfig, device_map: dict | None = None):
         task_type="CAUSAL_LM",
     )
     if cfg.quantization.int8:
-        from bytetune.quant_layers import quantize_model
-        from bytetune.quant_layers.lora import prepare_for_kbit_training, register_int8_lora
-
         if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
             quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
         # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
         prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
         lora = register_int8_lora(lora)
     elif cfg.quantization.zeroquant:
-        from bytetune.quant_layers.group_lora import register_zeroquant_lora
-        from bytetune.quant_layers.lora import prepare_for_kbit_training
-        from bytetune.quant_layers.zeroquant import quantize_model_zeroquant
-
         if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
             zq = zeroquant_config(cfg.quantization)
             quantize_model_zeroquant(
@@ -88,8 +91,6 @@ def build_optimizer(params: list[torch.nn.Parameter], opt_cfg) -> torch.optim.Op
     betas = tuple(opt_cfg.betas)
     if opt_cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-    from bytetune import optim as bytetune_optim
-
     classes = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "sgd8bit": "SGD8bit"}
     cls = getattr(bytetune_optim, classes[opt_cfg.name])
     common = dict(weight_decay=opt_cfg.weight_decay, optim_bits=opt_cfg.optim_bits,
@@ -122,13 +123,12 @@ def _accelerator(mixed_precision: str):
     nothing depends on the old precision once its Trainer is done, so the state is rebuilt; in a
     distributed run the precision is fixed by the launcher and must not change.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    if is_initialized():
+        state = AcceleratorState()
+        if state.mixed_precision != mixed_precision and state.num_processes == 1:
+            # accelerate's own test utilities reset the state this way between runs
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
     # cpu=True on a machine without CUDA: that is what lets several processes started by torchrun
     # (accelerate launch --multi_gpu --num_processes N) form a gloo DDP group instead of N copies.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
@@ -171,10 +171,7 @@ class Trainer:
     """
 
     def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto"):
-        from accelerate.utils import set_seed
-        from peft import PeftModel
 
-        from bytetune.plan.runtime import plan_for_run
 
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
@@ -241,7 +238,6 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         _check_data_paths(cfg.data)
-        from bytetune.plan.runtime import check_fits
 
         plan = check_fits(cfg)  # a recipe that cannot fit fails here, saying what would
         split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
@@ -380,8 +376,6 @@ class Trainer:
         return final
 
     def load_checkpoint(self, checkpoint: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
 
         state = ckpt.read_state(checkpoint)
         mine = self.model_fingerprint()
@@ -511,14 +505,11 @@ class Trainer:
     def _progress_bar(self, start_step: int):
         if not (self.cfg.logging.progress_bar and self.accelerator.is_main_process):
             return None
-        from tqdm.auto import tqdm
 
         return tqdm(total=self.total_steps, initial=start_step, desc=self.cfg.name, dynamic_ncols=True)
 
     def _finish(self, start_step: int, session_tokens: int, wall: float) -> dict:
-        from accelerate.utils import gather_object
 
-        from bytetune.plan.runtime import memory_report
 
         final_eval = self._run_eval() if self.eval_data is not None else {}
         adapter_dir = self.save_adapter()
@@ -590,17 +581,12 @@ class Trainer:
             # Both paths merge the trainer's own model in place (no copy of a large base): this
             # runs last, after the adapters and the final checkpoint are written.
             if self.cfg.quantization.int8:
-                from bytetune.quant_layers.lora import export_merged
-
                 export_merged(self.unwrapped, directory, dtype)
             elif self.cfg.quantization.zeroquant:
-                from bytetune.quant_layers.lora import _forget_quantization
-                from bytetune.quant_layers.zeroquant import dequantize_zeroquant_model
-
                 # Dequantize the bases under the adapters, then merge in float: no requantization.
-                dequantize_zeroquant_model(self.unwrapped, dtype=torch.float32)
+                dequantize_model(self.unwrapped, dtype=torch.float32)
                 merged = self.unwrapped.merge_and_unload().to(dtype)
-                _forget_quantization(merged)
+                forget_quantization(merged)
                 merged.save_pretrained(directory)
             else:
                 self.unwrapped.merge_and_unload().to(dtype).save_pretrained(directory)

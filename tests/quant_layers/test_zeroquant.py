@@ -7,11 +7,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from bytetune import ZeroQuantConfig
+from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.group_lora import LoraGroupQuantLinear, load_zeroquant_adapter, zeroquant_lora_config
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.zeroquant import (
     bits_for,
-    dequantize_zeroquant_model,
     quantize_model_zeroquant,
     quantized_weight_bytes_per_param,
 )
@@ -80,7 +80,7 @@ def test_dequantize_model_gives_float_linears_with_the_same_outputs():
     model = tiny_llama()
     quantize_model_zeroquant(model, group_size=32, act_bits=16)
     quantized = _logits(model, IDS)
-    dequantize_zeroquant_model(model)
+    dequantize_model(model)
     assert not any(isinstance(m, GroupQuantLinear) for m in model.modules())
     torch.testing.assert_close(_logits(model, IDS), quantized, rtol=1e-4, atol=1e-4)
 

@@ -8,10 +8,7 @@ import pytest
 
 from bytetune.recipe.schema import RecipeError, available_recipes, load_recipe, parse_overrides
 
-from .helpers import REPO
-
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402  (the script at the repository root)
+from bytetune.cli import train_main
 
 SHIPPED = ("smollm2_lora8", "bloom_lora8", "bloom7b_lora8", "tiny_lora8")
 
@@ -42,7 +39,7 @@ def test_recipe_by_path(tmp_path):
 
 
 def _one_line_error(capsys, argv) -> str:
-    assert train.main(argv) == 2
+    assert train_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     assert err.startswith("error: ")
@@ -76,7 +73,7 @@ def test_bad_yaml_fails_with_one_line(capsys, tmp_path):
 
 
 def test_print_config_prints_resolved_recipe(capsys):
-    assert train.main(["recipe=tiny_lora8", "training.seq_len=40", "--print-config"]) == 0
+    assert train_main(["recipe=tiny_lora8", "training.seq_len=40", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "seq_len: 40" in out and "output_dir: runs/tiny_lora8" in out
 

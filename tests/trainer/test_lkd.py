@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bytetune import lkd
-from bytetune.lkd import FakeQuantLinear, LKDConfig, calibration_batches, run_lkd
+from bytetune.quant_layers import lkd
+from bytetune.quant_layers.lkd import FakeQuantLinear, LKDConfig, run_lkd
+from bytetune.trainer import lkd_run
+from bytetune.trainer.lkd_run import calibration_batches
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant
 
@@ -125,17 +127,17 @@ def test_decoder_layers_needs_a_stack():
 def test_cli_reads_recipe_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lkd_run:\n  model: some/model\n  data: random\n  lkd:\n    steps: 7\n    group_size: 64\n")
-    run = lkd.parse_cli([f"recipe={recipe}", "lkd.steps=9", "output_dir=out"])
+    run = lkd_run.parse_cli([f"recipe={recipe}", "lkd.steps=9", "output_dir=out"])
     assert run.model == "some/model" and run.data == "random" and run.output_dir == "out"
     assert run.lkd.steps == 9 and run.lkd.group_size == 64 and run.lkd.act_bits == 16
     with pytest.raises(SystemExit, match="key=value"):
-        lkd.parse_cli(["steps"])
+        lkd_run.parse_cli(["steps"])
 
 
 def test_cli_calibrates_and_saves_a_model(tmp_path, capsys):
     model_dir, out_dir = tmp_path / "model", tmp_path / "out"
     tiny_llama().save_pretrained(model_dir)
-    lkd.main(
+    lkd_run.main(
         [
             f"model={model_dir}",
             f"output_dir={out_dir}",
@@ -163,9 +165,9 @@ def test_a_layer_that_calibration_makes_worse_keeps_its_plain_quantization():
 
 
 def test_cli_reads_a_fine_tuning_recipe():
-    run = lkd.parse_cli(["recipe=smollm2_lora4", "lkd.steps=3"])
+    run = lkd_run.parse_cli(["recipe=smollm2_lora4", "lkd.steps=3"])
     assert run.model == "smollm2" and run.output_dir == "runs/lkd/smollm2_lora4"
     assert run.lkd.group_size == 128 and run.lkd.act_bits == 8 and run.lkd.skip == ["lm_head"]
     assert run.lkd.steps == 3
-    bloom = lkd.parse_cli(["recipe=bloom_lora4"])
+    bloom = lkd_run.parse_cli(["recipe=bloom_lora4"])
     assert bloom.model == "bigscience/bloom"
