@@ -38,6 +38,7 @@ from bytetune.quant_layers.lora import export_merged, prepare_for_kbit_training,
 from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import LOCAL_BUILDERS, DataError, as_token_blocks, build_token_blocks
+from bytetune.trainer.loss import summed_token_loss, target_token_count
 from bytetune.trainer.models import load_base_model, zeroquant_config
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -328,10 +329,8 @@ class Trainer:
             rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
             rows = {key: value.to(self.accelerator.device) for key, value in rows.items()}
             with self.accelerator.autocast():
-                loss = self.model(**rows).loss
-            # the model averages over the shifted labels it scores; weight by their count
-            counted = (rows["labels"][:, 1:] != -100).sum()
-            totals += torch.stack([loss.double() * counted, counted.double()])
+                summed, counted = summed_token_loss(self.model, rows)
+            totals += torch.stack([summed.double(), counted.double()])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.world > 1 else totals
         if was_training:
             self.model.train()
@@ -415,23 +414,32 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- training
     def _train_step(self) -> tuple[float, int]:
-        """One optimizer step over grad_accum_steps micro-batches: (loss mean over ranks, tokens)."""
+        """One optimizer step over grad_accum_steps micro-batches: (loss per target token over all
+        ranks, tokens)."""
         accum = self.cfg.training.grad_accum_steps
+        batches = [self._micro_batch(self.step, micro) for micro in range(accum)]
+        # Every target token of the step weighs the same, however the micro-batches and ranks
+        # split them: each micro-batch's summed loss is divided by the step's global count.
+        step_targets = sum(target_token_count(batch["labels"]) for batch in batches).to(self.accelerator.device)
+        if self.world > 1:
+            step_targets = self.accelerator.reduce(step_targets, reduction="sum")
+        # DDP averages gradients over ranks; the loss is scaled by world to undo that mean.
+        normalizer = step_targets.clamp_min(1).float() / self.world
         loss_sum = torch.zeros((), device=self.accelerator.device)
         tokens = 0
-        for micro in range(accum):
-            batch = self._micro_batch(self.step, micro)
+        for micro, batch in enumerate(batches):
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
-                    loss = self.model(**batch).loss / accum
+                    summed, _ = summed_token_loss(self.model, batch)
+                    loss = summed / normalizer
                 self.accelerator.backward(loss)
-            loss_sum += loss.detach().float()
+            loss_sum += summed.detach().float()
             tokens += int(batch["attention_mask"].sum())
         losses = self.accelerator.gather(loss_sum.reshape(1)) if self.world > 1 else loss_sum.reshape(1)
         tokens *= self.world
-        mean_loss = losses.mean().item()
+        mean_loss = (losses.sum() / step_targets.clamp_min(1)).item()
         if not torch.isfinite(losses).all():
             # every rank sees the same gathered losses, so all skip together
             self.optimizer.zero_grad(set_to_none=True)
