@@ -110,13 +110,15 @@ class DataConfig:
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
-    # Instruction format: the prompt goes through this template; loss is on the response only.
+    # Instruction format: loss is on the response only. The conversation goes through the
+    # tokenizer's chat template when it has one (chat_template: true), else through `template`.
+    chat_template: bool = True
     template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
     max_train_chars: Optional[int] = None  # cut the training text (text format) at this many chars
     max_eval_chars: Optional[int] = None
     max_train_samples: Optional[int] = None  # cut row-wise datasets before tokenization
     max_eval_samples: Optional[int] = None
-    cache_dir: Optional[str] = "~/.cache/bytetune/data"  # tokenized datasets; null disables
+    cache_dir: Optional[str] = "~/.cache/bytetune/data"  # tokenized datasets (Arrow files); null disables
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Training data: plain text packed into seq_len blocks, or prompt/response pairs.
 
 Sources: "stdlib" (this Python's standard-library source, read at run time), a local
-.txt/.json/.jsonl/.parquet file, or a hub dataset name, all read with ``datasets`` except stdlib.
-Every source ends as :class:`TokenBlocks`: equal-length rows of input ids, labels (-100 where no
-loss is taken) and attention mask. Tokenized blocks are cached on disk, keyed by everything that
-changes them.
+.txt/.json/.jsonl/.parquet file, or a hub dataset name. Each becomes a ``datasets.Dataset`` and is
+tokenized with ``Dataset.map(batched=True)``, whose Arrow cache file (named by a key of everything
+that changes the result) makes a second run skip tokenization. Every source ends as
+:class:`TokenBlocks`: equal-length rows of input ids, labels (-100 where no loss is taken) and
+attention mask. Instruction data goes through the tokenizer's chat template when it has one.
 
 A stdlib split cut by ``max_chars`` is sampled, not truncated: windows of ``STDLIB_WINDOW_CHARS``
 spread evenly over the whole split (many files), so a short run trains on, and a short eval
@@ -15,19 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 
 from bytetune.recipe.schema import RecipeError
-from .local_text import stdlib_source_files, stdlib_text
+from bytetune.trainer.local_text import stdlib_source_files, stdlib_text
 
 STDLIB_WINDOW_CHARS = 2000  # one sample: a few functions' worth of source
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
+MAP_BATCH_ROWS = 1000  # documents per datasets.map batch
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -96,8 +98,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _load_rows(source: str, split: str, role: str, max_samples: int | None):
     """A ``datasets.Dataset`` for a local file or hub dataset; clear errors for missing ones."""
-    import datasets
-
     path = Path(source).expanduser()
     if path.suffix in LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")):
         if not path.is_file():
@@ -117,41 +117,60 @@ def _load_rows(source: str, split: str, role: str, max_samples: int | None):
     return rows
 
 
-def _pack_text(texts, tokenizer, seq_len: int) -> TokenBlocks:
-    """Tokenize documents, join them with EOS, and cut the stream into full seq_len blocks."""
-    stream: list[int] = []
-    for text in texts:
-        if text:
-            stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _packer(tokenizer, seq_len: int, text_field: str):
+    """A batched map function: tokenize documents, join them with EOS, cut full seq_len blocks.
+
+    The stream restarts at each map batch (``MAP_BATCH_ROWS`` documents), so at most one partial
+    block per batch is dropped.
+    """
+
+    def pack(batch: dict) -> dict:
+        stream: list[int] = []
+        for ids in tokenizer([t for t in batch[text_field] if t], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
             stream.append(tokenizer.eos_token_id)
-    n_blocks = len(stream) // seq_len
-    ids = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
-    return TokenBlocks(ids, ids.clone(), torch.ones_like(ids))
+        n_blocks = len(stream) // seq_len
+        blocks = [stream[i * seq_len : (i + 1) * seq_len] for i in range(n_blocks)]
+        return {"input_ids": blocks, "labels": blocks, "attention_mask": [[1] * seq_len] * n_blocks}
+
+    return pack
 
 
-def _instruction_rows(rows, tokenizer, cfg, seq_len: int, role: str) -> TokenBlocks:
-    """Prompt through the template, then the response; loss on the response (and EOS) only."""
-    for field_name in (cfg.prompt_field, cfg.response_field):
-        if field_name not in rows.column_names:
-            raise DataError(
-                f"data.{role}: instruction format needs field {field_name!r}; the data has {rows.column_names} "
-                "(set data.prompt_field / data.response_field)"
-            )
-    input_rows, label_rows, mask_rows = [], [], []
-    for row in rows:
-        prompt = tokenizer(cfg.template.format(prompt=row[cfg.prompt_field]), add_special_tokens=False)["input_ids"]
-        response = tokenizer(str(row[cfg.response_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:seq_len]
-        if all(label == IGNORE_INDEX for label in labels):
-            continue  # the prompt alone fills seq_len: nothing to learn from this row
-        padding = seq_len - len(ids)
-        input_rows.append(ids + [tokenizer.pad_token_id] * padding)
-        label_rows.append(labels + [IGNORE_INDEX] * padding)
-        mask_rows.append([1] * len(ids) + [0] * padding)
-    if not input_rows:
-        return TokenBlocks(*(torch.zeros(0, seq_len, dtype=torch.long) for _ in range(3)))
-    return TokenBlocks(torch.tensor(input_rows), torch.tensor(label_rows), torch.tensor(mask_rows))
+def _prompt_and_response_ids(tokenizer, cfg, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (no loss) and of the response (loss), through the tokenizer's chat
+    template when it has one and data.chat_template allows it, else through data.template."""
+    if cfg.chat_template and getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False))
+        full = list(tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=True, return_dict=False
+        ))
+        # Templates render the conversation so far identically, so the prompt is a prefix.
+        if full[: len(prompt_ids)] == prompt_ids:
+            return prompt_ids, full[len(prompt_ids):]
+    prompt_ids = tokenizer(cfg.template.format(prompt=prompt), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return list(prompt_ids), list(response_ids)
+
+
+def _instruction_encoder(tokenizer, cfg, seq_len: int):
+    """A batched map function: prompt then response, padded to seq_len; loss on the response."""
+
+    def encode(batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "attention_mask": []}
+        for prompt, response in zip(batch[cfg.prompt_field], batch[cfg.response_field]):
+            prompt_ids, response_ids = _prompt_and_response_ids(tokenizer, cfg, str(prompt), str(response))
+            ids = (prompt_ids + response_ids)[:seq_len]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:seq_len]
+            if all(label == IGNORE_INDEX for label in labels):
+                continue  # the prompt alone fills seq_len: nothing to learn from this row
+            padding = seq_len - len(ids)
+            out["input_ids"].append(ids + [tokenizer.pad_token_id] * padding)
+            out["labels"].append(labels + [IGNORE_INDEX] * padding)
+            out["attention_mask"].append([1] * len(ids) + [0] * padding)
+        return out
+
+    return encode
 
 
 def build_token_blocks(data_cfg, tokenizer, seq_len: int, role: str) -> TokenBlocks:
@@ -167,19 +186,32 @@ def build_token_blocks(data_cfg, tokenizer, seq_len: int, role: str) -> TokenBlo
     key_parts = [
         _source_fingerprint(source, split), f"spread-windows{STDLIB_WINDOW_CHARS}", _tokenizer_fingerprint(tokenizer), str(seq_len), data_cfg.format,
         str(max_chars), str(max_samples), data_cfg.text_field, data_cfg.prompt_field, data_cfg.response_field,
-        data_cfg.template,
+        data_cfg.template, str(data_cfg.chat_template and bool(getattr(tokenizer, "chat_template", None))),
+        str(MAP_BATCH_ROWS),
     ]
     key = hashlib.sha256("\x00".join(key_parts).encode()).hexdigest()[:24]
-    cache_file = Path(data_cfg.cache_dir).expanduser() / f"{role}-{key}.pt" if data_cfg.cache_dir else None
-    if cache_file is not None and cache_file.is_file():
-        blocks = TokenBlocks(**torch.load(cache_file))
+    cache_file = Path(data_cfg.cache_dir).expanduser() / f"{role}-{key}.arrow" if data_cfg.cache_dir else None
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    rows = _raw_rows(source, split, data_cfg, role, max_chars, max_samples)
+    if data_cfg.format == "instruction":
+        for field_name in (data_cfg.prompt_field, data_cfg.response_field):
+            if field_name not in rows.column_names:
+                raise DataError(
+                    f"data.{role}: instruction format needs field {field_name!r}; the data has {rows.column_names} "
+                    "(set data.prompt_field / data.response_field)"
+                )
+        encode = _instruction_encoder(tokenizer, data_cfg, seq_len)
     else:
-        blocks = _tokenize(source, split, data_cfg, tokenizer, seq_len, role, max_chars, max_samples)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cache_file.with_name(f".tmp-{cache_file.name}-{os.getpid()}")
-            torch.save(vars(blocks), temporary)
-            temporary.replace(cache_file)
+        encode = _packer(tokenizer, seq_len, data_cfg.text_field)
+    # The cache file is named by our key (not by datasets' hash of the function), so a second run
+    # of the same recipe loads it whatever Python or dill make of the closure.
+    tokenized = rows.map(
+        encode, batched=True, batch_size=MAP_BATCH_ROWS, remove_columns=rows.column_names,
+        cache_file_name=str(cache_file) if cache_file is not None else None,
+        new_fingerprint=key, desc=f"tokenizing {role} data",
+    )
+    blocks = _as_blocks(tokenized, seq_len)
     if len(blocks) == 0:
         raise DataError(
             f"data.{role}={source!r} gives no sequences of seq_len={seq_len}: the split is empty or too short "
@@ -211,20 +243,31 @@ def stdlib_windows(split: str, max_chars: int | None) -> list[str]:
     return windows
 
 
-def _tokenize(source, split, data_cfg, tokenizer, seq_len, role, max_chars, max_samples) -> TokenBlocks:
+def _raw_rows(source, split, data_cfg, role, max_chars, max_samples) -> datasets.Dataset:
+    """The split as a ``datasets.Dataset`` of documents or prompt/response rows, cut to the
+    recipe's character / sample budget."""
     if source == "stdlib":
-        return _pack_text(stdlib_windows(split, max_chars), tokenizer, seq_len)
+        return datasets.Dataset.from_dict({data_cfg.text_field: stdlib_windows(split, max_chars)})
     rows = _load_rows(source, split, role, max_samples)
     if data_cfg.format == "instruction":
-        return _instruction_rows(rows, tokenizer, data_cfg, seq_len, role)
+        return rows
     if data_cfg.text_field not in rows.column_names:
         raise DataError(f"data.{role}: no field {data_cfg.text_field!r} in {rows.column_names} (set data.text_field)")
+    if max_chars is None:
+        return rows.select_columns([data_cfg.text_field])
     texts, total = [], 0
     for text in rows[data_cfg.text_field]:
         texts.append(text)
         total += len(text or "")
-        if max_chars is not None and total >= max_chars:
+        if total >= max_chars:
             break
-    if max_chars is not None and texts:
-        texts[-1] = texts[-1][: len(texts[-1]) - (total - max_chars)] if total > max_chars else texts[-1]
-    return _pack_text(texts, tokenizer, seq_len)
+    if texts and total > max_chars:
+        texts[-1] = texts[-1][: len(texts[-1]) - (total - max_chars)]
+    return datasets.Dataset.from_dict({data_cfg.text_field: texts})
+
+
+def _as_blocks(tokenized: datasets.Dataset, seq_len: int) -> TokenBlocks:
+    if len(tokenized) == 0:
+        return TokenBlocks(*(torch.zeros(0, seq_len, dtype=torch.long) for _ in range(3)))
+    columns = tokenized.with_format("torch")[:]  # every row, as one tensor per column
+    return TokenBlocks(*(columns[name].to(torch.long) for name in ("input_ids", "labels", "attention_mask")))

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from bytetune import optim as bytetune_optim
 from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
@@ -103,18 +104,19 @@ def build_optimizer(params: list[torch.nn.Parameter], opt_cfg) -> torch.optim.Op
     return cls(params, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, **common)
 
 
-def lr_factor(step: int, total_steps: int, sched_cfg) -> float:
-    """Linear warmup to 1, then cosine/linear decay to min_lr_ratio at ``total_steps``."""
-    warmup = sched_cfg.warmup_steps
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, sched_cfg):
+    """transformers' schedule for the recipe: linear warmup from 0, then cosine or linear decay to
+    ``min_lr_ratio`` at ``total_steps``, or constant."""
+    warmup, floor = sched_cfg.warmup_steps, sched_cfg.min_lr_ratio
     if sched_cfg.name == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    floor = sched_cfg.min_lr_ratio
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
     if sched_cfg.name == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return floor + (1 - floor) * (1 - progress)
+        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs={"min_lr_rate": floor})
+    # warmup-stable-decay with no stable phase is the linear decay that can stop at a floor
+    return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs={"num_decay_steps": max(0, total_steps - warmup),
+                                                    "min_lr_ratio": floor, "decay_type": "linear"})
 
 
 def _accelerator(mixed_precision: str):
@@ -215,9 +217,7 @@ class Trainer:
         if not trainable:
             raise RecipeError("the model has no trainable parameters: check lora.target_modules")
         self.optimizer = self.accelerator.prepare_optimizer(build_optimizer(trainable, self.cfg.optimizer))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer, lambda step: lr_factor(step, self.total_steps, self.cfg.schedule)
-        )
+        self.scheduler = build_scheduler(self.optimizer.optimizer, self.total_steps, self.cfg.schedule)
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_steps = 0

@@ -58,19 +58,42 @@ def test_instruction_format_takes_loss_on_response_only(tmp_path, tokenizer):
         assert blocks.attention_mask[i].sum().item() == prompt_len + len(response)
 
 
-def test_tokenization_is_cached(tmp_path, tokenizer):
+def test_tokenization_is_cached(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "corpus.txt"
     path.write_text("some text to cache " * 20)
     cfg = data_cfg(tmp_path, train=str(path))
     first = build_token_blocks(cfg, tokenizer, seq_len=16, role="train")
-    cached = list((tmp_path / "cache").glob("train-*.pt"))
-    assert len(cached) == 1
-    # poison the cache: a second build must come from it, not from the text
-    torch.save({k: v + 1 for k, v in vars(first).items()}, cached[0])
+    assert len(list((tmp_path / "cache").glob("train-*.arrow"))) == 1
+    # a second build must come from the cache: the tokenizer is not called again
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenized again"))
     second = build_token_blocks(cfg, tokenizer, seq_len=16, role="train")
-    assert torch.equal(second.input_ids, first.input_ids + 1)
+    assert torch.equal(second.input_ids, first.input_ids)
+    monkeypatch.undo()
     # a different seq_len is a different key
     assert build_token_blocks(cfg, tokenizer, seq_len=8, role="train").seq_len == 8
+
+
+def test_instruction_format_uses_the_chat_template_when_the_tokenizer_has_one(tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "response": "yo"}))
+    blocks = build_token_blocks(data_cfg(tmp_path, train=str(path), format="instruction"), tokenizer, 40, "train")
+    prompt_ids = tokenizer("<user>hi</s><assistant>", add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer("<user>hi</s><assistant>yo</s>", add_special_tokens=False)["input_ids"]
+    assert blocks.input_ids[0, : len(full_ids)].tolist() == full_ids
+    labels = blocks.labels[0].tolist()
+    assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert labels[len(prompt_ids) : len(full_ids)] == full_ids[len(prompt_ids):]
+    # data.chat_template=false keeps the recipe's own template
+    plain = build_token_blocks(
+        data_cfg(tmp_path, train=str(path), format="instruction", chat_template=False, template="Q: {prompt}\nA: "),
+        tokenizer, 40, "train",
+    )
+    assert plain.input_ids[0, :3].tolist() == tokenizer("Q: ", add_special_tokens=False)["input_ids"]
 
 
 def test_stdlib_split_is_held_out(tmp_path, tokenizer):
