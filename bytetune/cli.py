@@ -32,6 +32,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=1))
+        sample = summary.get("held_out_sample")
+        if sample:
+            print(f"\nheld-out prompt: {sample['prompt']!r}\n  base:    {sample['before']!r}\n  adapted: {sample['after']!r}")
     return 0
 
 
@@ -46,3 +49,9 @@ def lkd_main(argv: list[str] | None = None) -> int:
 
     main(sys.argv[1:] if argv is None else argv)
     return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    from bytetune.trainer.generate import main
+
+    return main(sys.argv[1:] if argv is None else argv)

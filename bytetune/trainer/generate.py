@@ -1,0 +1,110 @@
+"""See what a fine-tune changed: greedy completions from the quantized base, with and without
+its adapter, streamed token by token.
+
+``python -m bytetune.generate recipe=NAME [adapter=DIR] prompt="..." [max_new_tokens=N]`` loads the
+recipe's base exactly as training did (int8 / ZeroQuant layers included) and, by default, the
+adapter the recipe's run wrote (``<output_dir>/adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import TextStreamer
+
+from bytetune.quant_layers.group_lora import load_zeroquant_adapter
+from bytetune.recipe import RecipeError, load_recipe, parse_overrides
+from bytetune.trainer.models import build_base
+
+
+def load_adapter_for(model, adapter_dir: str | Path) -> PeftModel:
+    """``model`` with the LoRA adapter saved in ``adapter_dir``; one clear error when the directory
+    holds no adapter or the adapter was trained on another base (other layers or shapes)."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise RecipeError(f"adapter {str(adapter_dir)!r} has no adapter_config.json: give the adapter/ folder a run wrote")
+    base_name = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    try:
+        # registers bytetune's LoRA layers for Int8Linear and GroupQuantLinear bases alike
+        return load_zeroquant_adapter(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise RecipeError(
+            f"adapter {str(adapter_dir)!r} does not fit this base model (it was trained on {base_name!r}): "
+            f"{str(error).splitlines()[0][:200]}"
+        ) from None
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, stream: bool = False) -> str:
+    """The greedy continuation of ``prompt`` (new text only); printed as it is generated when
+    ``stream``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    if was_training:
+        model.train()
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def before_and_after(peft_model: PeftModel, tokenizer, prompt: str, max_new_tokens: int = 32, stream: bool = False) -> dict:
+    """{"before": the base's completion, "after": the adapted model's} for one prompt."""
+    if stream:
+        print("--- base model:", flush=True)
+    with peft_model.disable_adapter():
+        before = complete(peft_model, tokenizer, prompt, max_new_tokens, stream)
+    if stream:
+        print("--- with the adapter:", flush=True)
+    after = complete(peft_model, tokenizer, prompt, max_new_tokens, stream)
+    return {"prompt": prompt, "before": before, "after": after}
+
+
+USAGE = """usage: python -m bytetune.generate recipe=NAME prompt="..." [adapter=DIR] [max_new_tokens=N] [key.sub=value ...]
+
+Greedy completions of the prompt from the recipe's quantized base, then with the adapter
+(default: the adapter/ folder the recipe's run wrote, <output_dir>/adapter; adapter=none: base only).
+Other key=value arguments override the recipe, as for train.py."""
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    options = {"prompt": None, "adapter": None, "max_new_tokens": "32"}
+    rest = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in options:
+            options[key] = value
+        else:
+            rest.append(arg)
+    try:
+        if not options["prompt"]:
+            raise RecipeError('give the text to complete: prompt="..."')
+        if not options["max_new_tokens"].isdigit() or int(options["max_new_tokens"]) < 1:
+            raise RecipeError(f"max_new_tokens must be a positive integer, got {options['max_new_tokens']!r}")
+        recipe, overrides = parse_overrides(rest)
+        cfg = load_recipe(recipe or "smollm2_lora8", overrides)
+        adapter = options["adapter"] or str(Path(cfg.output_dir) / "adapter")
+        if options["adapter"] is None and not Path(adapter).is_dir():
+            raise RecipeError(f"no adapter at {adapter!r} (run train.py with this recipe first, or give adapter=DIR or adapter=none)")
+        model, tokenizer = build_base(cfg)
+        max_new = int(options["max_new_tokens"])
+        if adapter == "none":
+            complete(model, tokenizer, options["prompt"], max_new, stream=True)
+            return 0
+        before_and_after(load_adapter_for(model, adapter), tokenizer, options["prompt"], max_new, stream=True)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
