@@ -11,7 +11,7 @@ same LoRA (every block linear, r=16) and the same batch:
 
 Each side runs in a fresh process; tokens/s is measured over the steps after the warm-up ones,
 peak memory is torch.cuda.max_memory_allocated on a GPU and the resident-set high-water mark
-above the pre-load size on CPU (glibc's mmap threshold fixed, see bytetune/plan/measure.py).
+above the pre-load size on CPU (glibc's mmap threshold fixed, see bench/plan_measure.py).
 
     python bench/e2e.py                  # CPU: the small shape
     python bench/e2e.py --shapes 350m 1b # on a GPU
@@ -33,6 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from plan_measure import rss  # noqa: E402  (bench/, beside this script)
 
 # BLOOM-architecture shapes (hidden, layers, heads, vocab). ~350M and ~1.1B parameters; "small"
 # is what 2 CPU cores train in seconds per step.
@@ -60,18 +62,14 @@ def peak_reset(device: torch.device) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    from bytetune.plan.measure import _rss
-
-    return _rss("VmRSS")
+    return rss("VmRSS")
 
 
 def peak_read(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    from bytetune.plan.measure import _rss
-
-    return _rss("VmHWM")
+    return rss("VmHWM")
 
 
 def run_bytetune(job: dict) -> dict:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import BloomConfig  # noqa: E402
 
 from bytetune.plan import PlanSpec, Planner  # noqa: E402
-from bytetune.plan.measure import measure_in_subprocess  # noqa: E402
+from plan_measure import measure_in_subprocess  # noqa: E402  (bench/, beside this script)
 
 CPU_CASES = [  # name, shape, gradient checkpointing, micro-batch, seq_len
     ("bloom-6m", dict(hidden_size=256, n_layer=4, n_head=8, vocab_size=4096), False, 4, 256),

@@ -16,7 +16,7 @@ from bytetune.quant_layers import (  # noqa: E402
     quantize_model_zeroquant,
 )
 
-# The memory planner (bytetune/plan): imports torch only until asked to plan.
+# The memory planner (bytetune/plan); it loads peft only when it traces a plan.
 from bytetune.plan import plan_memory  # noqa: E402
 
 __all__ = [

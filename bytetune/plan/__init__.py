@@ -1,13 +1,15 @@
-"""bytetune.plan: how much memory a fine-tune needs per device, before loading any weight."""
+"""bytetune.plan: how much memory a fine-tune needs per device, before loading any weight.
 
-from bytetune.plan.memory import (
-    Device,
-    MemoryPlan,
-    Planner,
-    PlanSpec,
-    parse_devices,
-    plan_memory,
-    spec_from_recipe,
-)
+One way down, no module importing one above it:
+spec (PlanSpec, from a recipe) and devices (Device, runtime overhead) -> meta_model (the model on
+the meta device) -> counting (weights, LoRA, optimizer states) and activations (what autograd
+keeps, the loss and backward phases) -> report (MemoryPlan, its table and advice) -> placement
+(Planner: device map, per-device totals, minimum device count) -> runtime (what the trainer asks).
+"""
+
+from bytetune.plan.devices import Device, parse_devices
+from bytetune.plan.placement import Planner, plan_memory
+from bytetune.plan.report import MemoryPlan
+from bytetune.plan.spec import PlanSpec, spec_from_recipe
 
 __all__ = ["Device", "MemoryPlan", "Planner", "PlanSpec", "parse_devices", "plan_memory", "spec_from_recipe"]

@@ -13,13 +13,13 @@ import json
 import sys
 from pathlib import Path
 
+from bytetune.plan.placement import plan_memory
+from bytetune.recipe import RecipeError, load_recipe, parse_overrides
+
 ALIASES = {"training.micro_batch": "training.micro_batch_size"}
 
 
 def main(argv: list[str]) -> int:
-    from bytetune.plan.memory import plan_memory
-    from bytetune.recipe.schema import RecipeError, load_recipe, parse_overrides
-
     devices = None
     json_out = None
     rest = []

@@ -9,8 +9,11 @@ import warnings
 
 import torch
 
-from bytetune.plan.memory import Device, MemoryPlan, plan_memory, spec_from_recipe
-from bytetune.recipe.schema import RecipeError
+from bytetune.plan.devices import Device
+from bytetune.plan.placement import plan_memory
+from bytetune.plan.report import MemoryPlan
+from bytetune.plan.spec import spec_from_recipe
+from bytetune.recipe import RecipeError
 
 
 class DoesNotFitError(RecipeError):

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import math
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -39,8 +38,8 @@ from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import LOCAL_BUILDERS, DataError, as_token_blocks, build_token_blocks
-from bytetune.trainer.loss import summed_token_loss, target_token_count
 from bytetune.trainer.generate import before_and_after, complete
+from bytetune.trainer.loss import summed_token_loss, target_token_count
 from bytetune.trainer.models import build_base
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -166,7 +165,6 @@ class Trainer:
 
     def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto"):
 
-
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
         self.cfg = _as_recipe(config)
@@ -230,7 +228,6 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         _check_data_paths(cfg.data)
-
         plan = check_fits(cfg)  # a recipe that cannot fit fails here, saying what would
         split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
         model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None)
@@ -520,21 +517,15 @@ class Trainer:
     def _progress_bar(self, start_step: int):
         if not (self.cfg.logging.progress_bar and self.accelerator.is_main_process):
             return None
-
         return tqdm(total=self.total_steps, initial=start_step, desc=self.cfg.name, dynamic_ncols=True)
 
     def _finish(self, start_step: int, session_tokens: int, wall: float) -> dict:
-
-
         final_eval = self._run_eval() if self.eval_data is not None else {}
         adapter_dir = self.save_adapter()
         digests = gather_object([self.adapter_digest()]) if self.world > 1 else [self.adapter_digest()]
-        if torch.cuda.is_available():
-            peak = torch.cuda.max_memory_allocated()
-            peak_kind = "cuda_max_allocated"
-        else:  # ru_maxrss is in KiB on Linux
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            peak_kind = "cpu_max_rss"
+        # Measured peaks per device beside the planner's predictions; the headline is the busiest device.
+        memory = memory_report(self.memory_plan)
+        busiest = max(memory, key=lambda row: row["measured_peak_bytes"])
         last = self.history[-min(10, len(self.history)):]
         summary = {
             "recipe": self.cfg.name,
@@ -543,9 +534,9 @@ class Trainer:
             "tokens": self.tokens_seen,
             "tokens_per_s": session_tokens / max(wall, 1e-9),
             "train_wall_s": wall,
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": peak_kind,
-            "memory_per_device": memory_report(self.memory_plan),
+            "peak_memory_bytes": busiest["measured_peak_bytes"],
+            "peak_memory_kind": busiest["measured_kind"],
+            "memory_per_device": memory,
             "final_train_loss": sum(h["loss"] for h in last) / max(1, len(last)),
             "initial_eval_loss": self.eval_history[0]["eval_loss"] if self.eval_history else None,
             "final_eval_loss": final_eval.get("eval_loss"),

@@ -12,7 +12,7 @@ import torch
 from transformers import BloomConfig
 
 from bytetune.plan import Device, PlanSpec, Planner, parse_devices, plan_memory
-from bytetune.plan.memory import CUDA_CONTEXT_BYTES, GiB, parse_size
+from bytetune.plan.devices import CUDA_CONTEXT_BYTES, GiB, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
 # Odd sizes on purpose: 72 is not a multiple of the 8-bit optimizer's 256-element blocks.

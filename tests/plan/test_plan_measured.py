@@ -1,10 +1,16 @@
 """Planner vs measured peak memory of real training steps on CPU, each in a fresh process."""
 
+import sys
+from pathlib import Path
+
 import pytest
 from transformers import BloomConfig
 
 from bytetune.plan import PlanSpec, Planner
-from bytetune.plan.measure import measure_in_subprocess
+
+# The measuring harness is a benchmark script (bench/plan_measure.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from plan_measure import measure_in_subprocess  # noqa: E402
 
 # Two BLOOM shapes (~6M and ~20M parameters); one runs plain, one with gradient checkpointing.
 CASES = [

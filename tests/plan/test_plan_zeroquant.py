@@ -4,7 +4,7 @@ import math
 
 from transformers import BloomConfig
 
-from bytetune.plan.memory import PlanSpec, Planner
+from bytetune.plan import PlanSpec, Planner
 
 
 def test_zeroquant_weight_bytes_match_the_layout():

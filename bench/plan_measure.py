@@ -1,6 +1,6 @@
 """Measure the peak memory of a few training steps, to check the planner against.
 
-Run in a fresh process (``python -m bytetune.plan.measure '<json>'``) so nothing else lives in it.
+Run in a fresh process (``python bench/plan_measure.py '<json>'``) so nothing else lives in it.
 The step is the trainer's: forward with labels, backward, gradient clipping, optimizer step,
 ``zero_grad(set_to_none=True)``. On CPU the peak is the process's resident-set high-water mark
 (VmHWM) above its size just before the model is built; the mark is reset (``/proc/self/clear_refs``)
@@ -21,12 +21,23 @@ from __future__ import annotations
 import gc
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bytetune.optim import AdamW8bit  # noqa: E402
+from bytetune.quant_layers import quantize_model  # noqa: E402
+from bytetune.quant_layers.lora import prepare_for_kbit_training  # noqa: E402
 
 
-def _rss(field: str) -> int:
+def rss(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -34,24 +45,18 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
 def build(job: dict, device: torch.device, config_dict: dict):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     dtype = getattr(torch, job["dtype"])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     if job["int8"]:
-        from bytetune.quant_layers import quantize_model
-        from bytetune.quant_layers.lora import prepare_for_kbit_training
-
         quantize_model(model, skip=("lm_head",))
         prepare_for_kbit_training(model, gradient_checkpointing=job["gradient_checkpointing"])
     else:
@@ -66,8 +71,6 @@ def build(job: dict, device: torch.device, config_dict: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if job["optimizer"] == "adamw8bit":
-        from bytetune.optim import AdamW8bit
-
         optimizer = AdamW8bit(params, lr=1e-4)
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -105,36 +108,31 @@ def measure(job: dict) -> dict:
         torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _rss("VmRSS")
+        baseline = rss("VmRSS")
     model, optimizer = build(job, device, job["config"])
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()
+        reset_peak_rss()
     train_steps(model, optimizer, job, device, job["config"]["vocab_size"], job.get("steps", 2))
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _rss("VmHWM")
+        peak = rss("VmHWM")
     return {"peak_bytes": peak - baseline, "baseline_bytes": baseline, "device": device.type}
 
 
 def measure_in_subprocess(job: dict, timeout: float = 600) -> dict:
     """``measure(job)`` in a fresh Python process (the only honest way to read a process peak)."""
-    import subprocess
-
     env = dict(os.environ)
     # glibc's dynamic mmap threshold keeps freed activation buffers resident in the heap, so the
     # resident peak would count the allocator's slack along with the memory needed. A fixed
     # threshold returns every buffer of 64 KiB and up to the system when freed.
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     result = subprocess.run(
-        [sys.executable, "-m", "bytetune.plan.measure", json.dumps(job)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=root,
+        [sys.executable, __file__, json.dumps(job)], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
     )
     if result.returncode != 0:
         raise RuntimeError(f"measurement failed:\n{result.stderr[-3000:]}")

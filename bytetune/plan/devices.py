@@ -1,0 +1,84 @@
+"""Devices a plan is made for, and what each needs beyond the tensors counted (runtime, allocator
+slack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+GiB = 1024**3
+MiB = 1024**2
+
+# Runtime memory that no tensor count sees. The figures are stated here and printed with every plan.
+# CUDA: the context, cuBLAS workspaces and loaded kernels take 0.5-0.8 GiB per device on recent
+# GPUs. The caching allocator rounds and fragments: little for tensors allocated once (weights,
+# LoRA, optimizer states), more for the activations and temporaries freed and reallocated each step.
+CUDA_CONTEXT_BYTES = 768 * MiB
+CUDA_SLACK_STATIC = 0.02
+CUDA_SLACK_DYNAMIC = 0.20
+# CPU: the Python process with torch + transformers imported (about 0.7 GiB RSS here), and glibc's
+# allocator keeping freed chunks mapped.
+CPU_RUNTIME_BYTES = 1 * GiB
+CPU_SLACK_STATIC = 0.02
+CPU_SLACK_DYNAMIC = 0.20
+
+
+@dataclass
+class Device:
+    name: str  # "cuda:0" or "cpu"
+    capacity: int  # bytes
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(":")[0]
+
+    @property
+    def accelerate_key(self):
+        return int(self.name.split(":")[1]) if self.kind == "cuda" else "cpu"
+
+
+_UNITS = {"gib": GiB, "gb": 10**9, "mib": MiB, "mb": 10**6, "tib": 1024**4, "tb": 10**12, "b": 1}
+
+
+def parse_size(text: str) -> int:
+    low = text.strip().lower()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if low.endswith(unit):
+            return int(float(low[: -len(unit)]) * _UNITS[unit])
+    raise ValueError(f"size {text!r} has no unit: write e.g. 24GiB, 80GB, 512MiB")
+
+
+def parse_devices(spec: str | Sequence[Device]) -> list[Device]:
+    """'8x24GiB' -> eight CUDA devices; 'cpu:24GiB' -> the CPU; '2x24GiB,1x48GiB' mixes sizes."""
+    if not isinstance(spec, str):
+        return list(spec)
+    devices: list[Device] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part.lower().startswith("cpu"):
+            _, _, size = part.partition(":")
+            if not size:
+                raise ValueError(f"{part!r}: give the CPU's memory, e.g. cpu:24GiB")
+            devices.append(Device("cpu", parse_size(size)))
+            continue
+        count, sep, size = part.lower().partition("x")
+        if not sep or not count.isdigit():
+            raise ValueError(f"device spec {part!r}: write COUNTxSIZE, e.g. 8x24GiB (or cpu:24GiB)")
+        start = sum(d.kind == "cuda" for d in devices)
+        devices += [Device(f"cuda:{start + i}", parse_size(size)) for i in range(int(count))]
+    return devices
+
+
+def runtime_overhead(device: Device, static: int, dynamic: int) -> int:
+    """Bytes a device needs beyond the tensors counted: runtime + allocator slack."""
+    if device.kind == "cuda":
+        return CUDA_CONTEXT_BYTES + int(CUDA_SLACK_STATIC * static + CUDA_SLACK_DYNAMIC * dynamic)
+    return CPU_RUNTIME_BYTES + int(CPU_SLACK_STATIC * static + CPU_SLACK_DYNAMIC * dynamic)
+
+
+def overhead_figures() -> str:
+    return (
+        f"runtime overhead per device: CUDA {CUDA_CONTEXT_BYTES / MiB:.0f} MiB (context, cuBLAS, kernels); "
+        f"CPU {CPU_RUNTIME_BYTES / MiB:.0f} MiB (process with torch); plus allocator slack of "
+        f"{CUDA_SLACK_STATIC:.0%} of static and {CUDA_SLACK_DYNAMIC:.0%} of activations + temporaries"
+    )

@@ -1,0 +1,193 @@
+"""A plan's result: per-device totals and verdicts (:class:`DevicePlan`, :class:`MemoryPlan`), as a
+table, as advice on what would fit, or as a dict for JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bytetune.plan.devices import GiB, Device, overhead_figures
+from bytetune.plan.spec import PlanSpec, as_dtype
+
+
+@dataclass
+class DevicePlan:
+    device: Device
+    units: list[str]
+    quantized_weights: int = 0
+    other_weights: int = 0
+    lora_params: int = 0
+    lora_grads: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    temporary: int = 0
+    overhead: int = 0
+
+    @property
+    def allocated(self) -> int:
+        """What the framework allocates at the peak (compare with torch.cuda.max_memory_allocated)."""
+        return (
+            self.quantized_weights
+            + self.other_weights
+            + self.lora_params
+            + self.lora_grads
+            + self.optimizer_states
+            + self.activations
+            + self.temporary
+        )
+
+    @property
+    def total(self) -> int:
+        return self.allocated + self.overhead
+
+    @property
+    def headroom(self) -> int:
+        return self.device.capacity - self.total
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device.name,
+            "capacity": self.device.capacity,
+            "blocks": sum(1 for u in self.units if u.rsplit(".", 1)[-1].isdigit()),
+            "units": self.units,
+            "quantized_weights": self.quantized_weights,
+            "other_weights": self.other_weights,
+            "lora_params": self.lora_params,
+            "lora_grads": self.lora_grads,
+            "optimizer_states": self.optimizer_states,
+            "activations": self.activations,
+            "temporary": self.temporary,
+            "allocated": self.allocated,
+            "overhead": self.overhead,
+            "total": self.total,
+            "headroom": self.headroom,
+            "fits": self.fits,
+        }
+
+
+@dataclass
+class MemoryPlan:
+    spec: PlanSpec
+    devices: list[DevicePlan]
+    device_map: dict[str, object]
+    unplaced: list[str]  # units accelerate could not put on any given device
+    totals: dict[str, int]  # whole-model breakdown
+    activations_with_checkpointing: int
+    activations_without_checkpointing: int
+    min_devices: int | None = None  # of the given size, when planned with find_min_devices
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.unplaced and all(d.fits for d in self.devices)
+
+    def as_dict(self) -> dict:
+        cfg = self.spec.model_config
+        return {
+            "model": self.spec.name,
+            "model_type": getattr(cfg, "model_type", None),
+            "seq_len": self.spec.seq_len,
+            "micro_batch": self.spec.micro_batch,
+            "gradient_checkpointing": self.spec.gradient_checkpointing,
+            "compute_dtype": str(as_dtype(self.spec.compute_dtype)).replace("torch.", ""),
+            "quantization": self.spec.quantization,
+            "lora_r": self.spec.lora_r,
+            "optimizer": self.spec.optimizer,
+            "fits": self.fits,
+            "min_devices": self.min_devices,
+            "totals": self.totals,
+            "activations_with_checkpointing": self.activations_with_checkpointing,
+            "activations_without_checkpointing": self.activations_without_checkpointing,
+            "devices": [d.as_dict() for d in self.devices],
+            "unplaced": self.unplaced,
+            "device_map": {k: str(v) for k, v in self.device_map.items()},
+            "overhead_figures": overhead_figures(),
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        return format_plan(self)
+
+    def advice(self) -> str:
+        """What would fit instead, for the error a trainer raises before loading weights."""
+        return plan_advice(self)
+
+
+def as_gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    spec = plan.spec
+    lines = [
+        f"Memory plan: {spec.name} ({plan.totals['parameters'] / 1e9:.2f}B params), "
+        f"micro_batch={spec.micro_batch}, seq_len={spec.seq_len}, "
+        f"gradient_checkpointing={spec.gradient_checkpointing}, {spec.quantization} base, "
+        f"LoRA r={spec.lora_r} ({plan.totals['lora_numel'] / 1e6:.1f}M params, {as_dtype(spec.lora_dtype)}), "
+        f"{spec.optimizer}",
+        "",
+        "Whole model (GiB):",
+    ]
+    t = plan.totals
+    for label, key in [
+        ("quantized weights + scales", "quantized_weights"),
+        ("unquantized (embeddings, norms, head)", "other_weights"),
+        ("LoRA parameters", "lora_params"),
+        ("LoRA gradients", "lora_grads"),
+        (f"optimizer states ({spec.optimizer})", "optimizer_states"),
+    ]:
+        lines.append(f"  {label:<42} {as_gib(t[key]):>9}")
+    lines.append(f"  {'activations kept, gradient checkpointing':<42} {as_gib(plan.activations_with_checkpointing):>9}")
+    lines.append(f"  {'activations kept, no checkpointing':<42} {as_gib(plan.activations_without_checkpointing):>9}")
+    lines.append(f"  {'largest temporary (loss or block backward)':<42} {as_gib(max(d.temporary for d in plan.devices)):>9}")
+    lines += ["", "Per device (GiB):"]
+    header = (
+        f"  {'device':<8} {'blocks':>6} {'quant w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
+        f"{'activ':>7} {'temp':>6} {'alloc':>7} {'ovhd':>6} {'total':>7} {'cap':>7} {'headroom':>8}  verdict"
+    )
+    lines.append(header)
+    for d in plan.devices:
+        row = d.as_dict()
+        lines.append(
+            f"  {d.device.name:<8} {row['blocks']:>6} {as_gib(d.quantized_weights):>8} {as_gib(d.other_weights):>8} "
+            f"{as_gib(d.lora_params):>6} {as_gib(d.lora_grads):>6} {as_gib(d.optimizer_states):>6} "
+            f"{as_gib(d.activations):>7} {as_gib(d.temporary):>6} {as_gib(d.allocated):>7} {as_gib(d.overhead):>6} "
+            f"{as_gib(d.total):>7} {as_gib(d.device.capacity):>7} {as_gib(d.headroom):>8}  "
+            f"{'fits' if d.fits else 'DOES NOT FIT'}"
+        )
+    if plan.unplaced:
+        lines.append(f"  not placed on any device: {len(plan.unplaced)} units ({', '.join(plan.unplaced[:4])} ...)")
+    lines.append("")
+    lines.append(f"Verdict: {'fits' if plan.fits else 'does NOT fit'} on {len(plan.devices)} device(s).")
+    if plan.min_devices is not None:
+        size = plan.devices[0].device.capacity
+        lines.append(f"Minimum number of {size / GiB:g} GiB devices: {plan.min_devices}")
+    lines.append(overhead_figures())
+    lines += plan.notes
+    return "\n".join(lines)
+
+
+def plan_advice(plan: MemoryPlan) -> str:
+    if plan.fits:
+        return "the plan fits"
+    tips = []
+    if plan.min_devices is not None:
+        size = plan.devices[0].device.capacity / GiB
+        tips.append(f"{plan.min_devices} devices of {size:g} GiB")
+    if not plan.spec.gradient_checkpointing:
+        tips.append("gradient checkpointing (training.gradient_checkpointing=true)")
+    if plan.spec.seq_len > 128 or plan.spec.micro_batch > 1:
+        tips.append("a shorter sequence or micro-batch (training.seq_len=..., training.micro_batch=...)")
+    over = [f"{d.device.name} needs {as_gib(d.total)} GiB of {as_gib(d.device.capacity)}" for d in plan.devices if not d.fits]
+    if plan.unplaced:
+        static = sum(plan.totals[k] for k in ("quantized_weights", "other_weights", "lora_params", "lora_grads",
+                                              "optimizer_states"))
+        capacity = sum(d.device.capacity for d in plan.devices)
+        over.append(
+            f"{len(plan.unplaced)} modules found no device (weights, LoRA and optimizer states alone take "
+            f"{as_gib(static)} GiB; the {len(plan.devices)} device(s) have {as_gib(capacity)} GiB)"
+        )
+    return "does not fit: " + "; ".join(over) + (". Would fit with: " + ", or ".join(tips) if tips else "")

@@ -1,0 +1,103 @@
+"""The planner's input: a fine-tune reduced to its memory facts (:class:`PlanSpec`), built by hand
+or from a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import AutoConfig
+
+from bytetune.recipe import bundled_model_config, shrink_model_config, torch_dtype
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    return torch.empty((), dtype=as_dtype(dtype)).element_size()
+
+
+@dataclass
+class PlanSpec:
+    """What the planner needs to know about one fine-tune (a recipe reduced to its memory facts)."""
+
+    model_config: "object"  # a transformers PretrainedConfig
+    seq_len: int
+    micro_batch: int
+    gradient_checkpointing: bool = True
+    compute_dtype: str | torch.dtype = torch.bfloat16
+    # "int8": block linears are Int8Linear; "zeroquant": GroupQuantLinear (bits per module from
+    # zeroquant_bits, groups of group_size); "none": frozen compute-dtype linears
+    quantization: str = "int8"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    # Leaf names of the block linears that get LoRA (and int8), or "all-linear" for every one.
+    lora_targets: str | Sequence[str] = "all-linear"
+    lora_dtype: str | torch.dtype = torch.float32
+    optimizer: str = "adamw8bit"  # the recipe's optimizer.name (for display)
+    optimizer_states: int = 2  # moments per parameter: 2 for Adam(W), 1 for Lion / momentum SGD
+    optimizer_bits: int = 8  # 8: block-wise quantized states; 32: fp32 states
+    min_8bit_size: int = 4096  # smaller tensors keep fp32 states
+    optimizer_block: int = 256  # elements per float32 absmax
+    # Block linears kept unquantized (suffixes, like quantization.skip_modules).
+    quantization_skip: Sequence[str] = ()
+    zeroquant_bits: dict | None = None  # {regex on the module name: 8 or 4}; None: bytetune's default
+    group_size: int = 128
+    name: str = "model"
+
+    def __post_init__(self):
+        if self.quantization not in ("int8", "zeroquant", "none"):
+            raise ValueError(f"quantization={self.quantization!r}: use 'int8', 'zeroquant' or 'none'")
+        if self.optimizer_bits not in (8, 32):
+            raise ValueError(f"optimizer_bits={self.optimizer_bits}: use 8 or 32")
+        if self.seq_len < 1 or self.micro_batch < 1:
+            raise ValueError(f"seq_len={self.seq_len}, micro_batch={self.micro_batch}: both must be >= 1")
+
+
+def model_config_from_recipe(recipe):
+    """The transformers config of a recipe's model: its bundled config.json, shrunk as the recipe says."""
+    if not recipe.model.config_file:
+        raise ValueError(
+            f"recipe {recipe.name!r} names no model.config_file: the planner builds the model from a "
+            "bundled config (bytetune/recipe/model_configs/NAME.json)"
+        )
+    config_dict = shrink_model_config(bundled_model_config(recipe.model.config_file), recipe.model.shrink)
+    model_type = config_dict.pop("model_type")
+    config_dict.pop("architectures", None)
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
+    """A recipe (bytetune.recipe.RecipeConfig, loaded) reduced to its memory facts.
+
+    ``model_config`` (a transformers config) replaces the recipe's bundled one, for a model built
+    by hand.
+    """
+    targets = list(recipe.lora.target_modules)
+    name = recipe.optimizer.name
+    return PlanSpec(
+        model_config=model_config if model_config is not None else model_config_from_recipe(recipe),
+        seq_len=recipe.training.seq_len,
+        micro_batch=recipe.training.micro_batch_size,
+        gradient_checkpointing=recipe.training.gradient_checkpointing,
+        compute_dtype=recipe.model.dtype,
+        quantization="int8" if recipe.quantization.int8 else ("zeroquant" if recipe.quantization.zeroquant else "none"),
+        quantization_skip=tuple(recipe.quantization.skip_modules),
+        zeroquant_bits=dict(recipe.quantization.module_bits) or None,
+        group_size=recipe.quantization.group_size,
+        lora_r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        lora_targets="all-linear" if targets == ["all-linear"] else targets,
+        lora_dtype=torch.float32,  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+        optimizer=name,
+        optimizer_states=1 if name in ("lion8bit", "sgd8bit") else 2,
+        optimizer_bits=32 if name == "adamw" else recipe.optimizer.optim_bits,
+        min_8bit_size=recipe.optimizer.min_8bit_size,
+        optimizer_block=recipe.optimizer.block_size,
+        name=recipe.name,
+    )
