@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt, int32_matmul_nt_exact
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -26,9 +27,10 @@ if HAS_TRITON:
 
 INT8_MAX = 127.0
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The reference input gradient dequantizes this many weight rows at a time, so the oracle never
-# holds a full fp32 copy of a large weight either.
-_REFERENCE_GRAD_CHUNK_ROWS = 1024
+# The reference input gradient dequantizes at most this many weight elements at a time (1 MiB
+# of fp32: the chunk is still in L2 when the GEMM reads it), so it never holds an fp32 copy of a
+# large weight. Measured on 2 cores (SmolLM2 shapes), chunks of 64k-1M elements cost the same.
+_REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 18
 
 __all__ = [
     "quantize_rowwise",
@@ -162,14 +164,14 @@ def quantize_tokenwise_reference(
 
 def _int32_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] int8 @ b [N, K].T int8 -> int32, exact."""
-    # float64 is exact here (|sum| <= K * 127**2 << 2**53). On CPU it is also the fast choice:
-    # torch._int_mm measured 3-5x slower than a float64 matmul (256x2048x512, 512x576x1536).
     if a.is_cuda:
         try:
             return torch._int_mm(a, b.t())
         except RuntimeError:
-            pass  # _int_mm refuses M <= 16 and K or N not multiples of 8 on CUDA
-    return (a.double() @ b.double().t()).int()
+            # _int_mm refuses M <= 16 and K or N not multiples of 8 on CUDA
+            return int32_matmul_nt_exact(a, b)
+    # The CPU int8 GEMM (torch._int_mm, or exact fp32 K-chunks where that is faster).
+    return int32_matmul_nt(a, b)
 
 
 def int8_matmul_reference(
@@ -181,10 +183,12 @@ def int8_matmul_reference(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
-    acc = _int32_matmul_nt(x_int8, w_int8).float()
-    out = acc * x_scale[:, None] * w_scale[None, :] / (INT8_MAX * INT8_MAX)
+    # In place on one fp32 buffer: the epilogue is a few passes over [M, N], comparable to the
+    # int8 GEMM itself on CPU. Same operation order as the Triton kernel's epilogue.
+    out = _int32_matmul_nt(x_int8, w_int8).float()
+    out.mul_(x_scale[:, None]).mul_(w_scale[None, :]).div_(INT8_MAX * INT8_MAX)
     if bias is not None:
-        out = out + bias.float()
+        out.add_(bias.float())
     return out.to(out_dtype)
 
 
@@ -192,12 +196,20 @@ def int8_matmul_grad_input_reference(
     grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     _check_grad_input_args(grad_y, w_int8, w_scale)
-    n_rows = w_int8.shape[0]
-    grad_x = torch.zeros(grad_y.shape[0], w_int8.shape[1], dtype=torch.float32, device=grad_y.device)
-    for start in range(0, n_rows, _REFERENCE_GRAD_CHUNK_ROWS):
-        stop = min(start + _REFERENCE_GRAD_CHUNK_ROWS, n_rows)
-        w_chunk = w_int8[start:stop].float() * w_scale[start:stop, None] / INT8_MAX
-        grad_x += grad_y[:, start:stop].float() @ w_chunk
+    (m, n), k = grad_y.shape, w_int8.shape[1]
+    grad_x = torch.zeros(m, k, dtype=torch.float32, device=grad_y.device)
+    if m == 0 or n == 0 or k == 0:
+        return grad_x.to(grad_y.dtype)
+    grad_y32 = grad_y.float()
+    # Dequantized as the Triton kernel does it: code * (absmax / 127).
+    w_step = w_scale[:, None] / INT8_MAX
+    rows_per_chunk = max(1, _REFERENCE_GRAD_CHUNK_ELEMENTS // k)
+    w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        # One pass: the int8 codes are promoted to fp32 inside the multiply.
+        w_chunk = torch.mul(w_int8[start:stop], w_step[start:stop], out=w_chunk_buffer[: stop - start])
+        grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
     return grad_x.to(grad_y.dtype)
 
 
