@@ -183,10 +183,12 @@ def int8_matmul_reference(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
-    # In place on one fp32 buffer: the epilogue is a few passes over [M, N], comparable to the
-    # int8 GEMM itself on CPU. Same operation order as the Triton kernel's epilogue.
+    # On CPU the epilogue's passes over [M, N] cost a good part of the int8 GEMM itself, so they
+    # run in place, and the division by 127**2 rides on the [N] weight scales instead of the
+    # [M, N] product (a division is slower than a multiply). The Triton kernel divides last;
+    # the two orders differ by an ulp or so.
     out = _int32_matmul_nt(x_int8, w_int8).float()
-    out.mul_(x_scale[:, None]).mul_(w_scale[None, :]).div_(INT8_MAX * INT8_MAX)
+    out.mul_(x_scale[:, None]).mul_((w_scale / (INT8_MAX * INT8_MAX))[None, :])
     if bias is not None:
         out.add_(bias.float())
     return out.to(out_dtype)
@@ -207,8 +209,9 @@ def int8_matmul_grad_input_reference(
     w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
     for start in range(0, n, rows_per_chunk):
         stop = min(start + rows_per_chunk, n)
-        # One pass: the int8 codes are promoted to fp32 inside the multiply.
-        w_chunk = torch.mul(w_int8[start:stop], w_step[start:stop], out=w_chunk_buffer[: stop - start])
+        # Convert, then scale in place: both passes are vectorized, unlike one mixed-dtype
+        # multiply (int8 * fp32), which measured 3x slower.
+        w_chunk = w_chunk_buffer[: stop - start].copy_(w_int8[start:stop]).mul_(w_step[start:stop])
         grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
     return grad_x.to(grad_y.dtype)
 
