@@ -38,9 +38,9 @@ INT4_OFFSET = 8  # stored nibble = code + 8, so codes -7..7 become 1..15
 DEFAULT_GROUP_SIZE = 128
 SUPPORTED_BITS = (8, 4)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The reference input gradient dequantizes at most this many weight elements at a time (1 MiB of
+# The reference input gradient dequantizes at most this many weight elements at a time (2 MiB of
 # fp32), so it never holds an fp32 copy of a large weight; llm_int8's reference does the same.
-_REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 18
+_REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 19
 
 
 def qmax_for(bits: int) -> int:
@@ -218,9 +218,9 @@ def groupwise_matmul_grad_input_reference(
     if grad_y.dim() != 2 or grad_y.shape[1] != codes.shape[0]:
         raise ValueError(f"grad_y must be [tokens, {codes.shape[0]}], got shape {tuple(grad_y.shape)}")
     (m, n), k = grad_y.shape, in_features
-    grad_x = torch.zeros(m, k, dtype=torch.float32, device=grad_y.device)
     if m == 0 or n == 0 or k == 0:
-        return grad_x.to(grad_y.dtype)
+        return torch.zeros(m, k, dtype=grad_y.dtype, device=grad_y.device)
+    grad_x = torch.empty(m, k, dtype=torch.float32, device=grad_y.device)
     grad_y32 = grad_y.float()
     rows_per_chunk = max(1, _REFERENCE_GRAD_CHUNK_ELEMENTS // k)
     w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
@@ -232,7 +232,10 @@ def groupwise_matmul_grad_input_reference(
         for g in range(scales.shape[1]):
             cols = slice(g * group_size, min((g + 1) * group_size, k))
             w_chunk[:, cols].mul_(scales[start:stop, g : g + 1])
-        grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
+        if start == 0:  # the first chunk writes grad_x: no zero-fill, no read-back
+            torch.mm(grad_y32[:, start:stop], w_chunk, out=grad_x)
+        else:
+            grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
     return grad_x.to(grad_y.dtype)
 
 
