@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from bytetune.kernels import llm_int8
+from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt
 from bytetune.kernels.dispatch import HAS_TRITON, require_triton, round_half_away, use_triton
 
 if HAS_TRITON:
@@ -37,6 +38,9 @@ INT4_OFFSET = 8  # stored nibble = code + 8, so codes -7..7 become 1..15
 DEFAULT_GROUP_SIZE = 128
 SUPPORTED_BITS = (8, 4)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The reference input gradient dequantizes at most this many weight elements at a time (2 MiB of
+# fp32), so it never holds an fp32 copy of a large weight; llm_int8's reference does the same.
+_REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 19
 
 
 def qmax_for(bits: int) -> int:
@@ -184,16 +188,22 @@ def groupwise_matmul_reference(
     _check_activation(x, x_scale, in_features)
     _check_codes(codes, scales, bits, group_size, in_features)
     out_dtype = out_dtype or (torch.float32 if x_scale is not None else x.dtype)
-    ints = (codes if bits == 8 else unpack_int4(codes)).float()
-    xf = x.float()
+    # INT4 codes are unpacked per call: [N, K] int8, the size of an INT8 weight, freed on return.
+    ints = codes if bits == 8 else unpack_int4(codes)
     acc = torch.zeros(x.shape[0], ints.shape[0], dtype=torch.float32, device=x.device)
-    for g in range(scales.shape[1]):
-        cols = slice(g * group_size, min((g + 1) * group_size, in_features))
-        # int8 x int8 partial sums stay below 2^24 for groups up to 1040 columns: exact in float32,
-        # which is how the kernel's int32 accumulator sees them.
-        acc += (xf[:, cols] @ ints[:, cols].t()) * scales[:, g]
     if x_scale is not None:
-        acc *= x_scale[:, None]
+        # W8A8 / W4A8: one exact int32 GEMM per K-group (the CPU's int8 GEMM), the kernel's int32
+        # accumulator; the group's scale applies to its integer sum, so a GEMM never spans groups.
+        for g in range(scales.shape[1]):
+            cols = slice(g * group_size, min((g + 1) * group_size, in_features))
+            acc.addcmul_(int32_matmul_nt(x[:, cols], ints[:, cols]), scales[:, g])
+        acc.mul_(x_scale[:, None])
+    else:
+        ints = ints.float()
+        xf = x.float()
+        for g in range(scales.shape[1]):
+            cols = slice(g * group_size, min((g + 1) * group_size, in_features))
+            acc.addcmul_(xf[:, cols] @ ints[:, cols].t(), scales[:, g])
     if bias is not None:
         acc += bias.float()
     return acc.to(out_dtype)
@@ -202,12 +212,31 @@ def groupwise_matmul_reference(
 def groupwise_matmul_grad_input_reference(
     grad_y: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int
 ) -> torch.Tensor:
-    """grad_x = grad_y @ dequant(W), in grad_y's dtype."""
+    """grad_x = grad_y @ dequant(W), in grad_y's dtype; the weight is dequantized a chunk of rows
+    at a time."""
     _check_codes(codes, scales, bits, group_size, in_features)
     if grad_y.dim() != 2 or grad_y.shape[1] != codes.shape[0]:
         raise ValueError(f"grad_y must be [tokens, {codes.shape[0]}], got shape {tuple(grad_y.shape)}")
-    weight = dequantize_groupwise(codes, scales, bits, group_size, in_features)
-    return (grad_y.float() @ weight).to(grad_y.dtype)
+    (m, n), k = grad_y.shape, in_features
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros(m, k, dtype=grad_y.dtype, device=grad_y.device)
+    grad_x = torch.empty(m, k, dtype=torch.float32, device=grad_y.device)
+    grad_y32 = grad_y.float()
+    rows_per_chunk = max(1, _REFERENCE_GRAD_CHUNK_ELEMENTS // k)
+    w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        ints = codes[start:stop] if bits == 8 else unpack_int4(codes[start:stop])
+        w_chunk = w_chunk_buffer[: stop - start]
+        w_chunk.copy_(ints)  # convert, then scale in place: faster than a mixed-dtype multiply
+        for g in range(scales.shape[1]):
+            cols = slice(g * group_size, min((g + 1) * group_size, k))
+            w_chunk[:, cols].mul_(scales[start:stop, g : g + 1])
+        if start == 0:  # the first chunk writes grad_x: no zero-fill, no read-back
+            torch.mm(grad_y32[:, start:stop], w_chunk, out=grad_x)
+        else:
+            grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
+    return grad_x.to(grad_y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt, int32_matmul_nt_exact
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -26,9 +27,11 @@ if HAS_TRITON:
 
 INT8_MAX = 127.0
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The reference input gradient dequantizes this many weight rows at a time, so the oracle never
-# holds a full fp32 copy of a large weight either.
-_REFERENCE_GRAD_CHUNK_ROWS = 1024
+# The reference input gradient dequantizes at most this many weight elements at a time (2 MiB
+# of fp32), so it never holds an fp32 copy of a large weight. Measured on SmolLM2's shapes (one
+# thread): 512k-element chunks cost the fp32 GEMM + 5-10 %; smaller ones cost more (each chunk is
+# one more GEMM with a shorter reduction).
+_REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 19
 
 __all__ = [
     "quantize_rowwise",
@@ -124,8 +127,10 @@ def _safe_absmax(absmax: torch.Tensor) -> torch.Tensor:
 
 def _quantize_with_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # Multiply first, then divide: the Triton kernels use the same order, so the codes agree
-    # bit for bit (torch.round is round-half-to-even).
-    return torch.round(values.float() * INT8_MAX / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    # bit for bit (torch.round is round-half-to-even). One fp32 buffer updated in place: on CPU,
+    # a fresh [M, K] buffer per step cost more than the arithmetic (4x slower at 512 x 1536).
+    codes = values.float() * INT8_MAX
+    return codes.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,14 +167,14 @@ def quantize_tokenwise_reference(
 
 def _int32_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] int8 @ b [N, K].T int8 -> int32, exact."""
-    # float64 is exact here (|sum| <= K * 127**2 << 2**53). On CPU it is also the fast choice:
-    # torch._int_mm measured 3-5x slower than a float64 matmul (256x2048x512, 512x576x1536).
     if a.is_cuda:
         try:
             return torch._int_mm(a, b.t())
         except RuntimeError:
-            pass  # _int_mm refuses M <= 16 and K or N not multiples of 8 on CUDA
-    return (a.double() @ b.double().t()).int()
+            # _int_mm refuses M <= 16 and K or N not multiples of 8 on CUDA
+            return int32_matmul_nt_exact(a, b)
+    # The CPU int8 GEMM (torch._int_mm, or exact fp32 K-chunks where that is faster).
+    return int32_matmul_nt(a, b)
 
 
 def int8_matmul_reference(
@@ -181,10 +186,14 @@ def int8_matmul_reference(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
-    acc = _int32_matmul_nt(x_int8, w_int8).float()
-    out = acc * x_scale[:, None] * w_scale[None, :] / (INT8_MAX * INT8_MAX)
+    # On CPU the epilogue's passes over [M, N] cost a good part of the int8 GEMM itself, so they
+    # run in place, and the division by 127**2 rides on the [N] weight scales instead of the
+    # [M, N] product (a division is slower than a multiply). The Triton kernel divides last;
+    # the two orders differ by an ulp or so.
+    out = _int32_matmul_nt(x_int8, w_int8).float()
+    out.mul_(x_scale[:, None]).mul_((w_scale / (INT8_MAX * INT8_MAX))[None, :])
     if bias is not None:
-        out = out + bias.float()
+        out.add_(bias.float())
     return out.to(out_dtype)
 
 
@@ -192,12 +201,24 @@ def int8_matmul_grad_input_reference(
     grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     _check_grad_input_args(grad_y, w_int8, w_scale)
-    n_rows = w_int8.shape[0]
-    grad_x = torch.zeros(grad_y.shape[0], w_int8.shape[1], dtype=torch.float32, device=grad_y.device)
-    for start in range(0, n_rows, _REFERENCE_GRAD_CHUNK_ROWS):
-        stop = min(start + _REFERENCE_GRAD_CHUNK_ROWS, n_rows)
-        w_chunk = w_int8[start:stop].float() * w_scale[start:stop, None] / INT8_MAX
-        grad_x += grad_y[:, start:stop].float() @ w_chunk
+    (m, n), k = grad_y.shape, w_int8.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros(m, k, dtype=grad_y.dtype, device=grad_y.device)
+    grad_x = torch.empty(m, k, dtype=torch.float32, device=grad_y.device)
+    grad_y32 = grad_y.float()
+    # Dequantized as the Triton kernel does it: code * (absmax / 127).
+    w_step = w_scale[:, None] / INT8_MAX
+    rows_per_chunk = max(1, _REFERENCE_GRAD_CHUNK_ELEMENTS // k)
+    w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        # Convert, then scale in place: both passes are vectorized, unlike one mixed-dtype
+        # multiply (int8 * fp32), which measured 3x slower.
+        w_chunk = w_chunk_buffer[: stop - start].copy_(w_int8[start:stop]).mul_(w_step[start:stop])
+        if start == 0:  # the first chunk writes grad_x: no zero-fill, no read-back
+            torch.mm(grad_y32[:, start:stop], w_chunk, out=grad_x)
+        else:
+            grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
     return grad_x.to(grad_y.dtype)
 
 

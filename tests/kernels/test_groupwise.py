@@ -200,3 +200,38 @@ def test_public_ops_dispatch_to_reference_on_cpu():
 def test_bad_input_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("cpu_gemm", ["int_mm", "fp32"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens,in_f,out_f,group_size", [(1, 64, 1, 32), (17, 1090, 9, 1088), (5, 258, 257, 64)])
+def test_w8a8_reference_sums_exact_integer_products_per_group(bits, tokens, in_f, out_f, group_size, cpu_gemm, monkeypatch):
+    # Each group's integer dot product (test_cpu_int8_gemm holds those to exactness; a 1088-wide
+    # group is beyond fp32's exact range) is scaled by that group's scale: float64 per group.
+    monkeypatch.setenv("BYTETUNE_CPU_INT8_GEMM", cpu_gemm)
+    g = torch.Generator().manual_seed(8)
+    codes, scales = gw.quantize_groupwise_reference(_weight(out_f, in_f, torch.float32, seed=9), bits, group_size)
+    x_codes = torch.randint(-127, 128, (tokens, in_f), generator=g, dtype=torch.int8)
+    x_codes[0] = 127
+    x_scale = torch.rand(tokens, generator=g) + 0.01
+    ints = (codes if bits == 8 else gw.unpack_int4(codes)).double()
+    expected = torch.zeros(tokens, out_f, dtype=torch.float64)
+    for start in range(0, in_f, group_size):
+        cols = slice(start, start + group_size)
+        expected += (x_codes[:, cols].double() @ ints[:, cols].T) * scales[:, start // group_size].double()
+    expected *= x_scale.double()[:, None]
+    y = gw.groupwise_matmul_reference(x_codes, x_scale, codes, scales, bits, group_size)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grad_input_reference_in_row_chunks_matches_float64(bits, chunk_rows, monkeypatch):
+    # Chunks of weight rows (the last one short) give the product of the whole weight.
+    in_f, out_f, group_size = 200, 10, 64
+    monkeypatch.setattr(gw, "_REFERENCE_GRAD_CHUNK_ELEMENTS", chunk_rows * in_f + 7)
+    codes, scales = gw.quantize_groupwise_reference(_weight(out_f, in_f, torch.float32, seed=10), bits, group_size)
+    grad_y = torch.randn(6, out_f, generator=torch.Generator().manual_seed(11))
+    expected = grad_y.double() @ gw.dequantize_groupwise(codes, scales, bits, group_size, in_f).double()
+    grad_x = gw.groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_f)
+    torch.testing.assert_close(grad_x.double(), expected, rtol=1e-5, atol=1e-5)

@@ -123,9 +123,11 @@ def test_tokenwise_row_made_only_of_outliers_gets_scale_one():
     assert codes.tolist() == [[0, 0], [127, 0]]
 
 
+@pytest.mark.parametrize("cpu_gemm", ["int_mm", "fp32"])
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_matmul_reference_matches_float64_math(out_dtype, with_bias):
+def test_int8_matmul_reference_matches_float64_math(out_dtype, with_bias, cpu_gemm, monkeypatch):
+    monkeypatch.setenv("BYTETUNE_CPU_INT8_GEMM", cpu_gemm)
     gen = _generator(4)
     x_codes = torch.randint(-127, 128, (17, K), generator=gen, dtype=torch.int8)
     w_codes = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
@@ -141,9 +143,11 @@ def test_int8_matmul_reference_matches_float64_math(out_dtype, with_bias):
     torch.testing.assert_close(out.double(), expected.to(out_dtype).double(), rtol=OUTPUT_RTOL[out_dtype], atol=1e-5)
 
 
-def test_int8_product_is_exact_beyond_float32_range(device):
+@pytest.mark.parametrize("cpu_gemm", ["int_mm", "fp32"])
+def test_int8_product_is_exact_beyond_float32_range(device, cpu_gemm, monkeypatch):
     # Sums above 2**24 with an odd value: a float32 accumulation could not hold them exactly.
     # On CUDA, 3 tokens also exercise the path where torch._int_mm refuses the shape.
+    monkeypatch.setenv("BYTETUNE_CPU_INT8_GEMM", cpu_gemm)
     x_codes = torch.full((3, 4096), 127, dtype=torch.int8)
     x_codes[1] = torch.randint(-127, 128, (4096,), generator=_generator(5), dtype=torch.int8)
     w_codes = torch.full((2, 4096), 127, dtype=torch.int8)
@@ -155,10 +159,11 @@ def test_int8_product_is_exact_beyond_float32_range(device):
     assert torch.equal(product.cpu().long(), exact)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 8, N])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_input_reference_matches_float64_math(dtype, monkeypatch):
-    # A small chunk size makes the reference loop over several chunks of weight rows.
-    monkeypatch.setattr(KERNEL_MODULE, "_REFERENCE_GRAD_CHUNK_ROWS", 8)
+def test_grad_input_reference_matches_float64_math(dtype, chunk_rows, monkeypatch):
+    # Small chunks make the reference loop over several chunks of weight rows, the last one short.
+    monkeypatch.setattr(KERNEL_MODULE, "_REFERENCE_GRAD_CHUNK_ELEMENTS", chunk_rows * K + K // 2)
     gen = _generator(6)
     w_codes = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(N, generator=gen) * 0.2 + 0.01
