@@ -14,16 +14,32 @@ can be captured in a CUDA graph and never stall the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from bytetune.kernels import groupwise, llm_int8
+
+
+def _autocast_off(body):
+    """Run an op's body with autocast off. The layers cast their input to the autocast dtype
+    themselves; inside, the references' float32 partial products (and the int8 reference's
+    float64 GEMM) must keep their precision, and autocast would recast those matmuls to 16 bits."""
+
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return body(*args, **kwargs)
+
+    return run
 
 # ----------------------------------------------------------------------------------------------
 # LLM.int8()
 # ----------------------------------------------------------------------------------------------
 
 
+@_autocast_off
 def _int8_linear(
     x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float, outlier_capacity: int
 ) -> Tensor:
@@ -40,8 +56,9 @@ def _int8_linear(
         return y
     # A few columns: gathering and dequantizing just them is cheap. Padding columns (below the
     # threshold) are zeroed with where, not a product, so an inf there cannot make a NaN.
-    x_outlier = torch.where(is_outlier[cols][None, :], x[:, cols], 0)
-    w_outlier = (w_int8[:, cols].float() * (w_scale / llm_int8.INT8_MAX)[:, None]).to(x.dtype)
+    x_outlier = torch.where(is_outlier.index_select(0, cols).unsqueeze(0), x.index_select(1, cols), 0)
+    w_step = (w_scale / llm_int8.INT8_MAX).unsqueeze(1)
+    w_outlier = (w_int8.index_select(1, cols).float() * w_step).to(x.dtype)
     return y + x_outlier @ w_outlier.t()
 
 
@@ -53,6 +70,7 @@ def _(x, w_int8, w_scale, bias, threshold, outlier_capacity):
     return x.new_empty(x.shape[0], w_int8.shape[0])
 
 
+@_autocast_off
 def _int8_matmul_grad_input(grad_y: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     """grad_y [M, N] @ dequant(w_int8) [N, K] in grad_y's dtype."""
     return llm_int8.int8_matmul_grad_input(grad_y, w_int8, w_scale)
@@ -90,6 +108,7 @@ int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_
 # ----------------------------------------------------------------------------------------------
 
 
+@_autocast_off
 def _groupwise_linear(
     x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None, bits: int, group_size: int, act_bits: int
 ) -> Tensor:
@@ -111,6 +130,7 @@ def _(x, codes, scales, bias, bits, group_size, act_bits):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
+@_autocast_off
 def _groupwise_matmul_grad_input(
     grad_y: Tensor, codes: Tensor, scales: Tensor, bits: int, group_size: int, in_features: int
 ) -> Tensor:
