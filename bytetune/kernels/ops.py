@@ -34,6 +34,7 @@ def _autocast_off(body):
 
     return run
 
+
 # ----------------------------------------------------------------------------------------------
 # LLM.int8()
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ def _int8_linear(
     x_outlier = torch.where(is_outlier.index_select(0, cols).unsqueeze(0), x.index_select(1, cols), 0)
     w_step = (w_scale / llm_int8.INT8_MAX).unsqueeze(1)
     w_outlier = (w_int8.index_select(1, cols).float() * w_step).to(x.dtype)
-    return y + x_outlier @ w_outlier.t()
+    # Accumulated into y (a fresh tensor): no second [M, N] temporary at the layer's peak.
+    return y.addmm_(x_outlier, w_outlier.t())
 
 
 int8_linear = torch.library.custom_op("bytetune::int8_linear", _int8_linear, mutates_args=())
