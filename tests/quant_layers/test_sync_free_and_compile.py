@@ -61,21 +61,26 @@ def test_cuda_forward_and_backward_never_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_dynamo_sees_no_graph_break():
-    explanation = torch._dynamo.explain(lora_model())(batch())
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dynamo_sees_no_graph_break(autocast):
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(lora_model())(batch())
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_model_matches_eager(backend):
+@pytest.mark.parametrize("backend, autocast", [("eager", False), ("aot_eager", False), ("aot_eager", True)])
+def test_compiled_model_matches_eager(backend, autocast):
     torch._dynamo.reset()
     model = lora_model()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     results = []
     for run in (model, compiled):
         x = batch().requires_grad_(True)
-        y = run(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = run(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
         y.backward(torch.ones_like(y))
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad(set_to_none=True)
