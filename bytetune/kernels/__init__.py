@@ -1,5 +1,9 @@
-"""Triton kernels, each beside its plain-PyTorch reference. Imports nothing else of bytetune."""
+"""Triton kernels, each beside its plain-PyTorch reference. Imports nothing else of bytetune.
 
+Importing the package registers the layers' ``torch.library`` ops (``torch.ops.bytetune.*``).
+"""
+
+from bytetune.kernels import ops  # noqa: F401  (registers torch.ops.bytetune.*)
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
 from bytetune.kernels.llm_int8 import (
     int8_matmul,
@@ -7,6 +11,7 @@ from bytetune.kernels.llm_int8 import (
     outlier_columns,
     quantize_rowwise,
     quantize_tokenwise,
+    select_outlier_columns,
 )
 
 __all__ = [
@@ -17,4 +22,5 @@ __all__ = [
     "outlier_columns",
     "quantize_rowwise",
     "quantize_tokenwise",
+    "select_outlier_columns",
 ]

@@ -40,6 +40,10 @@ __all__ = [
     "outlier_columns",
     "outlier_columns_reference",
     "outlier_columns_triton",
+    "column_absmax",
+    "column_absmax_reference",
+    "column_absmax_triton",
+    "select_outlier_columns",
     "quantize_tokenwise",
     "quantize_tokenwise_reference",
     "quantize_tokenwise_triton",
@@ -111,13 +115,16 @@ def _check_grad_input_args(grad_y, w_int8, w_scale) -> None:
     _check_scale("w_scale", w_scale, w_int8.shape[0])
 
 
-def _check_outlier_cols(outlier_cols: torch.Tensor | None) -> None:
-    if outlier_cols is not None and (
-        outlier_cols.dim() != 1 or outlier_cols.dtype not in (torch.int64, torch.int32)
-    ):
+def _check_outlier_cols(outlier_cols: torch.Tensor | None, k: int) -> None:
+    if outlier_cols is None:
+        return
+    is_mask = outlier_cols.dtype == torch.bool and outlier_cols.shape == (k,)
+    is_indices = outlier_cols.dim() == 1 and outlier_cols.dtype in (torch.int64, torch.int32)
+    if not (is_mask or is_indices):
         raise ValueError(
-            f"outlier_cols must be a 1-D tensor of column indices (int64), got shape "
-            f"{tuple(outlier_cols.shape)} dtype {outlier_cols.dtype}; use outlier_columns(x, threshold)"
+            f"outlier_cols must be a 1-D tensor of column indices (int64) or a bool mask of the "
+            f"{k} columns, got shape {tuple(outlier_cols.shape)} dtype {outlier_cols.dtype}; use "
+            "outlier_columns(x, threshold) or select_outlier_columns(x, threshold, capacity)"
         )
 
 
@@ -144,21 +151,30 @@ def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return _quantize_with_scale(w, w_scale), w_scale
 
 
+def column_absmax_reference(x: torch.Tensor) -> torch.Tensor:
+    _check_float_2d("x", x)
+    if x.shape[0] == 0:
+        return torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    # float32, so that a threshold not representable in bf16/fp16 is not rounded when compared.
+    return x.abs().amax(dim=0).float()
+
+
 def outlier_columns_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
     _check_float_2d("x", x)
     if threshold <= 0 or x.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
-    # Compared in float32 so a threshold that is not representable in bf16/fp16 is not rounded.
-    column_absmax = x.abs().amax(dim=0).float()
-    return torch.nonzero(column_absmax >= threshold).flatten()
+    return torch.nonzero(column_absmax_reference(x) >= threshold).flatten()
 
 
 def quantize_tokenwise_reference(
     x: torch.Tensor, outlier_cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float_2d("x", x)
-    _check_outlier_cols(outlier_cols)
-    if outlier_cols is not None and outlier_cols.numel() > 0:
+    _check_outlier_cols(outlier_cols, x.shape[1])
+    if outlier_cols is not None and outlier_cols.dtype == torch.bool:
+        # masked_fill, not x[:, mask]: boolean indexing would call nonzero (a host sync on CUDA).
+        x = x.masked_fill(outlier_cols[None, :], 0)
+    elif outlier_cols is not None and outlier_cols.numel() > 0:
         x = x.clone()
         x[:, outlier_cols] = 0
     x_scale = _safe_absmax(x.abs().amax(dim=1).float())
@@ -531,11 +547,11 @@ def quantize_rowwise_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return _launch_quantize_rows(w, None)
 
 
-def outlier_columns_triton(x: torch.Tensor, threshold: float) -> torch.Tensor:
+def column_absmax_triton(x: torch.Tensor) -> torch.Tensor:
     _check_float_2d("x", x)
     m, k = x.shape
-    if threshold <= 0 or m == 0 or k == 0:
-        return torch.empty(0, dtype=torch.long, device=x.device)
+    if m == 0 or k == 0:
+        return torch.zeros(k, dtype=torch.float32, device=x.device)
     rows_per_program = 256 if x.is_cuda else 64
     block_m, block_k = (32, 128) if x.is_cuda else (16, 64)
     row_chunks = triton.cdiv(m, rows_per_program)
@@ -552,16 +568,25 @@ def outlier_columns_triton(x: torch.Tensor, threshold: float) -> torch.Tensor:
         BLOCK_M=block_m,
         BLOCK_K=block_k,
     )
-    return torch.nonzero(partial.amax(dim=0) >= threshold).flatten()
+    return partial.amax(dim=0)
+
+
+def outlier_columns_triton(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    _check_float_2d("x", x)
+    if threshold <= 0 or x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    return torch.nonzero(column_absmax_triton(x) >= threshold).flatten()
 
 
 def quantize_tokenwise_triton(
     x: torch.Tensor, outlier_cols: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float_2d("x", x)
-    _check_outlier_cols(outlier_cols)
+    _check_outlier_cols(outlier_cols, x.shape[1])
     is_outlier = None
-    if outlier_cols is not None and outlier_cols.numel() > 0:
+    if outlier_cols is not None and outlier_cols.dtype == torch.bool:
+        is_outlier = outlier_cols.to(torch.int8)
+    elif outlier_cols is not None and outlier_cols.numel() > 0:
         is_outlier = torch.zeros(x.shape[1], dtype=torch.int8, device=x.device)
         is_outlier[outlier_cols] = 1
     return _launch_quantize_rows(x, is_outlier)
@@ -676,14 +701,52 @@ def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rowwise_reference(w)
 
 
+def column_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of each column of x [M, K], float32 [K] (zeros when M = 0)."""
+    if use_triton(x):
+        return column_absmax_triton(x)
+    return column_absmax_reference(x)
+
+
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Sorted unique indices of the columns of x [M, K] holding any |x| >= threshold.
 
-    ``threshold <= 0`` turns the outlier decomposition off: the result is empty.
+    ``threshold <= 0`` turns the outlier decomposition off: the result is empty. The result's
+    length depends on the data, so this op waits for the device (``nonzero``); the layers use
+    :func:`select_outlier_columns` instead.
     """
     if use_triton(x):
         return outlier_columns_triton(x, threshold)
     return outlier_columns_reference(x, threshold)
+
+
+def select_outlier_columns(
+    x: torch.Tensor, threshold: float, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8()'s outlier columns with shapes fixed in advance, so nothing waits for the device.
+
+    Returns ``(cols, is_outlier)``: ``cols`` int64 [C], C = min(capacity, K) (0 when
+    ``threshold <= 0`` or x has no rows), the ascending indices of the C columns of largest
+    absmax; ``is_outlier`` bool [K] marks those of them whose absmax is >= threshold.
+
+    Contract: when at most C columns reach the threshold, ``is_outlier`` marks exactly
+    :func:`outlier_columns`' set. When more do, it marks the C of largest absmax (ties broken
+    arbitrarily) -- LLM.int8() with the threshold raised to the C-th largest column absmax; the
+    other columns stay in the int8 part. Entries of ``cols`` not marked in ``is_outlier`` are
+    padding: the caller must zero their contribution.
+    """
+    _check_float_2d("x", x)
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0 columns, got {capacity}")
+    m, k = x.shape
+    c = min(capacity, k) if threshold > 0 and m > 0 else 0
+    is_outlier = torch.zeros(k, dtype=torch.bool, device=x.device)
+    if c == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device), is_outlier
+    top_absmax, top_cols = torch.topk(column_absmax(x), c, sorted=False)
+    is_outlier.scatter_(0, top_cols, top_absmax >= threshold)
+    # Ascending, as outlier_columns returns them: the 16-bit product then sums in the same order.
+    return torch.sort(top_cols).values, is_outlier
 
 
 def quantize_tokenwise(
@@ -691,8 +754,8 @@ def quantize_tokenwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] -> (int8 codes [M, K], float32 row absmax [M]).
 
-    The absmax of each row ignores ``outlier_cols`` and their codes are 0: those columns take
-    the 16-bit path in the layer.
+    The absmax of each row ignores ``outlier_cols`` (column indices, or a bool mask [K]) and
+    their codes are 0: those columns take the 16-bit path in the layer.
     """
     if use_triton(x):
         return quantize_tokenwise_triton(x, outlier_cols)

@@ -53,6 +53,12 @@ class FrozenQuantLinear(nn.Linear):
             raise TypeError(f"{name} takes float32/float16/bfloat16 activations, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{name} expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # As nn.Linear under autocast: compute in the autocast dtype, so the int8 epilogue
+            # writes it and the backward takes the 16-bit grad-input path. The custom ops are
+            # not on autocast's cast lists, so the cast happens here.
+            x = x.to(torch.get_autocast_dtype(device_type))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = self._matmul(x.reshape(-1, self.in_features), bias)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -7,6 +7,9 @@ applied the same way (W8A16 / W4A16).
 
 Backward: the input gradient only (the weight is frozen), from the kernel that dequantizes weight
 tiles in registers. Quantizing the activations is treated as identity (straight-through).
+
+Both are ``torch.library`` ops (``torch.ops.bytetune.groupwise_linear``), so torch.compile traces
+the layer without a graph break. Under ``torch.autocast`` the input is cast to the autocast dtype.
 """
 
 from __future__ import annotations
@@ -17,45 +20,15 @@ from torch import nn
 from bytetune.kernels.groupwise import (
     DEFAULT_GROUP_SIZE,
     dequantize_groupwise,
-    groupwise_matmul,
-    groupwise_matmul_grad_input,
     num_groups,
     pack_int4,
     qmax_for,
     quantize_groupwise,
-    quantize_tokenwise,
 )
+from bytetune.kernels.ops import groupwise_linear
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 
 SUPPORTED_ACT_BITS = (8, 16)
-
-
-class GroupQuantMatmulFunction(torch.autograd.Function):
-    """y = x @ dequant(W).T + bias for a 2-D x."""
-
-    @staticmethod
-    def forward(ctx, x2d, codes, scales, bias, bits, group_size, act_bits):
-        if act_bits == 8:
-            x_codes, x_scale = quantize_tokenwise(x2d)
-            y = groupwise_matmul(x_codes, x_scale, codes, scales, bits, group_size, bias=bias, out_dtype=x2d.dtype)
-        else:
-            y = groupwise_matmul(x2d, None, codes, scales, bits, group_size, bias=bias)
-        ctx.save_for_backward(codes, scales)
-        ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, x2d.shape[1]
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        codes, scales = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = groupwise_matmul_grad_input(
-                grad_y.contiguous(), codes, scales, ctx.bits, ctx.group_size, ctx.in_features
-            )
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_y.sum(0)
-        return grad_x, None, None, grad_bias, None, None, None
 
 
 class GroupQuantLinear(FrozenQuantLinear):
@@ -155,9 +128,7 @@ class GroupQuantLinear(FrozenQuantLinear):
         )
 
     def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return GroupQuantMatmulFunction.apply(
-            x2d, self.weight, self.weight_scale, bias, self.bits, self.group_size, self.act_bits
-        )
+        return groupwise_linear(x2d, self.weight, self.weight_scale, bias, self.bits, self.group_size, self.act_bits)
 
     def extra_repr(self) -> str:
         return (

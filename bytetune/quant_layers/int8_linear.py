@@ -5,6 +5,14 @@ stay in the activation dtype and multiply the matching dequantized weight column
 column is quantized per token and goes through the int8 x int8 -> int32 GEMM. The two parts are
 summed. ``threshold=0`` is pure vector-wise quantization (no outlier columns).
 
+The outlier columns are found on the device with fixed shapes (no host sync, CUDA-graph and
+torch.compile friendly): up to ``outlier_capacity`` of them per forward, those of largest absmax.
+When more columns than that reach the threshold, the rest stay in the int8 part, as if the
+threshold were raised for that batch (``bytetune.kernels.llm_int8.select_outlier_columns``).
+``outlier_capacity >= in_features`` always reproduces LLM.int8() exactly.
+
+Under ``torch.autocast`` the input is cast to the autocast dtype first, like nn.Linear.
+
 Backward: the input gradient only (the weight is frozen), computed by the kernel op that never
 materializes the 16-bit weight. The straight-through rule is used: quantizing the activations is
 treated as identity, so grad_x = grad_y @ dequant(W).
@@ -15,17 +23,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bytetune.kernels.llm_int8 import (
-    INT8_MAX,
-    int8_matmul,
-    int8_matmul_grad_input,
-    outlier_columns,
-    quantize_rowwise,
-    quantize_tokenwise,
-)
+from bytetune.kernels.llm_int8 import INT8_MAX, quantize_rowwise
+from bytetune.kernels.ops import int8_linear
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 
 DEFAULT_THRESHOLD = 6.0
+# At most this fraction of the input columns take the 16-bit path per forward by default, and
+# never fewer than MIN_OUTLIER_CAPACITY columns. The 16-bit product runs over all of them whether
+# or not they reach the threshold (fixed shapes): 1/32 of the int8 GEMM's multiply-adds for
+# in_features >= 2048, more below that (64 of 576 columns for SmolLM2: 11 %).
+OUTLIER_CAPACITY_FRACTION = 1 / 32
+MIN_OUTLIER_CAPACITY = 64
+
+
+def default_outlier_capacity(in_features: int) -> int:
+    """How many outlier columns a forward can take in 16 bits when the layer does not say."""
+    return min(in_features, max(MIN_OUTLIER_CAPACITY, int(in_features * OUTLIER_CAPACITY_FRACTION)))
 
 
 def dequantize_rowwise(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -33,39 +46,13 @@ def dequantize_rowwise(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch
     return (w_int8.float() * (w_scale.float() / INT8_MAX)[:, None]).to(dtype)
 
 
-class Int8MatmulFunction(torch.autograd.Function):
-    """y = x @ dequant(W).T + bias, with LLM.int8()'s outlier decomposition; x is 2-D."""
-
-    @staticmethod
-    def forward(ctx, x2d, w_int8, w_scale, bias, threshold):
-        outliers = outlier_columns(x2d, threshold)
-        x_int8, x_scale = quantize_tokenwise(x2d, outliers)
-        y = int8_matmul(x_int8, w_int8, x_scale, w_scale, bias=bias, out_dtype=x2d.dtype)
-        if outliers.numel() > 0:
-            # Few columns (a handful per layer in practice): dequantizing just them is cheap.
-            w_outlier = dequantize_rowwise(w_int8[:, outliers], w_scale, dtype=x2d.dtype)
-            y = y + x2d[:, outliers] @ w_outlier.t()
-        ctx.save_for_backward(w_int8, w_scale)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        w_int8, w_scale = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = int8_matmul_grad_input(grad_y, w_int8, w_scale)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_y.sum(0)
-        return grad_x, None, None, grad_bias, None
-
-
 class Int8Linear(FrozenQuantLinear):
     """A frozen LLM.int8() linear layer.
 
     State: ``weight`` (int8 [out, in], a frozen Parameter so that PEFT and transformers see a
     Linear), ``weight_scale`` (float32 [out] buffer: each row's absmax) and an optional ``bias``.
-    ``threshold`` is not state: it is a forward-time choice.
+    ``threshold`` and ``outlier_capacity`` (most outlier columns per forward; default
+    :func:`default_outlier_capacity`) are not state: they are forward-time choices.
     """
 
     # True when built in place of transformers' Conv1D, whose checkpoints store weights [in, out].
@@ -79,6 +66,7 @@ class Int8Linear(FrozenQuantLinear):
         threshold: float = DEFAULT_THRESHOLD,
         device=None,
         bias_dtype: torch.dtype | None = None,
+        outlier_capacity: int | None = None,
     ) -> None:
         super().__init__(
             in_features,
@@ -91,10 +79,15 @@ class Int8Linear(FrozenQuantLinear):
             bias_dtype=bias_dtype,
         )
         self.threshold = float(threshold)
+        self.outlier_capacity = default_outlier_capacity(in_features) if outlier_capacity is None else outlier_capacity
+        if self.outlier_capacity < 0:
+            raise ValueError(f"outlier_capacity must be >= 0 columns, got {outlier_capacity}")
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> "Int8Linear":
+    def from_linear(
+        cls, linear: nn.Module, threshold: float = DEFAULT_THRESHOLD, outlier_capacity: int | None = None
+    ) -> "Int8Linear":
         """Quantize an nn.Linear (or transformers' Conv1D, whose weight is stored [in, out])."""
         weight = _linear_weight(linear)
         out_features, in_features = weight.shape
@@ -106,6 +99,7 @@ class Int8Linear(FrozenQuantLinear):
             threshold=threshold,
             device=weight.device,
             bias_dtype=None if bias is None else bias.dtype,
+            outlier_capacity=outlier_capacity,
         )
         layer.set_weight(weight)
         if bias is not None:
@@ -126,12 +120,13 @@ class Int8Linear(FrozenQuantLinear):
         return dequantize_rowwise(self.weight, self.weight_scale, dtype=dtype)
 
     def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return Int8MatmulFunction.apply(x2d, self.weight, self.weight_scale, bias, self.threshold)
+        return int8_linear(x2d, self.weight, self.weight_scale, bias, self.threshold, self.outlier_capacity)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, threshold={self.threshold}"
+            f"bias={self.bias is not None}, threshold={self.threshold}, "
+            f"outlier_capacity={self.outlier_capacity}"
         )
 
 

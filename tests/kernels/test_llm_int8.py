@@ -9,6 +9,8 @@ import torch
 from bytetune.kernels import int8_matmul as public_int8_matmul
 from bytetune.kernels.dispatch import HAS_TRITON
 from bytetune.kernels.llm_int8 import (
+    column_absmax_reference,
+    column_absmax_triton,
     int8_matmul_grad_input,
     int8_matmul_grad_input_reference,
     int8_matmul_grad_input_triton,
@@ -23,6 +25,7 @@ from bytetune.kernels.llm_int8 import (
     quantize_tokenwise,
     quantize_tokenwise_reference,
     quantize_tokenwise_triton,
+    select_outlier_columns,
 )
 
 KERNEL_MODULE = importlib.import_module("bytetune.kernels.llm_int8")  # for monkeypatching
@@ -114,6 +117,46 @@ def test_tokenwise_scale_ignores_outlier_columns_and_zeroes_their_codes():
     codes_all, scale_all = quantize_tokenwise(x)
     assert scale_all.tolist() == [20.0, 30.0]
     assert codes_all[:, 1].tolist() == [-127, 127]
+
+
+@pytest.mark.parametrize("capacity", [3, 14, 100, 1000])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_select_outlier_columns_is_outlier_columns_within_capacity(capacity, threshold):
+    planted = _outlier_sets(K)["many"]  # 14 columns
+    x = _activations(17, K, torch.float32, planted, "cpu")
+    cols, is_outlier = select_outlier_columns(x, threshold, capacity)
+    if threshold <= 0:
+        assert cols.numel() == 0 and is_outlier.shape == (K,) and not is_outlier.any()
+        return
+    assert cols.shape == (min(capacity, K),) and cols.dtype == torch.long
+    assert torch.equal(cols, cols.sort().values) and cols.unique().numel() == cols.numel()
+    marked = torch.nonzero(is_outlier).flatten()
+    if capacity >= len(planted):
+        assert torch.equal(marked, outlier_columns_reference(x, threshold))
+    else:
+        # More columns than the capacity: the `capacity` columns of largest absmax.
+        absmax = x.abs().amax(dim=0)
+        assert marked.numel() == capacity
+        assert absmax[marked].min() >= absmax[~is_outlier].max()
+        assert set(marked.tolist()) <= set(planted)
+    assert set(marked.tolist()) <= set(cols.tolist())
+
+
+def test_select_outlier_columns_without_rows_or_capacity():
+    assert select_outlier_columns(torch.randn(0, 8), 6.0, 4)[0].numel() == 0
+    cols, is_outlier = select_outlier_columns(torch.full((2, 8), 9.0), 6.0, 0)
+    assert cols.numel() == 0 and not is_outlier.any()
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        select_outlier_columns(torch.randn(2, 8), 6.0, -1)
+
+
+def test_tokenwise_accepts_a_column_mask():
+    x = _activations(9, K, torch.float32, [3, 50], "cpu")
+    mask = torch.zeros(K, dtype=torch.bool)
+    mask[[3, 50]] = True
+    by_mask = quantize_tokenwise(x, mask)
+    by_index = quantize_tokenwise(x, torch.tensor([3, 50]))
+    assert torch.equal(by_mask[0], by_index[0]) and torch.equal(by_mask[1], by_index[1])
 
 
 def test_tokenwise_row_made_only_of_outliers_gets_scale_one():
@@ -210,7 +253,7 @@ def test_bad_inputs_raise_errors_naming_the_problem():
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         quantize_tokenwise(torch.ones(2, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="outlier_cols must be a 1-D tensor of column indices"):
-        quantize_tokenwise(w, torch.zeros(8, dtype=torch.bool))
+        quantize_tokenwise(w, torch.zeros(7, dtype=torch.bool))
     with pytest.raises(ValueError, match="int8"):
         public_int8_matmul(codes.float(), codes, scale, scale)
     with pytest.raises(ValueError, match="disagree on K"):
@@ -227,7 +270,7 @@ def test_cpu_tensors_use_the_reference(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the Triton path ran for a CPU tensor")
 
-    for op in ["quantize_rowwise", "outlier_columns", "quantize_tokenwise", "int8_matmul", "int8_matmul_grad_input"]:
+    for op in ["quantize_rowwise", "column_absmax", "outlier_columns", "quantize_tokenwise", "int8_matmul", "int8_matmul_grad_input"]:
         monkeypatch.setattr(KERNEL_MODULE, f"{op}_triton", must_not_run)
     x = torch.randn(3, 8)
     codes, scale = quantize_rowwise(x)
@@ -274,6 +317,27 @@ def test_triton_outlier_columns_match(m, dtype, device):
         expected = outlier_columns_reference(x, threshold)
         assert torch.equal(outlier_columns_triton(x, threshold), expected)
     assert 1 in outlier_columns_triton(x, 6.0).tolist()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [0, 1, 130])
+def test_triton_column_absmax_matches_exactly(m, dtype, device):
+    x = _activations(m, K, dtype, _outlier_sets(K)["many"] if m else [], device, seed=m)
+    assert torch.equal(column_absmax_triton(x), column_absmax_reference(x))
+    strided = x.t().contiguous().t()
+    assert torch.equal(column_absmax_triton(strided), column_absmax_reference(x))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_tokenwise_codes_match_with_a_column_mask(dtype, device):
+    x = _activations(17, K, dtype, _outlier_sets(K)["many"], device, seed=3)
+    mask = torch.zeros(K, dtype=torch.bool, device=device)
+    mask[_outlier_sets(K)["many"]] = True
+    codes, scale = quantize_tokenwise_triton(x, mask)
+    ref_codes, ref_scale = quantize_tokenwise_reference(x, mask)
+    assert torch.equal(scale, ref_scale) and torch.equal(codes, ref_codes)
 
 
 # The interpreter runs this kernel one row per program, slowly: every token count in fp32, and

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bytetune.kernels import groupwise
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 
 
@@ -22,11 +23,22 @@ def _fake_quant_tokens(x):
     return torch.round(xf / scale) * scale
 
 
+def _strided(t, layout):
+    """The same values as a non-contiguous tensor: column-major, or every other column of a wider one."""
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "every_other_column":
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    return t
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_f,out_f,group_size", [(64, 24, 32), (200, 33, 64)])
-def test_forward_matches_dequantized_float(bits, act_bits, dtype, in_f, out_f, group_size):
+def test_forward_matches_dequantized_float(bits, act_bits, dtype, in_f, out_f, group_size, kernel_path):
     linear = _linear(in_f, out_f)
     layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=group_size, act_bits=act_bits)
     x = torch.randn(2, 5, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -62,16 +74,22 @@ def test_smaller_groups_are_more_accurate():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act_bits", [8, 16])
-def test_backward_input_and_bias_grad(bits, act_bits):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other_column"])
+def test_backward_input_and_bias_grad(bits, act_bits, layout, kernel_path):
     linear = _linear(96, 40)
     layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=32, act_bits=act_bits)
     layer.bias.requires_grad_(True)
-    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    grad_y = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(4))
-    layer(x).backward(grad_y)
+    x = _strided(torch.randn(21, 96, generator=torch.Generator().manual_seed(3)), layout)
+    x = x.requires_grad_(True)
+    grad_y = _strided(torch.randn(21, 40, generator=torch.Generator().manual_seed(4)), layout)
+    y = layer(x)
+    x_eff = _fake_quant_tokens(x.detach()) if act_bits == 8 else x.detach()
+    expected = F.linear(x_eff.double(), layer.dequantized_weight().double(), linear.bias.double())
+    torch.testing.assert_close(y.detach().double(), expected, rtol=1e-4, atol=1e-4)
+    y.backward(grad_y)
     w_deq = layer.dequantized_weight()
     torch.testing.assert_close(x.grad, grad_y @ w_deq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.bias.grad, grad_y.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, grad_y.sum(0), rtol=1e-5, atol=1e-5)
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
@@ -146,3 +164,38 @@ def test_bad_input_errors():
         layer(torch.randn(2, 31))
     with pytest.raises(TypeError, match="activations"):
         layer(torch.ones(2, 32, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_autocast_bf16_computes_in_bf16(bits, act_bits, kernel_path, monkeypatch):
+    linear = _linear(96, 40)
+    layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=32, act_bits=act_bits)
+    grad_input_dtypes = []
+    grad_input = groupwise.groupwise_matmul_grad_input
+
+    def recording_grad_input(grad_y, *args):
+        grad_input_dtypes.append(grad_y.dtype)
+        return grad_input(grad_y, *args)
+
+    monkeypatch.setattr(groupwise, "groupwise_matmul_grad_input", recording_grad_input)
+    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    grad_y = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(grad_y)
+    assert grad_input_dtypes == [torch.bfloat16] and x.grad.dtype == torch.float32
+
+    # Exactly the layer on a bf16 input, forward and backward...
+    x_bf16 = x.detach().to(torch.bfloat16).requires_grad_(True)
+    y_bf16 = layer(x_bf16)
+    y_bf16.backward(grad_y)
+    assert torch.equal(y.detach(), y_bf16.detach()) and torch.equal(x.grad, x_bf16.grad.float())
+    # ...and close to the float math on the dequantized weight (bf16 input and output rounding).
+    x_eff = _fake_quant_tokens(x_bf16.detach()) if act_bits == 8 else x_bf16.detach().float()
+    expected = F.linear(x_eff.double(), layer.dequantized_weight().double(), linear.bias.double())
+    torch.testing.assert_close(y.detach().double(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        x.grad.double(), grad_y.double() @ layer.dequantized_weight().double(), rtol=2e-2, atol=2e-2
+    )

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from bytetune import Int8Linear
+from bytetune.kernels import llm_int8
 from bytetune.quant_layers import int8_linear as int8_linear_module
 
 N_OUTLIERS = 4
@@ -73,7 +74,7 @@ def test_input_gradient_is_grad_y_times_dequantized_weight(layer_1024, threshold
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
-def test_bias_gradient_when_bias_is_unfrozen():
+def test_bias_gradient_when_bias_is_unfrozen(kernel_path):
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(33, 17))
     layer.bias.requires_grad_(True)
@@ -171,3 +172,143 @@ def test_dtype_casts_keep_float32_scales():
         assert layer.weight.dtype == torch.int8
     assert layer.bias.dtype == torch.float32
     assert layer(torch.randn(3, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# Against LLM.int8() composed from the kernel references (outlier_columns: the data-dependent
+# set), on both kernel paths, with strided inputs and the outlier capacity's contract
+# ------------------------------------------------------------------------------------------
+
+OUTPUT_TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+
+def llm_int8_reference(x2d, layer, outlier_cols):
+    """LLM.int8()'s forward written with the kernels' reference functions and an explicit set of
+    outlier columns."""
+    x_codes, x_scale = llm_int8.quantize_tokenwise_reference(x2d, outlier_cols)
+    bias = None if layer.bias is None else layer.bias.to(x2d.dtype)
+    y = llm_int8.int8_matmul_reference(x_codes, layer.weight, x_scale, layer.weight_scale, bias, x2d.dtype)
+    w_outlier = dequantized(layer)[:, outlier_cols].to(x2d.dtype)
+    return y + x2d[:, outlier_cols] @ w_outlier.t()
+
+
+def strided_outlier_input(tokens, features, dtype, layout, generator):
+    x, _ = planted_outlier_input(tokens, features, generator)
+    x = x.to(dtype)
+    if layout == "transposed":
+        x = x.t().contiguous().t()
+    elif layout == "every_other_column":
+        wide = torch.zeros(tokens, 2 * features, dtype=dtype)
+        wide[:, ::2] = x
+        x = wide[:, ::2]
+    assert x.is_contiguous() == (layout == "contiguous")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other_column"])
+def test_matches_llm_int8_reference(kernel_path, dtype, layout):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(100, 37), threshold=6.0)
+    x = strided_outlier_input(19, 100, dtype, layout, torch.Generator().manual_seed(8)).requires_grad_(True)
+    y = layer(x)
+    outlier_cols = llm_int8.outlier_columns_reference(x.detach(), 6.0)
+    assert outlier_cols.numel() == N_OUTLIERS
+    expected = llm_int8_reference(x.detach(), layer, outlier_cols)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.detach(), expected, **OUTPUT_TOLERANCE[dtype])
+    grad_y = torch.randn(19, 37, generator=torch.Generator().manual_seed(9)).to(dtype)
+    y.backward(grad_y)
+    expected_grad = llm_int8.int8_matmul_grad_input_reference(grad_y, layer.weight, layer.weight_scale)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, expected_grad, **OUTPUT_TOLERANCE[dtype])
+
+
+def overflowing_input(tokens, generator):
+    """64 features, 6 of them outliers of distinct magnitudes 8, 10, ..., 18."""
+    x = torch.randn(tokens, 64, generator=generator).clamp(-3, 3)
+    cols = torch.randperm(64, generator=generator)[:6]
+    for rank, col in enumerate(cols.tolist()):
+        x[rank % tokens, col] = -(8.0 + 2 * rank) if rank % 2 else 8.0 + 2 * rank
+    return x, cols
+
+
+@pytest.mark.parametrize("capacity", [6, 64, 1000])
+def test_outlier_capacity_at_or_above_the_count_is_exact_llm_int8(kernel_path, capacity):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 16), threshold=6.0, outlier_capacity=capacity)
+    x, cols = overflowing_input(9, torch.Generator().manual_seed(10))
+    expected = llm_int8_reference(x, layer, cols.sort().values)
+    torch.testing.assert_close(layer(x).detach(), expected, **OUTPUT_TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 4])
+def test_outlier_capacity_overflow_keeps_the_largest_columns(kernel_path, capacity):
+    """More columns than the capacity reach the threshold: the `capacity` columns of largest
+    absmax take the 16-bit path, the others stay in the int8 part -- LLM.int8() with the
+    threshold raised to the capacity-th largest column absmax."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 16), threshold=6.0, outlier_capacity=capacity)
+    x, cols = overflowing_input(9, torch.Generator().manual_seed(10))
+    largest = cols[6 - capacity :]  # planted with increasing magnitude
+    expected = llm_int8_reference(x, layer, largest.sort().values)
+    torch.testing.assert_close(layer(x).detach(), expected, **OUTPUT_TOLERANCE[torch.float32])
+    all_outliers = llm_int8_reference(x, layer, cols.sort().values)
+    assert not torch.allclose(layer(x), all_outliers, rtol=1e-3, atol=1e-3)
+
+
+def test_default_outlier_capacity():
+    assert Int8Linear(100, 8).outlier_capacity == 64
+    assert Int8Linear(40, 8).outlier_capacity == 40
+    assert Int8Linear(4096, 8).outlier_capacity == 128
+    with pytest.raises(ValueError, match="outlier_capacity must be >= 0"):
+        Int8Linear(8, 8, outlier_capacity=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.autocast
+# ------------------------------------------------------------------------------------------
+
+
+def test_autocast_bf16_computes_in_bf16(kernel_path, monkeypatch):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(100, 37), threshold=6.0)
+    grad_input_dtypes = []
+    grad_input = llm_int8.int8_matmul_grad_input
+
+    def recording_grad_input(grad_y, w_int8, w_scale):
+        grad_input_dtypes.append(grad_y.dtype)
+        return grad_input(grad_y, w_int8, w_scale)
+
+    monkeypatch.setattr(llm_int8, "int8_matmul_grad_input", recording_grad_input)
+    x, _ = planted_outlier_input(19, 100, torch.Generator().manual_seed(11))
+    x.requires_grad_(True)
+    grad_y = torch.randn(19, 37, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(grad_y)
+    # The grad-input kernel took the 16-bit path; the cast back to the fp32 input is autograd's.
+    assert grad_input_dtypes == [torch.bfloat16]
+    assert x.grad.dtype == torch.float32
+
+    # Exactly what the layer computes on a bf16 input, forward and backward.
+    x_bf16 = x.detach().to(torch.bfloat16).requires_grad_(True)
+    y_bf16 = layer(x_bf16)
+    y_bf16.backward(grad_y)
+    assert torch.equal(y.detach(), y_bf16.detach())
+    assert torch.equal(x.grad, x_bf16.grad.float())
+    # And close to the float math on the dequantized weight.
+    expected = x.detach().double() @ dequantized(layer).double().t() + layer.bias.double()
+    assert relative_error(y.detach(), expected) <= 1e-2
+    assert relative_error(x.grad, grad_y.double() @ dequantized(layer).double()) <= 1e-2
+
+
+def test_autocast_disabled_keeps_the_input_dtype():
+    layer = Int8Linear.from_linear(nn.Linear(16, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert layer(torch.randn(3, 16)).dtype == torch.float32

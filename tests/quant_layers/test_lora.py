@@ -6,7 +6,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
-from bytetune import Int8Linear, quantize_model
+from bytetune import GroupQuantLinear, Int8Linear, quantize_model
+from bytetune.quant_layers.group_lora import zeroquant_lora_config
 from bytetune.quant_layers.lora import (
     LoraInt8Linear,
     export_merged,
@@ -197,3 +198,63 @@ def test_unregistered_config_still_trains(ids):
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     peft_model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA on both quantized layers under torch.autocast, on both kernel paths
+# ------------------------------------------------------------------------------------------
+
+
+class OneProjection(torch.nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def quantized_projection(base: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    if base == "int8":
+        return Int8Linear.from_linear(linear, threshold=6.0)
+    return GroupQuantLinear.from_linear(linear, bits=4, group_size=32, act_bits=8)
+
+
+@pytest.mark.parametrize("base", ["int8", "groupwise"])
+def test_lora_follows_autocast(base, kernel_path):
+    model = get_peft_model(
+        OneProjection(quantized_projection(base)),
+        zeroquant_lora_config(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False),
+    )
+    lora = model.base_model.model.proj
+    A, B, scaling = lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"]
+    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(1))
+    x[:, :, 5] = 9.0  # an outlier column for Int8Linear
+    x.requires_grad_(True)
+    grad_y = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(grad_y)
+    assert x.grad.dtype == torch.float32
+    assert A.grad.dtype == B.grad.dtype == torch.float32
+
+    # Float64 math on bf16-rounded operands: the base layer on a bf16 input (its own tests check
+    # it against the references) plus the LoRA branch; the only other error is bf16 rounding.
+    x_bf16 = x.detach().to(torch.bfloat16)
+    with torch.no_grad():
+        base_out = lora.get_base_layer()(x_bf16).double()
+    x64, a64, b64 = x_bf16.double(), A.detach().bfloat16().double(), B.detach().bfloat16().double()
+    g64 = grad_y.double()
+    hidden = x64 @ a64.t()
+    expected = base_out + scaling * hidden @ b64.t()
+    assert relative_error(y.detach(), expected) <= 1e-2
+    expected_grad_b = scaling * g64.reshape(-1, 40).t() @ hidden.reshape(-1, 4)
+    expected_grad_a = scaling * (g64 @ b64).reshape(-1, 4).t() @ x64.reshape(-1, 96)
+    weight = lora.get_base_layer().dequantized_weight().double()
+    expected_grad_x = g64 @ (weight + scaling * b64 @ a64)
+    assert relative_error(B.grad, expected_grad_b) <= 2e-2
+    assert relative_error(A.grad, expected_grad_a) <= 2e-2
+    assert relative_error(x.grad, expected_grad_x) <= 2e-2
