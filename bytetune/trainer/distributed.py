@@ -58,6 +58,12 @@ def fsdp_requested(cfg) -> bool:
     return cfg.parallel.strategy == STRATEGY_FSDP or os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() == "true"
 
 
+def use_fsdp(cfg) -> bool:
+    """FSDP is asked for and there are several processes to shard over (torchrun and accelerate
+    launch set WORLD_SIZE before the trainer starts)."""
+    return fsdp_requested(cfg) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def check_fsdp_recipe(cfg) -> None:
     """What an FSDP run cannot do, named before the model loads."""
     if cfg.model.device_map is not None:

@@ -178,7 +178,11 @@ class Trainer:
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
         self.cfg = _as_recipe(config)
-        self.fsdp = distributed.fsdp_requested(self.cfg)
+        self.fsdp = distributed.use_fsdp(self.cfg)
+        if distributed.fsdp_requested(self.cfg) and not self.fsdp:
+            warnings.warn("FSDP was asked for but this is the only process: nothing to shard over, training unsharded "
+                          "(launch one process per GPU: accelerate launch --config_file "
+                          "bytetune/recipe/accelerate/fsdp2.yaml train.py ...)")
         if self.fsdp:
             distributed.check_fsdp_recipe(self.cfg)
             memory_plan = None  # the planner does not model FSDP yet
@@ -247,7 +251,7 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         _check_data_paths(cfg.data)
-        fsdp = distributed.fsdp_requested(cfg)
+        fsdp = distributed.use_fsdp(cfg)
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
 
@@ -568,6 +572,7 @@ class Trainer:
             "recipe": self.cfg.name,
             "steps": self.step,
             "steps_this_session": self.step - start_step,
+            "parallel": "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "none"),
             "tokens": self.tokens_seen,
             "tokens_per_s": session_tokens / max(wall, 1e-9),
             "train_wall_s": wall,
