@@ -49,11 +49,12 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite losses)."""
 
 
-def build_model(cfg: DictConfig, device_map: dict | None = None):
+def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = False):
     """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters.
-    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``."""
+    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``; ``empty``
+    builds the base on the meta device, for FSDP to load each rank's shard into."""
     try:
-        model, tokenizer = load_base_model(cfg, device_map=device_map)
+        model, tokenizer = load_base_model(cfg, device_map=device_map, empty=empty)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
     targets = list(cfg.lora.target_modules)
@@ -258,7 +259,9 @@ class Trainer:
         # a recipe that cannot fit fails here, saying what would (FSDP is not modelled yet)
         plan = None if fsdp else check_fits(cfg)
         split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
-        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None)
+        # under FSDP a local checkpoint is read shard by shard (each rank holds only its part)
+        empty = fsdp and distributed.can_load_sharded(cfg)
+        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None, empty=empty)
         train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
         eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
         return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan)

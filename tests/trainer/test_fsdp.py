@@ -84,6 +84,7 @@ def check_against_single_process(fsdp: dict, single: Trainer) -> None:
 def test_fsdp_bloom_equals_one_process_resumes_bitwise_and_saves_plain_peft(tmp_path):
     overrides = tiny_overrides(tmp_path, **COMMON)
     fsdp = run_fsdp_ranks(tmp_path, overrides, port=29541, resume_check=True)
+    assert not fsdp["loaded_shard_by_shard"]  # a from_config model is built whole, then sharded
     single = single_process(tmp_path, overrides)
     check_against_single_process(fsdp, single)
     # stopped after step 2 (checkpoint), resumed from it by new processes' Trainers: bit for bit
@@ -104,9 +105,19 @@ def test_fsdp_bloom_equals_one_process_resumes_bitwise_and_saves_plain_peft(tmp_
 
 
 @pytest.mark.slow
-def test_fsdp_llama_equals_one_process(tmp_path):
-    overrides = tiny_overrides(tmp_path, **COMMON, **LLAMA, **{"optimizer.optim_bits": 32})
+def test_fsdp_llama_from_a_local_checkpoint_loads_shard_by_shard_and_equals_one_process(tmp_path):
+    from bytetune.trainer.models import load_base_model
+
+    # a float checkpoint on disk: the FSDP ranks build the model empty and read their rows of it,
+    # the single process loads it whole through transformers (quantized while loading)
+    base, tokenizer = load_base_model(load_recipe("tiny_lora8", tiny_overrides(tmp_path, **LLAMA)))
+    base.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    del base
+    overrides = tiny_overrides(tmp_path, **COMMON, **{"model.from_config": False, "model.name_or_path": str(tmp_path / "llama"),
+                                                      "optimizer.optim_bits": 32})
     fsdp = run_fsdp_ranks(tmp_path, overrides, port=29542, resume_check=False)
+    assert fsdp["loaded_shard_by_shard"]
     single = single_process(tmp_path, overrides)
     assert single.unwrapped.get_base_model().config.model_type == "llama"
     check_against_single_process(fsdp, single)
