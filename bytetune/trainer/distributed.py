@@ -76,6 +76,13 @@ def check_fsdp_recipe(cfg) -> None:
         )
     if cfg.training.precision == "fp16":
         raise RecipeError("training.precision=fp16 needs a gradient scaler, which the FSDP path does not run: use bf16")
+    if cfg.quantization.zeroquant:
+        raise RecipeError("quantization.zeroquant is not supported under FSDP yet (untested): use quantization.int8")
+    if cfg.optimizer.name == "adamw":
+        raise RecipeError(
+            "optimizer.name=adamw (torch's AdamW) has no sharded-checkpoint support here: use adamw8bit "
+            "(optimizer.optim_bits=32 for 32-bit states)"
+        )
     if cfg.export.merged:
         raise RecipeError(
             "export.merged is not available under FSDP (no rank holds the whole base): train with FSDP, then merge "

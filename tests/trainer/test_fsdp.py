@@ -25,7 +25,7 @@ import psutil  # an accelerate dependency
 import pytest
 import torch
 
-from bytetune.recipe import load_recipe
+from bytetune.recipe import RecipeError, load_recipe
 from bytetune.trainer.checkpoint import WRITE_DELAY_ENV, list_checkpoints
 from bytetune.trainer.trainer import Trainer
 
@@ -170,3 +170,22 @@ def test_fsdp_run_killed_during_a_checkpoint_resumes_through_the_shipped_acceler
     assert set(saved) == set(mine)
     for name, weight in saved.items():
         torch.testing.assert_close(weight, mine[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.device_map": "auto"}, "model.device_map='auto' splits one model"),
+    ({"training.precision": "fp16"}, "fp16 needs a gradient scaler"),
+    ({"optimizer.name": "adamw"}, "optimizer.name=adamw"),
+    ({"export.merged": True}, "export.merged is not available under FSDP"),
+])
+def test_what_fsdp_cannot_do_fails_before_loading(tmp_path, monkeypatch, override, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing loads, so no group is needed
+    with pytest.raises(RecipeError, match=message):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"parallel.strategy": "fsdp", **override}))
+
+
+def test_one_process_asked_for_fsdp_trains_unsharded_with_a_warning(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "fsdp", "training.max_steps": 1, "eval.at_start": False})
+    with pytest.warns(UserWarning, match="only process: nothing to shard"):
+        trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    assert trainer.train()["parallel"] == "none"
