@@ -17,7 +17,7 @@ interpreter (sets TRITON_INTERPRET=1 and BYTETUNE_FORCE_TRITON=1). The interpret
 per program, so this counts on the same list at LoRA rank 1 with min_8bit_size scaled by 1/16
 (same tensors, same 8/32-bit split) and block_size 4096: launches do not depend on sizes.
 
-Usage: python bench/optim_step.py [--lists lora,1M] [--steps N] [--rounds R] [--threads T]
+Usage: python bench/optim_step.py [--lists lora,1M] [--steps N] [--rounds R] [--threads T] [--peers P,Q]
        python bench/optim_step.py --count-launches
 """
 
@@ -105,9 +105,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_list(name, shapes, device, steps, rounds):
+def time_list(name, shapes, device, steps, rounds, only=None):
     optimizers, failed = {}, {}
     for peer, make_opt in _peers().items():
+        if only and not any(peer.startswith(prefix) for prefix in only):
+            continue
         try:
             opt = make_opt(make_params(shapes, device))
             for _ in range(2):  # state allocation, then one warm step
@@ -205,6 +207,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--count-launches", action="store_true")
+    parser.add_argument(
+        "--peers", default=None, help="comma-separated name prefixes, e.g. bytetune,bitsandbytes (default: all; "
+        "torchao compiles one graph per tensor shape on first use, minutes on a small CPU)",
+    )
     args = parser.parse_args()
     if args.count_launches:
         count_launches()
@@ -219,7 +225,7 @@ def main() -> None:
     print(f"# optimizer step, fp32 params, {where}, python {sys.version.split()[0]}, torch {torch.__version__}")
     lists = {"lora": lora_shapes(), "1M": [(1 << 20,)]}
     for name in args.lists.split(","):
-        time_list(name, lists[name], device, steps, args.rounds)
+        time_list(name, lists[name], device, steps, args.rounds, args.peers.split(",") if args.peers else None)
 
 
 if __name__ == "__main__":
