@@ -86,6 +86,11 @@ def _nearest_code_table(midpoint_bytes: bytes) -> tuple[torch.Tensor, torch.Tens
     if (torch.bucketize(torch.maximum(first, last), midpoints) - below_bin).max() > 1:
         return None
     next_midpoint = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])[below_bin]
+    # Bins above the last midpoint: "254, and every value is greater than -inf" (= 255) keeps the
+    # sign test of nearest_code_reference free of inf - inf.
+    above_all = below_bin == len(midpoints)
+    below_bin[above_all] -= 1
+    next_midpoint[above_all] = -float("inf")
     return below_bin.to(torch.uint8), next_midpoint
 
 
@@ -99,10 +104,13 @@ def nearest_code_reference(normalized: torch.Tensor, midpoints: torch.Tensor) ->
     if table is None:
         return torch.bucketize(normalized, midpoints).to(torch.uint8)
     below_bin, next_midpoint = (t.to(normalized.device) for t in table)
-    bins = normalized.contiguous().view(torch.int32).bitwise_right_shift(16).add_(1 << 15).view(-1)
-    codes = below_bin.index_select(0, bins)
-    codes.add_(torch.gt(normalized.reshape(-1), next_midpoint.index_select(0, bins)))
-    return codes.view(normalized.shape)
+    flat = normalized.contiguous().view(-1)
+    bins = flat.view(torch.int32).bitwise_right_shift(16).add_(1 << 15)
+    # value > next midpoint <=> next - value < 0: its sign bit, as 0 or 255 (= -1 in uint8), is
+    # cheaper on CPU than torch.gt's bool tensor. Equal values give +0: not greater, as bucketize.
+    greater = torch.sub(next_midpoint.index_select(0, bins), flat).view(torch.int32)
+    greater = greater.bitwise_right_shift_(31).to(torch.uint8)
+    return below_bin.index_select(0, bins).sub_(greater).view(normalized.shape)
 
 
 def dequantize_blocks_reference(

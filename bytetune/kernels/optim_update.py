@@ -191,7 +191,11 @@ def _pieces(numels: tuple[int, ...], block_size: int, piece_elements: int) -> tu
 
 def _gather(flats: list[torch.Tensor], piece: _Piece, block_size: int, pad: torch.Tensor) -> torch.Tensor:
     """The piece's segments of ``flats`` in one [n_blocks, block] tensor of ``pad``'s dtype, each
-    segment followed by its padding (taken from ``pad``, at least a block long)."""
+    segment followed by its padding (taken from ``pad``, at least a block long). A piece of one
+    whole-block segment is returned as a view when the dtype matches: callers only read it, except
+    the 32-bit path, whose states are meant to be updated in place."""
+    if len(piece.tensors) == 1 and not piece.pads[0]:
+        return piece.views(flats)[0].to(pad.dtype).view(-1, block_size)
     parts = []
     for view, length in zip(piece.views(flats), piece.pads):
         parts.append(view)
