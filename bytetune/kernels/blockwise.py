@@ -70,12 +70,14 @@ def quantize_blocks_reference(
 def _nearest_code_table(midpoint_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per bin of floats sharing their top 16 bits (sign, exponent, 7 mantissa bits): the number of
     midpoints below the bin and the next midpoint. None when some bin holds two midpoints (not so
-    for the dynamic or linear maps: their codes are further apart than a bin is wide)."""
+    for the dynamic or linear maps: their codes are further apart than a bin is wide).
+    Entry ``j`` is the bin whose top 16 bits, read as a signed int16, are ``j - 2**15``: an
+    arithmetic shift of the float's int32 bits plus ``2**15`` indexes it (int32, no int64 copy)."""
     midpoints = torch.frombuffer(bytearray(midpoint_bytes), dtype=torch.float32)
-    first_bits = torch.arange(1 << 16, dtype=torch.int64) << 16
+    first_bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int64) << 16
 
     def as_float32(bits: torch.Tensor) -> torch.Tensor:
-        return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+        return bits.to(torch.int32).view(torch.float32)
 
     first, last = as_float32(first_bits), as_float32(first_bits + 0xFFFF)
     # The bins of +-inf end in NaN bit patterns, which must not hide the infinity.
@@ -84,6 +86,11 @@ def _nearest_code_table(midpoint_bytes: bytes) -> tuple[torch.Tensor, torch.Tens
     if (torch.bucketize(torch.maximum(first, last), midpoints) - below_bin).max() > 1:
         return None
     next_midpoint = torch.cat([midpoints, midpoints.new_full((1,), float("inf"))])[below_bin]
+    # Bins above the last midpoint: "254, and every value is greater than -inf" (= 255) keeps the
+    # sign test of nearest_code_reference free of inf - inf.
+    above_all = below_bin == len(midpoints)
+    below_bin[above_all] -= 1
+    next_midpoint[above_all] = -float("inf")
     return below_bin.to(torch.uint8), next_midpoint
 
 
@@ -97,14 +104,21 @@ def nearest_code_reference(normalized: torch.Tensor, midpoints: torch.Tensor) ->
     if table is None:
         return torch.bucketize(normalized, midpoints).to(torch.uint8)
     below_bin, next_midpoint = (t.to(normalized.device) for t in table)
-    bins = normalized.view(torch.int32).bitwise_right_shift(16).bitwise_and(0xFFFF).long()
-    return torch.take(below_bin, bins) + torch.gt(normalized, torch.take(next_midpoint, bins))
+    flat = normalized.contiguous().view(-1)
+    bins = flat.view(torch.int32).bitwise_right_shift(16).add_(1 << 15)
+    # value > next midpoint <=> next - value < 0: its sign bit, as 0 or 255 (= -1 in uint8), is
+    # cheaper on CPU than torch.gt's bool tensor. Equal values give +0: not greater, as bucketize.
+    greater = torch.sub(next_midpoint.index_select(0, bins), flat).view(torch.int32)
+    greater = greater.bitwise_right_shift_(31).to(torch.uint8)
+    return below_bin.index_select(0, bins).sub_(greater).view(normalized.shape)
 
 
 def dequantize_blocks_reference(
     codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor
 ) -> torch.Tensor:
-    return code_map[codes.long()] * absmax[:, None]
+    # index_select with int32 indices: ~3x faster on CPU than code_map[codes.long()].
+    values = code_map.index_select(0, codes.reshape(-1).int()).view(codes.shape)
+    return values.mul_(absmax[:, None])
 
 
 def quantize_blockwise_reference(

@@ -3,7 +3,9 @@
 States are stored per parameter as uint8 codes (one per element, flat) into the dynamic maps of
 ``bytetune.kernels.quant_maps`` plus one float32 absmax per block of ``block_size`` elements;
 first moments use the signed map, Adam's second moment the unsigned one. The update itself is the
-fused kernel of ``bytetune.kernels.optim_update`` (Triton on CUDA, the PyTorch reference on CPU).
+fused kernel of ``bytetune.kernels.optim_update`` (Triton on CUDA, the PyTorch reference on CPU),
+called once per param group and step count with all of the group's 8-bit params (one kernel
+launch on the GPU), and once with all of its 32-bit ones.
 
 32-bit states (plain fp32 tensors, same update math) are used for a parameter when any holds:
 - the optimizer or its param group has ``optim_bits=32``
@@ -39,13 +41,14 @@ from typing import Any
 import torch
 
 from bytetune.kernels.blockwise import DEFAULT_BLOCK_SIZE, check_block_size, n_blocks
-from bytetune.kernels.dispatch import use_triton
 from bytetune.kernels.optim_update import (
     N_STATES,
+    CodeBook,
+    QuantizedStates,
     UpdateKind,
     UpdateScalars,
     optimizer_update_8bit,
-    optimizer_update_reference,
+    optimizer_update_32bit,
 )
 from bytetune.kernels.quant_maps import dynamic_map
 
@@ -87,7 +90,7 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
         defaults.update(optim_bits=optim_bits, min_8bit_size=min_8bit_size, block_size=block_size)
         self._keep_32bit_ids: set[int] = set()
-        self._maps: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self._books: dict[tuple[torch.device, bool], CodeBook] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -113,11 +116,11 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
             and getattr(param, _OPTIM_BITS_ATTR, 8) != 32
         )
 
-    def _code_map(self, device: torch.device, signed: bool) -> torch.Tensor:
+    def _code_book(self, device: torch.device, signed: bool) -> CodeBook:
         key = (device, signed)
-        if key not in self._maps:
-            self._maps[key] = dynamic_map(signed, device)
-        return self._maps[key]
+        if key not in self._books:
+            self._books[key] = CodeBook.of(dynamic_map(signed, device))
+        return self._books[key]
 
     def _state_signedness(self) -> tuple[bool, ...]:
         # First moments change sign; Adam's second moment does not.
@@ -131,7 +134,7 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
         state["step"] = 0
         for index, signed in enumerate(self._state_signedness(), start=1):
             if uses_8bit:
-                zero_code = int(torch.searchsorted(self._code_map(torch.device("cpu"), signed), 0.0))
+                zero_code = int(torch.searchsorted(dynamic_map(signed), 0.0))
                 state[f"state{index}"] = torch.full(
                     (local.numel(),), zero_code, dtype=torch.uint8, device=local.device
                 )
@@ -171,6 +174,9 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            # One update call per (8-bit or not, step count, device): the scalars depend on the
+            # step, which differs only for params that joined late or skipped steps.
+            batches: dict[tuple[bool, int, torch.device], list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -183,36 +189,38 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
                 state["step"] += 1
                 if local.numel() == 0:  # more ranks than rows: this rank holds nothing of it
                     continue
-                scalars = self._scalars(group, state["step"])
-                if state["state1"].dtype == torch.uint8:
-                    self._step_8bit(local, grad, group, state, scalars)
+                key = (state["state1"].dtype == torch.uint8, state["step"], local.device)
+                batches.setdefault(key, []).append((local, grad, state))
+            for (is_8bit, step, device), items in batches.items():
+                scalars = self._scalars(group, step)
+                if is_8bit:
+                    self._step_8bit(items, group, scalars, device)
                 else:
-                    self._step_32bit(local, grad, group, state, scalars)
+                    self._step_32bit(items, group, scalars)
         return loss
 
-    def _step_8bit(self, param, grad, group, state, scalars: UpdateScalars) -> None:
-        maps = [self._code_map(param.device, signed) for signed in self._state_signedness()]
-        second = (state["state2"], state["absmax2"], maps[1]) if len(maps) == 2 else (None, None, None)
-        # The fused kernel wants contiguous memory; a strided param is updated through a copy.
-        work = param if param.is_contiguous() or not use_triton(param) else param.contiguous()
+    def _step_8bit(self, items: list[tuple[torch.Tensor, torch.Tensor, dict]], group, scalars: UpdateScalars,
+                   device: torch.device) -> None:
+        params, grads, states = zip(*items)
+        quantized = [
+            QuantizedStates(
+                [s[f"state{index}"] for s in states],
+                [s[f"absmax{index}"] for s in states],
+                self._code_book(device, signed),
+            )
+            for index, signed in enumerate(self._state_signedness(), start=1)
+        ]
         optimizer_update_8bit(
-            self.KIND, scalars, work, grad.contiguous(),
-            state["state1"], state["absmax1"], maps[0], *second,
+            self.KIND, scalars, list(params), list(grads), *quantized,
             nesterov=self._nesterov(group), block_size=group["block_size"],
         )  # fmt: skip
-        if work is not param:
-            param.copy_(work)
 
-    def _step_32bit(self, param, grad, group, state, scalars: UpdateScalars) -> None:
-        state2 = state.get("state2")
-        new_param, new_state1, new_state2 = optimizer_update_reference(
-            self.KIND, scalars, param.float(), grad.float(), state["state1"], state2,
-            self._nesterov(group),
+    def _step_32bit(self, items: list[tuple[torch.Tensor, torch.Tensor, dict]], group, scalars: UpdateScalars) -> None:
+        params, grads, states = zip(*items)
+        optimizer_update_32bit(
+            self.KIND, scalars, list(params), list(grads), [s["state1"] for s in states],
+            [s["state2"] for s in states] if N_STATES[self.KIND] == 2 else None, self._nesterov(group),
         )  # fmt: skip
-        state["state1"].copy_(new_state1)
-        if state2 is not None:
-            state2.copy_(new_state2)
-        param.copy_(new_param)
 
     # ------------------------------------------------------------ state dict
 

@@ -1,6 +1,7 @@
-"""The fused 8-bit update kernel (interpreter on CPU) against the PyTorch reference, for every
-optimizer kind, odd sizes and fp32/bf16/fp16 params; and the reference against an unfused
-float64 computation of the same step."""
+"""The fused 8-bit update: the multi-tensor Triton kernel (interpreter on CPU) against the PyTorch
+reference for every optimizer kind, odd sizes, fp32/bf16/fp16 and non-contiguous params; the
+reference's batched pieces against one call per tensor (bit for bit); and the reference against
+an unfused float64 computation of the same step."""
 
 import math
 
@@ -9,10 +10,15 @@ import torch
 
 from bytetune.kernels.blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 from bytetune.kernels.optim_update import (
+    CodeBook,
+    QuantizedStates,
     UpdateKind,
     UpdateScalars,
+    launch_count,
+    optimizer_update_8bit,
     optimizer_update_8bit_reference,
     optimizer_update_8bit_triton,
+    optimizer_update_32bit,
 )
 from bytetune.kernels.quant_maps import dynamic_map
 from tests.kernels.triton_rounding import cast_like_triton
@@ -34,21 +40,44 @@ def _scalars(kind: UpdateKind, step: int = 3) -> UpdateScalars:
     return UpdateScalars(lr=lr, beta1=b1, one_minus_beta1=1 - b1, beta2=0.99, one_minus_beta2=0.01, param_decay=1 - lr * wd)
 
 
-def _problem(numel: int, dtype: torch.dtype, device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    param = torch.randn(numel, generator=gen).to(dtype)
-    grad = (torch.randn(numel, generator=gen) * 0.1).to(dtype)
-    sm, um = dynamic_map(True), dynamic_map(False)
-    codes1, absmax1 = quantize_blockwise_reference(torch.randn(numel, generator=gen) * 0.05, sm)
-    codes2, absmax2 = quantize_blockwise_reference(torch.rand(numel, generator=gen) * 1e-3, um)
-    tensors = [param, grad, codes1, absmax1, codes2, absmax2]
-    return [t.to(device) for t in tensors], sm.to(device), um.to(device)
+class Problem:
+    """Params, grads and both states of a list of tensors, on ``device``."""
 
+    def __init__(self, shapes, dtype, device, seed=0, transpose=()):
+        gen = torch.Generator().manual_seed(seed)
+        self.params, self.grads, self.codes, self.absmax = [], [], [[], []], [[], []]
+        for index, shape in enumerate(shapes):
+            numel = math.prod(shape)
+            param = torch.randn(shape, generator=gen).to(dtype).to(device)
+            if index in transpose:  # a strided param (and grad): the transpose of a contiguous one
+                param = torch.randn(shape[::-1], generator=gen).to(dtype).to(device).t()
+            self.params.append(param)
+            self.grads.append((torch.randn(param.shape, generator=gen) * 0.1).to(dtype).to(device))
+            states = [torch.randn(numel, generator=gen) * 0.05, torch.rand(numel, generator=gen) * 1e-3]
+            for k, (state, signed) in enumerate(zip(states, (True, False))):
+                codes, absmax = quantize_blockwise_reference(state, dynamic_map(signed))
+                self.codes[k].append(codes.to(device))
+                self.absmax[k].append(absmax.to(device))
+        self.books = [CodeBook.of(dynamic_map(signed, device)) for signed in (True, False)]
 
-def _run(impl, kind, nesterov, tensors, sm, um, scalars):
-    param, grad, codes1, absmax1, codes2, absmax2 = [t.clone() for t in tensors]
-    impl(kind, scalars, param, grad, codes1, absmax1, sm, codes2, absmax2, um, nesterov)
-    return param, codes1, absmax1, codes2, absmax2
+    def clone(self, param_dtype=None):
+        copy = object.__new__(Problem)
+        copy.params = [p.clone() if param_dtype is None else p.to(param_dtype) for p in self.params]
+        copy.grads = [g.clone() for g in self.grads]
+        copy.codes = [[c.clone() for c in cs] for cs in self.codes]
+        copy.absmax = [[a.clone() for a in As] for As in self.absmax]
+        copy.books = self.books
+        return copy
+
+    def states(self, indices=None):
+        indices = range(len(self.params)) if indices is None else indices
+        return [QuantizedStates([self.codes[k][i] for i in indices], [self.absmax[k][i] for i in indices], self.books[k]) for k in (0, 1)]
+
+    def run(self, impl, kind, nesterov, indices=None):
+        indices = list(range(len(self.params))) if indices is None else indices
+        state1, state2 = self.states(indices)
+        impl(kind, _scalars(kind), [self.params[i] for i in indices], [self.grads[i] for i in indices], state1, state2, nesterov)
+        return self
 
 
 def _assert_codes_close(a, b):
@@ -57,13 +86,28 @@ def _assert_codes_close(a, b):
     assert diff.count_nonzero().item() <= max(1, int(1e-3 * a.numel())), "too many off-by-one codes"
 
 
-CASES = [(UpdateKind.ADAM, False), (UpdateKind.MOMENTUM, False), (UpdateKind.MOMENTUM, True), (UpdateKind.LION, False)]
+def _assert_triton_matches_reference(triton_run, reference_run, kind, dtype):
+    for k in range(2 if kind == UpdateKind.ADAM else 1):
+        for a_t, a_r, c_t, c_r in zip(triton_run.absmax[k], reference_run.absmax[k], triton_run.codes[k], reference_run.codes[k]):
+            torch.testing.assert_close(a_t, a_r, rtol=1e-6, atol=0)
+            _assert_codes_close(c_t, c_r)
+    for p_t, p_r in zip(triton_run.params, reference_run.params):
+        if dtype == torch.float32:
+            torch.testing.assert_close(p_t, p_r, rtol=1e-6, atol=1e-7)
+        else:
+            # 16-bit: identical up to one unit in the last place where fp32 results straddle a rounding edge.
+            expected = cast_like_triton(p_r, dtype)
+            assert (p_t != expected).count_nonzero().item() <= max(1, int(1e-3 * p_t.numel()))
+            torch.testing.assert_close(p_t.float(), expected.float(), rtol=2**-7, atol=0)
 
+
+CASES = [(UpdateKind.ADAM, False), (UpdateKind.MOMENTUM, False), (UpdateKind.MOMENTUM, True), (UpdateKind.LION, False)]
+CASE_IDS = ["adam", "sgd", "nesterov", "lion"]
 
 # Every size for Adam; the one-state kinds skip the one-block sizes 255/256 to save interpreter time.
 KERNEL_CASES = [
     pytest.param(kind, nesterov, numel, id=f"{name}-{numel}")
-    for (kind, nesterov), name in zip(CASES, ["adam", "sgd", "nesterov", "lion"])
+    for (kind, nesterov), name in zip(CASES, CASE_IDS)
     for numel in SIZES
     if kind == UpdateKind.ADAM or numel not in (255, 256)
 ]
@@ -72,38 +116,94 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind,nesterov,numel", KERNEL_CASES)
 def test_fused_kernel_matches_reference(kind, nesterov, numel, dtype, device):
-    tensors, sm, um = _problem(numel, dtype, device, seed=numel)
-    tensors[1][numel // 2] = float("nan")  # the non-finite rule must hold in both paths
-    scalars = _scalars(kind)
-    p_t, c1_t, a1_t, c2_t, a2_t = _run(optimizer_update_8bit_triton, kind, nesterov, tensors, sm, um, scalars)
-    # The reference returns params in the param dtype; recompute its fp32 param to apply the
-    # interpreter's bf16 store rounding (see triton_rounding).
-    fp32_tensors = [tensors[0].float()] + tensors[1:]
-    p_r, c1_r, a1_r, c2_r, a2_r = _run(optimizer_update_8bit_reference, kind, nesterov, fp32_tensors, sm, um, scalars)
-    torch.testing.assert_close(a1_t, a1_r, rtol=1e-6, atol=0)
-    _assert_codes_close(c1_t, c1_r)
-    if kind == UpdateKind.ADAM:
-        torch.testing.assert_close(a2_t, a2_r, rtol=1e-6, atol=0)
-        _assert_codes_close(c2_t, c2_r)
-    if dtype == torch.float32:
-        torch.testing.assert_close(p_t, p_r, rtol=1e-6, atol=1e-7)
-    else:
-        # 16-bit: identical up to one unit in the last place where fp32 results straddle a rounding edge.
-        expected = cast_like_triton(p_r, dtype)
-        mismatched = (p_t != expected).count_nonzero().item()
-        assert mismatched <= max(1, int(1e-3 * numel))
-        torch.testing.assert_close(p_t.float(), expected.float(), rtol=2**-7, atol=0)
-    assert p_t[numel // 2] == tensors[0][numel // 2], "a nan gradient must leave its param unchanged"
+    problem = Problem([(numel,)], dtype, device, seed=numel)
+    problem.grads[0][numel // 2] = float("nan")  # the non-finite rule must hold in both paths
+    triton_run = problem.clone().run(optimizer_update_8bit_triton, kind, nesterov)
+    # The reference writes params in the param dtype; run it on fp32 params to apply the
+    # interpreter's 16-bit store rounding to its fp32 result (see triton_rounding).
+    reference_run = problem.clone(torch.float32).run(optimizer_update_8bit_reference, kind, nesterov)
+    _assert_triton_matches_reference(triton_run, reference_run, kind, dtype)
+    assert triton_run.params[0][numel // 2] == problem.params[0][numel // 2], "a nan gradient must leave its param unchanged"
 
 
-@pytest.mark.parametrize("kind,nesterov", CASES, ids=["adam", "sgd", "nesterov", "lion"])
+SHAPES = [(3, 85), (1,), (17, 31), (256,), (2, 4097), (7, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,nesterov", CASES, ids=CASE_IDS)
+def test_one_launch_updates_many_strided_tensors(kind, nesterov, dtype, device):
+    # Odd shapes (ragged last blocks), two strided params, a nan gradient: one launch for all.
+    problem = Problem(SHAPES, dtype, device, seed=11, transpose=(0, 2))
+    problem.grads[4][1, 5] = float("nan")
+    before = launch_count["optimizer_update_8bit"]
+    triton_run = problem.clone().run(optimizer_update_8bit_triton, kind, nesterov)
+    assert launch_count["optimizer_update_8bit"] - before == 1
+    reference_run = problem.clone(torch.float32).run(optimizer_update_8bit_reference, kind, nesterov)
+    _assert_triton_matches_reference(triton_run, reference_run, kind, dtype)
+    assert not triton_run.params[0].is_contiguous(), "a strided param must be updated in place"
+    assert triton_run.params[4][1, 5] == problem.params[4][1, 5]
+
+
+def test_one_launch_per_param_dtype(device):
+    problem = Problem(SHAPES[:2], torch.float32, device, seed=12)
+    problem.params[1] = problem.params[1].to(torch.float16)
+    problem.grads[1] = problem.grads[1].to(torch.float16)
+    before = launch_count["optimizer_update_8bit"]
+    triton_run = problem.clone().run(optimizer_update_8bit_triton, UpdateKind.ADAM, False)
+    assert launch_count["optimizer_update_8bit"] - before == 2
+    reference_run = problem.clone(torch.float32).run(optimizer_update_8bit_reference, UpdateKind.ADAM, False)
+    torch.testing.assert_close(triton_run.params[0], reference_run.params[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(triton_run.params[1], reference_run.params[1].half(), rtol=2**-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,nesterov", CASES, ids=CASE_IDS)
+def test_batched_reference_equals_one_call_per_tensor(kind, nesterov, dtype, monkeypatch):
+    """Pieces that mix tensors, split big ones and pad ragged blocks give bit for bit the result of
+    updating each tensor on its own."""
+    import bytetune.kernels.optim_update as optim_update
+
+    monkeypatch.setattr(optim_update, "CPU_PIECE_ELEMENTS", 3 * 256)  # pieces cut through tensors
+    problem = Problem(SHAPES, dtype, "cpu", seed=13, transpose=(2,))
+    problem.grads[1][0] = float("inf")
+    batched = problem.clone().run(optimizer_update_8bit_reference, kind, nesterov)
+    single = problem.clone()
+    for index in range(len(SHAPES)):
+        single.run(optimizer_update_8bit_reference, kind, nesterov, indices=[index])
+    for k in range(2):
+        for a, b in zip(batched.codes[k] + batched.absmax[k], single.codes[k] + single.absmax[k]):
+            assert torch.equal(a, b)
+    for a, b in zip(batched.params, single.params):
+        assert torch.equal(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(batched.params[2:], problem.params[2:])), "params must move"
+
+
+def test_32bit_batched_equals_one_call_per_tensor(monkeypatch):
+    import bytetune.kernels.optim_update as optim_update
+
+    monkeypatch.setattr(optim_update, "CPU_PIECE_ELEMENTS", 100)
+    gen = torch.Generator().manual_seed(14)
+    params = [torch.randn(s, generator=gen) for s in SHAPES[:4]] + [torch.randn(9, 5, generator=gen).t()]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    states = [[torch.randn(p.shape, generator=gen).abs() for p in params] for _ in range(2)]
+    batched_p, batched_s = [p.clone() for p in params], [[s.clone() for s in ss] for ss in states]
+    optimizer_update_32bit(UpdateKind.ADAM, _scalars(UpdateKind.ADAM), batched_p, grads, *batched_s)
+    for i in range(len(params)):
+        p, s1, s2 = params[i].clone(), states[0][i].clone(), states[1][i].clone()
+        optimizer_update_32bit(UpdateKind.ADAM, _scalars(UpdateKind.ADAM), [p], [grads[i]], [s1], [s2])
+        assert torch.equal(p, batched_p[i]) and torch.equal(s1, batched_s[0][i]) and torch.equal(s2, batched_s[1][i])
+        assert not torch.equal(p, params[i])
+
+
+@pytest.mark.parametrize("kind,nesterov", CASES, ids=CASE_IDS)
 def test_reference_step_against_float64(kind, nesterov):
     """The 8-bit reference = dequantize, textbook fp64 update, requantize (up to fp32 rounding)."""
-    numel = 700
-    (param, grad, codes1, absmax1, codes2, absmax2), sm, um = _problem(numel, torch.float32, "cpu", seed=5)
+    problem = Problem([(700,)], torch.float32, "cpu", seed=5)
+    param, grad = problem.params[0], problem.grads[0]
+    sm, um = (book.codes for book in problem.books)
     s = _scalars(kind)
-    m = dequantize_blockwise_reference(codes1, absmax1, sm).double()
-    v = dequantize_blockwise_reference(codes2, absmax2, um).double()
+    m = dequantize_blockwise_reference(problem.codes[0][0], problem.absmax[0][0], sm).double()
+    v = dequantize_blockwise_reference(problem.codes[1][0], problem.absmax[1][0], um).double()
     p, g = param.double(), grad.double() + s.l2_decay * param.double()
     if kind == UpdateKind.ADAM:
         m = s.beta1 * m + s.one_minus_beta1 * g
@@ -115,29 +215,42 @@ def test_reference_step_against_float64(kind, nesterov):
     else:
         expected_p = p * s.param_decay - s.lr * torch.sign(s.beta1 * m + s.one_minus_beta1 * g)
         m = s.beta2 * m + s.one_minus_beta2 * g
-    optimizer_update_8bit_reference(kind, s, param, grad, codes1, absmax1, sm, codes2, absmax2, um, nesterov)
+    problem.run(optimizer_update_8bit_reference, kind, nesterov)
     torch.testing.assert_close(param.double(), expected_p, rtol=1e-5, atol=1e-6)
     expected_m_codes, expected_m_absmax = quantize_blockwise_reference(m.float(), sm)
-    torch.testing.assert_close(absmax1, expected_m_absmax, rtol=1e-5, atol=0)
-    _assert_codes_close(codes1, expected_m_codes)
+    torch.testing.assert_close(problem.absmax[0][0], expected_m_absmax, rtol=1e-5, atol=0)
+    _assert_codes_close(problem.codes[0][0], expected_m_codes)
 
 
 def test_nonfinite_gradient_resets_state_not_block():
-    (param, grad, codes1, absmax1, codes2, absmax2), sm, um = _problem(512, torch.float32, "cpu", seed=9)
-    grad[3], grad[4] = float("inf"), float("nan")
-    before = param.clone()
-    optimizer_update_8bit_reference(UpdateKind.ADAM, _scalars(UpdateKind.ADAM), param, grad, codes1, absmax1, sm, codes2, absmax2, um)
-    m = dequantize_blockwise_reference(codes1, absmax1, sm)
-    v = dequantize_blockwise_reference(codes2, absmax2, um)
-    assert torch.isfinite(absmax1).all() and torch.isfinite(absmax2).all()
+    problem = Problem([(512,)], torch.float32, "cpu", seed=9)
+    problem.grads[0][3], problem.grads[0][4] = float("inf"), float("nan")
+    before = problem.params[0].clone()
+    problem.run(optimizer_update_8bit_reference, UpdateKind.ADAM, False)
+    param = problem.params[0]
+    m = dequantize_blockwise_reference(problem.codes[0][0], problem.absmax[0][0], problem.books[0].codes)
+    v = dequantize_blockwise_reference(problem.codes[1][0], problem.absmax[1][0], problem.books[1].codes)
+    assert torch.isfinite(problem.absmax[0][0]).all() and torch.isfinite(problem.absmax[1][0]).all()
     assert m[3] == 0 and m[4] == 0 and v[3] == 0 and v[4] == 0
     assert param[3] == before[3] and param[4] == before[4]
     assert (param[5:] != before[5:]).float().mean() > 0.9
 
 
-def test_bad_state_shapes_are_rejected():
-    (param, grad, codes1, absmax1, codes2, absmax2), sm, um = _problem(300, torch.float32, "cpu")
+def test_dispatch_and_bad_state_shapes_are_rejected(monkeypatch):
+    problem = Problem([(300,)], torch.float32, "cpu")
+    state1, _ = problem.states()
+    lion = _scalars(UpdateKind.LION)
+    bad_absmax = QuantizedStates(state1.codes, [state1.absmax[0][:1]], state1.book)
     with pytest.raises(ValueError, match="absmax"):
-        optimizer_update_8bit_reference(UpdateKind.LION, _scalars(UpdateKind.LION), param, grad, codes1, absmax1[:1], sm)
+        optimizer_update_8bit_reference(UpdateKind.LION, lion, problem.params, problem.grads, bad_absmax)
+    bad_codes = QuantizedStates([state1.codes[0].float()], state1.absmax, state1.book)
     with pytest.raises(ValueError, match="uint8"):
-        optimizer_update_8bit_reference(UpdateKind.LION, _scalars(UpdateKind.LION), param, grad, codes1.float(), absmax1, sm)
+        optimizer_update_8bit_reference(UpdateKind.LION, lion, problem.params, problem.grads, bad_codes)
+    with pytest.raises(ValueError, match="one per param"):
+        optimizer_update_8bit_reference(UpdateKind.LION, lion, problem.params * 2, problem.grads, state1)
+    # CPU tensors take the reference unless BYTETUNE_FORCE_TRITON asks for the kernel.
+    for forced, launches in (("0", 0), ("1", 1)):
+        monkeypatch.setenv("BYTETUNE_FORCE_TRITON", forced)
+        before = launch_count["optimizer_update_8bit"]
+        optimizer_update_8bit(UpdateKind.LION, lion, problem.params, problem.grads, state1)
+        assert launch_count["optimizer_update_8bit"] - before == launches

@@ -117,7 +117,27 @@ def test_missing_file_and_empty_data_fail_clearly(tmp_path, tokenizer):
         as_token_blocks([])
 
 
-def test_stdlib_heldout_sample_spreads_over_the_whole_split():
+@pytest.fixture
+def fake_stdlib(tmp_path, monkeypatch):
+    """200 generated source files of varied sizes in place of this Python's stdlib, so the
+    sampling tests see the same split on every host (the real stdlib's files differ between
+    Python versions and builds)."""
+    from tests.synthetic_text import synthetic_text
+
+    root = tmp_path / "fake_stdlib"
+    root.mkdir()
+    files = []
+    for index in range(200):
+        path = root / f"module_{index:03d}.py"
+        text = synthetic_text(1500 + (index * 7919) % 9000, seed=100 + index)
+        path.write_text("\n".join(f"# {line}" for line in text.split(". ")) + "\n")
+        files.append(path)
+    monkeypatch.setattr("bytetune.trainer.local_text.stdlib_source_files", lambda: files)
+    monkeypatch.setattr("bytetune.trainer.data.stdlib_source_files", lambda: files)
+    return files
+
+
+def test_stdlib_heldout_sample_spreads_over_the_whole_split(fake_stdlib):
     from bytetune.trainer.data import STDLIB_WINDOW_CHARS, stdlib_windows
     from bytetune.trainer.local_text import HELDOUT_EVERY, stdlib_source_files
 
@@ -143,7 +163,7 @@ def test_stdlib_heldout_sample_spreads_over_the_whole_split():
     assert stdlib_windows("heldout", None) == [whole]
 
 
-def test_stdlib_eval_blocks_come_from_the_spread_sample(tmp_path, tokenizer):
+def test_stdlib_eval_blocks_come_from_the_spread_sample(tmp_path, tokenizer, fake_stdlib):
     from bytetune.trainer.data import stdlib_windows
 
     blocks = build_token_blocks(data_cfg(tmp_path, max_eval_chars=5000), tokenizer, seq_len=64, role="eval")
