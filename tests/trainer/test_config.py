@@ -33,7 +33,7 @@ def test_overrides_are_typed_and_applied():
 
 def test_recipe_by_path(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("name: mine\nmodel:\n  name_or_path: /nowhere\ntraining:\n  seq_len: 16\n")
+    path.write_text("name: mine\nmodel:\n  name_or_path: some-org/some-model\ntraining:\n  seq_len: 16\n")
     cfg = load_recipe(str(path))
     assert cfg.training.seq_len == 16 and cfg.output_dir == "runs/mine"
 
