@@ -343,7 +343,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.training.max_steps and cfg.schedule.warmup_steps > cfg.training.max_steps:
         raise RecipeError(
             f"schedule.warmup_steps={cfg.schedule.warmup_steps} is more than training.max_steps="
-            f"{cfg.training.max_steps}: the learning rate would never reach optimizer.lr"
+            f"{cfg.training.max_steps}: the learning rate would never reach optimizer.lr (lower schedule.warmup_steps)"
         )
     if cfg.data.format != "text" and "stdlib" in (cfg.data.train, cfg.data.eval):
         raise RecipeError(f"data.train/eval=stdlib is plain text: use data.format=text, or a file with prompt/response fields")
@@ -395,7 +395,7 @@ def check_model_paths(model: DictConfig) -> None:
         model_dir = Path(model.name_or_path).expanduser()
         if not model_dir.is_dir():
             raise RecipeError(
-                f"model.name_or_path={model.name_or_path!r} is not a directory: give a model directory or a hub id"
+                f"model.name_or_path={model.name_or_path!r} does not exist: give a model directory or a hub id"
             )
     if model.gguf_file and not model.from_config and model_dir is not None and not (model_dir / model.gguf_file).is_file():
         raise RecipeError(

@@ -244,7 +244,7 @@ def test_cli_reads_a_fine_tuning_recipe():
         (["lkd.group_size=48"], ["lkd.group_size must be a positive multiple of 32"]),
         (["n_batches=0"], ["n_batches must be > 0"]),
         (["device=tpu9"], ["device='tpu9'"]),
-        (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model' is not a directory"]),
+        (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model' does not exist"]),
         (["data.train=/no/such/text.txt"], ["data.train file '/no/such/text.txt' does not exist"]),
         (["recipe=no_such_recipe"], ["unknown recipe 'no_such_recipe'"]),
         (["steps"], ["is not key=value"]),
