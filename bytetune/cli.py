@@ -7,7 +7,15 @@ from __future__ import annotations
 import json
 import sys
 
-from bytetune.recipe import RecipeConfig, RecipeError, available_recipes, load_recipe, parse_overrides, sections_help, to_yaml
+from bytetune.recipe import (
+    RecipeConfig,
+    RecipeError,
+    available_recipes,
+    load_recipe,
+    parse_overrides,
+    sections_help,
+    to_yaml,
+)
 
 DEFAULT_RECIPE = "smollm2_lora8"
 HELP_FLAGS = ("-h", "--help")
