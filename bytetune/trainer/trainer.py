@@ -399,7 +399,9 @@ class Trainer:
         """The adapters in PEFT format (``PeftModel.from_pretrained`` loads them); main process writes."""
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
         if self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(directory)
+            # no embedding layers: bytetune never resizes them, and PEFT's "auto" would ask the hub
+            # whether the base named in the adapter config has another vocabulary
+            self.unwrapped.save_pretrained(directory, save_embedding_layers=False)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
         self.accelerator.wait_for_everyone()

@@ -85,9 +85,10 @@ def test_parse_overrides_splits_recipe():
         parse_overrides(["--lr", "1"])
 
 
-def test_saved_adapter_names_the_hub_id_as_its_base(tmp_path, capsys):
+def test_saved_adapter_names_the_hub_id_as_its_base(tmp_path, capsys, recwarn):
     """adapter_config.json names model.hub_id (else model.name_or_path), never the path the base
-    was loaded from, so AutoPeftModelForCausalLM.from_pretrained finds the base elsewhere."""
+    was loaded from, so AutoPeftModelForCausalLM.from_pretrained finds the base elsewhere; saving
+    never asks the hub about that base."""
     run_dir = tmp_path / "run"
     argv = [
         "recipe=tiny_lora8", "model.hub_id=some-org/tiny-bloom", "training.max_steps=1", "schedule.warmup_steps=0",
@@ -98,6 +99,7 @@ def test_saved_adapter_names_the_hub_id_as_its_base(tmp_path, capsys):
     for directory in [run_dir / "adapter", *sorted((run_dir / "checkpoints").glob("step-*"))]:
         adapter = json.loads((directory / "adapter_config.json").read_text())
         assert adapter["base_model_name_or_path"] == "some-org/tiny-bloom", directory
+    assert not [w for w in recwarn if "some-org/tiny-bloom" in str(w.message)]
 
 
 def test_shipped_smollm2_recipes_name_the_hub_model():
