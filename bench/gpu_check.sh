@@ -41,7 +41,7 @@ section "trainer: shrunken bloom7b_lora8 on CUDA (4 steps)"
 timeout 40 "$PYTHON" train.py recipe=bloom7b_lora8 output_dir=/tmp/bytetune_gpu_check_trainer \
     model.from_config=true model.shrink.num_layers=2 model.shrink.hidden_size=256 model.shrink.num_heads=4 \
     model.shrink.vocab_size=512 model.tokenizer=bytes data.max_train_chars=200000 data.max_eval_chars=20000 \
-    training.max_steps=4 training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false \
+    training.max_steps=4 schedule.warmup_steps=0 training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false \
     2>&1 | grep -E '"(steps|tokens_per_s|peak_memory_bytes|final_train_loss|initial_eval_loss|final_eval_loss)"|^error' \
     | tee -a "$RESULTS"
 section "planner vs measured peak (torch.cuda.max_memory_allocated; goal within 10 %)"

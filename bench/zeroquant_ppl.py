@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bytetune.quant_layers.lkd import LKDConfig, run_lkd
-from bytetune.trainer.lkd_run import calibration_batches, load_smollm2_cached
+from bytetune.trainer.lkd_run import load_model, parse_cli, text_batches
 from bytetune.quant_layers import quantize_model
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant, quantized_weight_bytes_per_param
 from bytetune.trainer.local_text import stdlib_text
@@ -63,7 +63,8 @@ def main() -> None:
         raise SystemExit(f"unknown rows {sorted(wanted - set(ROWS))}; choose from {ROWS}")
 
     t0 = time.perf_counter()
-    fp_model, tokenizer = load_smollm2_cached()
+    lkd_run = parse_cli([f"device={args.device}"])  # LKD's defaults: SmolLM2 and the stdlib training split
+    fp_model, tokenizer = load_model(lkd_run)
     fp_model.eval().to(args.device)
     heldout = torch.tensor(tokenizer(stdlib_text("heldout", max_chars=args.eval_tokens * 8))["input_ids"])
     heldout = heldout[: args.eval_tokens]
@@ -113,17 +114,16 @@ def main() -> None:
         del model
 
     if "lkd" in wanted:
-        reports = lkd_row(args, fp_model, tokenizer, record)
+        reports = lkd_row(args, lkd_run, fp_model, tokenizer, record)
         lkd_ppl = rows[-1][1]
 
     print_summary(args, heldout, rows, fp_ppl, w48_ppl, lkd_ppl, bytes_per_param, reports)
 
 
-def lkd_row(args, fp_model, tokenizer, record):
+def lkd_row(args, lkd_run, fp_model, tokenizer, record):
     model = copy.deepcopy(fp_model)
-    batches = calibration_batches(
-        tokenizer, args.calib_batches, args.calib_batch_size, args.calib_seq_len, "text", seed=0
-    )
+    # Rows spread over the stdlib training split, packed as `python -m bytetune.lkd` reads them.
+    batches = text_batches(lkd_run.data, tokenizer, args.calib_batches, args.calib_batch_size, args.calib_seq_len)
     batches = [b.to(args.device) for b in batches]
     config = LKDConfig(
         group_size=args.group_size, act_bits=16, steps=args.lkd_steps, lr=args.lkd_lr, weight_lr=args.lkd_weight_lr

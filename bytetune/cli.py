@@ -1,19 +1,49 @@
 """The command-line entry points: ``train.py`` / ``bytetune-train``, ``bytetune-plan`` and
-``python -m bytetune.lkd``. Each turns what a user can get wrong into one ``error:`` line."""
+``python -m bytetune.lkd`` / ``bytetune-lkd``. Each prints its usage and the schema's sections for
+``--help`` and turns whatever a user can get wrong into one ``error:`` line and exit status 2."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from bytetune.recipe import RecipeError, load_recipe, parse_overrides, to_yaml
+from bytetune.recipe import (
+    RecipeConfig,
+    RecipeError,
+    available_recipes,
+    load_recipe,
+    parse_overrides,
+    sections_help,
+    to_yaml,
+)
 
 DEFAULT_RECIPE = "smollm2_lora8"
+HELP_FLAGS = ("-h", "--help")
+
+TRAIN_USAGE = f"""\
+usage: train.py [recipe=NAME_OR_PATH] [section.key=value ...] [--print-config]
+       (installed as bytetune-train; several processes: accelerate launch train.py ...)
+
+Fine-tune LoRA adapters on a frozen quantized base, as a recipe says. recipe= is a shipped recipe
+({', '.join(available_recipes())}; default {DEFAULT_RECIPE}) or a path to a YAML file; each
+section.key=value overrides one value (training.max_steps=10, optimizer.lr=1e-4). Every value is
+checked before the model loads. --print-config prints the resolved recipe and exits.
+"""
+
+
+def error_exit(error: BaseException) -> int:
+    """One ``error:`` line on stderr and the exit status of a user error."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def train_main(argv: list[str] | None = None) -> int:
     """``train.py recipe=NAME [key.sub=value ...] [--print-config]``."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(TRAIN_USAGE + "\n" + sections_help(RecipeConfig, "train.py"))
+        return 0
     print_only = "--print-config" in argv
     args = [a for a in argv if a != "--print-config"]
     try:
@@ -23,13 +53,15 @@ def train_main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         # The trainer pulls in accelerate, peft and datasets: a bad recipe fails before that.
-        from bytetune.trainer.trainer import Trainer
+        from bytetune.trainer.trainer import Trainer, TrainingError
 
-        trainer = Trainer.from_config(cfg)
-        summary = trainer.train()
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        try:
+            trainer = Trainer.from_config(cfg)
+            summary = trainer.train()
+        except TrainingError as error:
+            return error_exit(error)
+    except RecipeError as error:  # DataError and CheckpointError are RecipeErrors too
+        return error_exit(error)
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=1))
         sample = summary.get("held_out_sample")
@@ -39,19 +71,29 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def plan_main(argv: list[str] | None = None) -> int:
+    """``bytetune-plan recipe=NAME gpus=COUNTxSIZE [key.sub=value ...]`` (bytetune.plan)."""
     from bytetune.plan.__main__ import main
 
-    return main(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except RecipeError as error:
+        return error_exit(error)
 
 
 def lkd_main(argv: list[str] | None = None) -> int:
+    """``bytetune-lkd [recipe=NAME] [key.sub=value ...]`` (bytetune.trainer.lkd_run)."""
+    # LKD loads models and data through the trainer's loaders: import it only when asked to run.
     from bytetune.trainer.lkd_run import main
 
-    main(sys.argv[1:] if argv is None else argv)
-    return 0
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except RecipeError as error:  # DataError too
+        return error_exit(error)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
+    """``bytetune-generate recipe=NAME prompt="..." [adapter=DIR]`` (bytetune.trainer.generate)."""
+    # generate loads models through the trainer's loaders: import it only when asked to run.
     from bytetune.trainer.generate import main
 
     return main(sys.argv[1:] if argv is None else argv)

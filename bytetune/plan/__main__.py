@@ -1,4 +1,5 @@
-"""python -m bytetune.plan recipe=NAME gpus=8x24GiB [key.sub=value ...] [json=PATH]
+"""usage: python -m bytetune.plan recipe=NAME gpus=8x24GiB [key.sub=value ...] [json=PATH]
+       (installed as bytetune-plan)
 
 Prints the memory plan of a recipe on the given devices (a table, or JSON with json=-), its device
 map and the minimum number of devices of that size. Nothing is downloaded or loaded: the model is
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bytetune.plan.placement import plan_memory
-from bytetune.recipe import RecipeError, load_recipe, parse_overrides
+from bytetune.recipe.schema import RecipeConfig, RecipeError, load_recipe, parse_overrides, sections_help
 
 ALIASES = {"training.micro_batch": "training.micro_batch_size"}
 
@@ -26,10 +27,10 @@ def main(argv: list[str]) -> int:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if key in ("-h", "--help"):
-            print(__doc__)
+            print(__doc__ + "\n" + sections_help(RecipeConfig, "train.py"))
             return 0
         if not sep:
-            print(f"argument {arg!r} is not key=value; see python -m bytetune.plan --help", file=sys.stderr)
+            print(f"error: argument {arg!r} is not key=value; see python -m bytetune.plan --help", file=sys.stderr)
             return 2
         if key == "gpus":
             devices = value
@@ -40,16 +41,16 @@ def main(argv: list[str]) -> int:
         else:
             rest.append(f"{ALIASES.get(key, key)}={value}")
     if devices is None:
-        print("give the devices: gpus=COUNTxSIZE (e.g. gpus=8x24GiB) or cpu=SIZE", file=sys.stderr)
+        print("error: give the devices: gpus=COUNTxSIZE (e.g. gpus=8x24GiB) or cpu=SIZE", file=sys.stderr)
         return 2
     try:
         recipe_name, overrides = parse_overrides(rest)
         if recipe_name is None:
             raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
-        recipe = load_recipe(recipe_name, overrides)
+        recipe = load_recipe(recipe_name, overrides, check_paths=False)  # nothing is loaded
         plan = plan_memory(recipe, devices)
     except (RecipeError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if json_out == "-":
         print(json.dumps(plan.as_dict(), indent=1))

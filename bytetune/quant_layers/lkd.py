@@ -4,11 +4,12 @@ For each decoder layer in turn: the float teacher layer and its quantized studen
 hidden states (produced by the already-quantized layers before it), and the student's learnable
 group scales (and optionally its weights, through a straight-through estimator on the rounding)
 minimize the MSE between the two outputs. Then the student becomes GroupQuantLinear layers and
-its outputs feed the next layer. No labels; random tokens or any unlabeled text work. Only one
+its outputs feed the next layer. No labels: any unlabeled text (or random tokens) works. Only one
 layer's teacher (a float copy) is in memory on top of the model.
 
-API: :func:`run_lkd` (a loaded model + calibration batches), :func:`save_quantized` and
-:func:`load_quantized`. Loading models and calibration text, and the command line, live in
+API: :func:`run_lkd` (a loaded model + calibration batches) and :func:`save_calibrated` (a
+transformers checkpoint with a ZeroQuantConfig: ``AutoModelForCausalLM.from_pretrained`` reloads
+it, the trainer fine-tunes it). Loading models and calibration text, and the command line, live in
 ``bytetune.trainer.lkd_run`` (``python -m bytetune.lkd``).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -38,6 +39,7 @@ from bytetune.quant_layers.zeroquant import (
     is_float_linear,
     quantize_model_zeroquant,
 )
+from bytetune.quant_layers.zeroquant_hf import ZeroQuantConfig
 
 
 @dataclass
@@ -297,42 +299,58 @@ def _mean_mse(layer: nn.Module, states: list[tuple], targets: list[torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving
+# Saving: a transformers checkpoint with a ZeroQuantConfig, reloaded by from_pretrained
 # ----------------------------------------------------------------------------------------------
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """Write the calibrated model: ``model.safetensors`` (codes, scales, float tensors) and
-    ``zeroquant.json`` (each GroupQuantLinear's bits, group size and activation bits)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = {
-        name: {"bits": m.bits, "group_size": m.group_size, "act_bits": m.act_bits}
-        for name, m in model.named_modules()
-        if isinstance(m, GroupQuantLinear)
-    }
-    save_model(model, str(out / "model.safetensors"))
-    (out / "zeroquant.json").write_text(json.dumps({"layers": layers, "meta": meta or {}}, indent=1))
-    return out
+def zeroquant_config_for(model: nn.Module, config: LKDConfig) -> ZeroQuantConfig:
+    """The ZeroQuantConfig under which ``from_pretrained`` rebuilds exactly the model's calibrated
+    layers: each GroupQuantLinear with its bits, group size and activation bits, every other
+    linear layer float.
 
-
-@torch.no_grad()
-def load_quantized(model: nn.Module, out_dir: str | Path) -> nn.Module:
-    """Turn a float model of the same architecture into the saved calibrated one (in place)."""
-    spec = json.loads((Path(out_dir) / "zeroquant.json").read_text())
-    for name, layer_spec in spec["layers"].items():
-        float_layer = model.get_submodule(name)
-        model.set_submodule(
-            name,
-            GroupQuantLinear(
-                float_layer.in_features,
-                float_layer.out_features,
-                bias=float_layer.bias is not None,
-                device=float_layer.weight.device,
-                bias_dtype=None if float_layer.bias is None else float_layer.bias.dtype,
-                **layer_spec,
-            ),
+    LKD's own patterns (``config.module_bits``) are written when they give every layer its bits;
+    otherwise each layer is named by an anchored pattern. Float linear layers that LKD left alone
+    (``config.skip``) are listed in ``skip_modules``."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, GroupQuantLinear)}
+    if not quantized:
+        raise ValueError("the model has no GroupQuantLinear layers: run run_lkd on it first")
+    group_sizes = {m.group_size for m in quantized.values()}
+    act_bits = {m.act_bits for m in quantized.values()}
+    if len(group_sizes) > 1 or len(act_bits) > 1:
+        raise ValueError(
+            f"one ZeroQuantConfig holds one group size and activation width; the model has group sizes "
+            f"{sorted(group_sizes)} and act_bits {sorted(act_bits)}"
         )
-    load_model(model, str(Path(out_dir) / "model.safetensors"))
-    mark_kbit_loaded(model)
-    return model
+    # config.json stores the patterns sorted, and the first matching pattern wins: check that order.
+    module_bits = dict(sorted(config.module_bits.items()))
+    if any(bits_for(name, module_bits, config.default_bits) != m.bits for name, m in quantized.items()):
+        module_bits = {f"^{re.escape(name)}$": m.bits for name, m in quantized.items()}
+    float_linears = [name for name, m in model.named_modules() if name and is_float_linear(m)]
+    skip = list(config.skip) + [re.escape(name) for name in float_linears if should_convert_module(name, config.skip)]
+    if not all(should_convert_module(name, skip) for name in quantized):
+        # a skip pattern of LKD's that also names a calibrated layer: name the float layers exactly
+        skip = [re.escape(name) for name in float_linears]
+    return ZeroQuantConfig(
+        module_bits=module_bits,
+        default_bits=config.default_bits,
+        group_size=group_sizes.pop(),
+        act_bits=act_bits.pop(),
+        skip_modules=skip,
+    )
+
+
+def save_calibrated(
+    model: nn.Module, out_dir: str | Path, config: LKDConfig, tokenizer=None, report: dict | None = None
+) -> Path:
+    """Write the calibrated model with ``save_pretrained`` (codes and scales as they are, and a
+    ``quantization_config`` that rebuilds its layers), its tokenizer, and ``lkd_report.json``.
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` reloads it in any process that imported
+    bytetune (which registers the ``bytetune_zeroquant`` method)."""
+    out = Path(out_dir)
+    model.config.quantization_config = zeroquant_config_for(model, config)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "lkd_report.json").write_text(json.dumps(report or {}, indent=1))
+    return out

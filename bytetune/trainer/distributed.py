@@ -291,7 +291,7 @@ def save_adapter(model, directory: Path, is_main: bool, tokenizer=None) -> None:
     """The full adapters in PEFT format, written by the main process (all ranks call this)."""
     state = trainable_state(model)
     if is_main:
-        model.save_pretrained(str(directory), state_dict=state)
+        model.save_pretrained(str(directory), state_dict=state, save_embedding_layers=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
 

@@ -8,6 +8,7 @@ transformers dequantizes the GGUF weights on load.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -129,6 +130,29 @@ def zeroquant_config(quantization):
     )
 
 
+# The recipe settings that each saved bytetune quantization method needs.
+_RECIPE_FOR_METHOD = {
+    "bytetune_zeroquant": "quantization.int8=false quantization.zeroquant=true",
+    "bytetune_int8": "quantization.int8=true quantization.zeroquant=false",
+}
+
+
+def saved_quantization_method(directory: str | Path) -> str | None:
+    """The quant_method of a local model directory saved quantized, else None."""
+    config_file = Path(directory).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    quantization = json.loads(config_file.read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method")
+
+
+def _check_saved_method(method: str, quantization, location: str) -> None:
+    wanted = "bytetune_int8" if quantization.int8 else "bytetune_zeroquant" if quantization.zeroquant else None
+    if method != wanted:
+        fix = _RECIPE_FOR_METHOD.get(method, "a recipe for its quantization method")
+        raise ValueError(f"model {location} is saved quantized with {method}: set {fix}")
+
+
 def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
     quantized while loading when quantization.int8 is set; the others are quantized afterwards.
@@ -163,7 +187,12 @@ def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
             kwargs = {"dtype": dtype}
             if device_map or model_cfg.device_map:
                 kwargs["device_map"] = device_map or model_cfg.device_map
-            if cfg.quantization.int8:
+            saved_method = saved_quantization_method(location)
+            if saved_method is not None:
+                # a checkpoint saved quantized (an LKD output): its own quantization_config
+                # rebuilds its layers, codes and scales load as they are
+                _check_saved_method(saved_method, cfg.quantization, location)
+            elif cfg.quantization.int8:
                 # quantize layer by layer while loading: a 176B base never exists in 16-bit
                 kwargs["quantization_config"] = Int8Config(
                     threshold=cfg.quantization.threshold, skip_modules=list(cfg.quantization.skip_modules)

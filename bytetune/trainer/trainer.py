@@ -35,10 +35,10 @@ from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.convert import forget_quantization
 from bytetune.quant_layers.group_lora import register_zeroquant_lora
 from bytetune.quant_layers.lora import export_merged
-from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
+from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer import distributed
-from bytetune.trainer.data import LOCAL_BUILDERS, DataError, as_token_blocks, build_token_blocks
+from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
 from bytetune.trainer.models import build_base
@@ -77,7 +77,11 @@ def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = F
     # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
     lora = register_zeroquant_lora(lora)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
-    return get_peft_model(model, lora), tokenizer
+    peft_model = get_peft_model(model, lora)
+    # Saved adapters name their base as the recipe does (a hub id), not as the path it happened to
+    # load from here (a GGUF cache, a site-packages directory), so that they load elsewhere.
+    peft_model.peft_config["default"].base_model_name_or_path = cfg.model.hub_id or cfg.model.name_or_path
+    return peft_model, tokenizer
 
 
 def build_optimizer(params: list[torch.nn.Parameter], opt_cfg) -> torch.optim.Optimizer:
@@ -143,17 +147,6 @@ def _as_recipe(config: Any) -> DictConfig:
         raise RecipeError(f"invalid trainer config: {str(error).splitlines()[0]}") from None
     validate(cfg)
     return cfg
-
-
-def _check_data_paths(data_cfg) -> None:
-    """Fail on a missing local data file before the model loads (minutes, for big models)."""
-    for role in ("train", "eval"):
-        source = data_cfg[role]
-        if source is None or source == "stdlib":
-            continue
-        local = Path(source).suffix in LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~"))
-        if local and not Path(source).expanduser().is_file():
-            raise DataError(f"data.{role} file {source!r} does not exist")
 
 
 class Trainer:
@@ -240,7 +233,7 @@ class Trainer:
     def from_config(cls, cfg: DictConfig) -> "Trainer":
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
-        _check_data_paths(cfg.data)
+        check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
         fsdp = distributed.use_fsdp(cfg)
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
@@ -453,7 +446,9 @@ class Trainer:
         if self.fsdp:
             distributed.save_adapter(self.unwrapped, directory, self.accelerator.is_main_process, self.tokenizer)
         elif self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(directory)
+            # no embedding layers: bytetune never resizes them, and PEFT's "auto" would ask the hub
+            # whether the base named in the adapter config has another vocabulary
+            self.unwrapped.save_pretrained(directory, save_embedding_layers=False)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
         self.accelerator.wait_for_everyone()

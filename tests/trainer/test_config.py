@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -33,7 +34,7 @@ def test_overrides_are_typed_and_applied():
 
 def test_recipe_by_path(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("name: mine\nmodel:\n  name_or_path: /nowhere\ntraining:\n  seq_len: 16\n")
+    path.write_text("name: mine\nmodel:\n  name_or_path: some-org/some-model\ntraining:\n  seq_len: 16\n")
     cfg = load_recipe(str(path))
     assert cfg.training.seq_len == 16 and cfg.output_dir == "runs/mine"
 
@@ -82,3 +83,25 @@ def test_parse_overrides_splits_recipe():
     assert parse_overrides(["recipe=a", "x.y=1"]) == ("a", ["x.y=1"])
     with pytest.raises(RecipeError):
         parse_overrides(["--lr", "1"])
+
+
+def test_saved_adapter_names_the_hub_id_as_its_base(tmp_path, capsys, recwarn):
+    """adapter_config.json names model.hub_id (else model.name_or_path), never the path the base
+    was loaded from, so AutoPeftModelForCausalLM.from_pretrained finds the base elsewhere; saving
+    never asks the hub about that base."""
+    run_dir = tmp_path / "run"
+    argv = [
+        "recipe=tiny_lora8", "model.hub_id=some-org/tiny-bloom", "training.max_steps=1", "schedule.warmup_steps=0",
+        f"output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}", "data.eval=null", "checkpoint.every_steps=0",
+        "logging.progress_bar=false", "logging.plot=false", "logging.tensorboard=false",
+    ]
+    assert train_main(argv) == 0, capsys.readouterr().err
+    for directory in [run_dir / "adapter", *sorted((run_dir / "checkpoints").glob("step-*"))]:
+        adapter = json.loads((directory / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == "some-org/tiny-bloom", directory
+    assert not [w for w in recwarn if "some-org/tiny-bloom" in str(w.message)]
+
+
+def test_shipped_smollm2_recipes_name_the_hub_model():
+    for name in ("smollm2_lora8", "smollm2_lora4"):
+        assert load_recipe(name).model.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"

