@@ -33,6 +33,7 @@ from bytetune import optim as bytetune_optim
 from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
 from bytetune.quant_layers import dequantize_model, quantize_model, quantize_model_zeroquant
 from bytetune.quant_layers.convert import forget_quantization
+from bytetune.quant_layers.int8_embedding import quantize_embeddings
 from bytetune.quant_layers.group_lora import register_zeroquant_lora
 from bytetune.quant_layers.lora import export_merged, prepare_for_kbit_training, register_int8_lora
 from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
@@ -83,6 +84,10 @@ def build_model(cfg: DictConfig, device_map: dict | None = None):
             )
         prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
         lora = register_zeroquant_lora(lora)
+    if cfg.quantization.embeddings == "int8":
+        # After the block linears (their skip list names the head), before PEFT: "all-linear"
+        # adapters never target the head, and get_peft_model freezes the int8 tables with the base.
+        quantize_embeddings(model)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     return get_peft_model(model, lora), tokenizer
 
@@ -329,7 +334,7 @@ class Trainer:
             rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
             rows = {key: value.to(self.accelerator.device) for key, value in rows.items()}
             with self.accelerator.autocast():
-                summed, counted = summed_token_loss(self.model, rows)
+                summed, counted = summed_token_loss(self.model, rows, fused=self.cfg.training.fused_cross_entropy)
             totals += torch.stack([summed.double(), counted.double()])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.world > 1 else totals
         if was_training:
@@ -432,7 +437,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
-                    summed, _ = summed_token_loss(self.model, batch)
+                    summed, _ = summed_token_loss(self.model, batch, fused=self.cfg.training.fused_cross_entropy)
                     loss = summed / normalizer
                 self.accelerator.backward(loss)
             loss_sum += summed.detach().float()
