@@ -55,7 +55,7 @@ MIN_CHUNK_TOKENS = 32
 # Launch configs of the per-row CE kernel (one program per token row, BLOCK_V vocab entries per
 # iteration). Explicit, so a compile gate can enumerate them.
 CE_GPU_CONFIG = dict(BLOCK_V=4096, num_warps=16)
-CE_INTERPRETER_CONFIG = dict(BLOCK_V=256)
+CE_INTERPRETER_CONFIG = dict(BLOCK_V=1024)
 
 
 def default_chunk_tokens(n_tokens: int, hidden: int, vocab: int) -> int:
