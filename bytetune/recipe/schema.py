@@ -41,6 +41,7 @@ OPTIMIZERS = ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLEL_STRATEGIES = ("none", "fsdp")
 DATA_FORMATS = ("text", "instruction")
+EMBEDDING_QUANTIZATIONS = ("int8",)
 
 
 class RecipeError(ValueError):
@@ -98,6 +99,10 @@ class QuantizationConfig:
     module_bits: Dict[str, int] = field(default_factory=dict)  # empty: bytetune's default patterns
     group_size: int = 128
     act_bits: int = 8
+    # Word embeddings and output head: null keeps them in the model's dtype; "int8" freezes them
+    # row-wise in int8 (lookup dequantizes the gathered rows, the head is a weight-only int8
+    # matmul; a tied head shares the one int8 table). Halves them against bf16.
+    embeddings: Optional[str] = None
 
 
 @dataclass
@@ -178,6 +183,9 @@ class TrainingConfig:
     max_grad_norm: Optional[float] = 1.0  # null = no clipping
     seed: int = 0
     max_nonfinite_steps: int = 10  # steps skipped for a non-finite loss before the run stops
+    # Loss and its gradient from the last hidden states in token chunks: the [tokens, vocab]
+    # float32 logits never exist (false: the plain path through the model's full logits).
+    fused_cross_entropy: bool = True
 
 
 @dataclass
@@ -328,6 +336,8 @@ def validate(cfg: DictConfig) -> None:
     _check_range(cfg.optimizer.momentum, "optimizer.momentum", 0.0, 1.0)
     if cfg.optimizer.block_size & (cfg.optimizer.block_size - 1) or cfg.optimizer.block_size < 64:
         raise RecipeError(f"optimizer.block_size must be a power of two >= 64, got {cfg.optimizer.block_size}")
+    if cfg.quantization.embeddings is not None:
+        _check_choice(cfg.quantization.embeddings, EMBEDDING_QUANTIZATIONS, "quantization.embeddings")
     if cfg.quantization.int8 and cfg.quantization.zeroquant:
         raise RecipeError("quantization.int8 and quantization.zeroquant are both true: pick one (set int8: false)")
     _check_positive(cfg.quantization.threshold, "quantization.threshold", allow_zero=True)

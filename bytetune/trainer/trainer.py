@@ -74,8 +74,6 @@ def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = F
         layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
-    # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
-    lora = register_zeroquant_lora(lora)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     peft_model = get_peft_model(model, lora)
     # Saved adapters name their base as the recipe does (a hub id), not as the path it happened to
@@ -357,7 +355,7 @@ class Trainer:
             rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
             rows = {key: value.to(self.accelerator.device) for key, value in rows.items()}
             with self.accelerator.autocast():
-                summed, counted = summed_token_loss(self.model, rows)
+                summed, counted = summed_token_loss(self.model, rows, fused=self.cfg.training.fused_cross_entropy)
             if counts:
                 totals += torch.stack([summed.double(), counted.double()])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.world > 1 else totals
@@ -477,7 +475,7 @@ class Trainer:
                 sync = distributed.no_gradient_sync(self.model) if self.fsdp else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
-                    summed, _ = summed_token_loss(self.model, batch)
+                    summed, _ = summed_token_loss(self.model, batch, fused=self.cfg.training.fused_cross_entropy)
                     loss = summed / normalizer
                 self.accelerator.backward(loss)
             loss_sum += summed.detach().float()
