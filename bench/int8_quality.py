@@ -4,7 +4,10 @@ On held-out local text (stdlib source the model was not tuned on here), for each
 perplexity, and the mean over tokens of KL(p_fp32 || p_variant) of the next-token distribution.
 Variants: fp32 (the reference), bytetune Int8Linear at threshold 6.0 and 0 (pure vector-wise),
 and bitsandbytes' Linear8bitLt at threshold 6.0 when bitsandbytes is installed. Every variant
-quantizes the same layers: all linear layers except the (tied) output head.
+quantizes the same layers: all linear layers except the (tied) output head. Two more rows add
+row-wise int8 word embeddings and (tied) head (quantize_embeddings, recipe switch
+``quantization.embeddings: int8``): alone on the fp32 model (the KL they add by themselves) and on
+top of Int8Linear t=6 (what the bloom recipes run).
 
     python bench/int8_quality.py                    # CPU: 2048 tokens
     python bench/int8_quality.py --tokens 16384     # CUDA: more text
@@ -27,6 +30,7 @@ from torch import nn
 
 from bytetune import quantize_model
 from bytetune.quant_layers.convert import default_skip_names, model_bytes
+from bytetune.quant_layers.int8_embedding import quantize_embeddings
 from bytetune.trainer.local_text import stdlib_text
 from bytetune.trainer.models import load_smollm2
 
@@ -127,6 +131,15 @@ def main() -> None:
             (f"bytetune Int8Linear t={threshold:g}", perplexity(logprobs, windows), mean_kl(ref_logprobs, logprobs),
              report.bytes_after, secs)
         )
+        del model
+
+    for name, linears in (("fp32 + int8 embeddings/head", False), ("bytetune Int8Linear t=6 + int8 embeddings/head", True)):
+        model = copy.deepcopy(fp32_model)
+        if linears:
+            quantize_model(model, threshold=6.0)
+        quantize_embeddings(model)
+        logprobs, secs = evaluate(model, name)
+        rows.append((name, perplexity(logprobs, windows), mean_kl(ref_logprobs, logprobs), model_bytes(model), secs))
         del model
 
     if importlib.util.find_spec("bitsandbytes") is not None:

@@ -12,6 +12,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.int8_config import Int8Config
+from bytetune.quant_layers.int8_embedding import dequantize_embeddings
 from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
 
 
@@ -63,7 +64,8 @@ def default_skip_names(model: nn.Module) -> set[str]:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) and not isinstance(module, Int8Linear)) or is_conv1d(module)
+    # Any frozen quantized layer (Int8Linear, GroupQuantLinear, Int8Head) is a Linear already done.
+    return (isinstance(module, nn.Linear) and not isinstance(module, FrozenQuantLinear)) or is_conv1d(module)
 
 
 @torch.no_grad()
@@ -124,7 +126,8 @@ def mark_kbit_loaded(model: nn.Module) -> None:
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace, in place, every frozen quantized layer of ``model`` (Int8Linear, GroupQuantLinear)
     by an nn.Linear holding its dequantized weight in ``dtype``; the inverse of quantize_model /
-    quantize_model_zeroquant up to the quantization error."""
+    quantize_model_zeroquant (and of quantize_embeddings) up to the quantization error."""
+    dequantize_embeddings(model, dtype)  # first: it re-ties a tied head to the float embeddings
     names = [name for name, module in model.named_modules() if isinstance(module, FrozenQuantLinear)]
     for name in names:
         model.set_submodule(name, dequantized_linear(model.get_submodule(name), dtype))

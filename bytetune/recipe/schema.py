@@ -34,6 +34,7 @@ TORCH_DTYPES = {
 OPTIMIZERS = ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("text", "instruction")
+EMBEDDING_QUANTIZATIONS = ("int8",)
 
 
 class RecipeError(ValueError):
@@ -83,6 +84,10 @@ class QuantizationConfig:
     module_bits: Dict[str, int] = field(default_factory=dict)  # empty: bytetune's default patterns
     group_size: int = 128
     act_bits: int = 8
+    # Word embeddings and output head: null keeps them in the model's dtype; "int8" freezes them
+    # row-wise in int8 (lookup dequantizes the gathered rows, the head is a weight-only int8
+    # matmul; a tied head shares the one int8 table). Halves them against bf16.
+    embeddings: Optional[str] = None
 
 
 @dataclass
@@ -153,6 +158,9 @@ class TrainingConfig:
     max_grad_norm: Optional[float] = 1.0  # null = no clipping
     seed: int = 0
     max_nonfinite_steps: int = 10  # steps skipped for a non-finite loss before the run stops
+    # Loss and its gradient from the last hidden states in token chunks: the [tokens, vocab]
+    # float32 logits never exist (false: the plain path through the model's full logits).
+    fused_cross_entropy: bool = True
 
 
 @dataclass
@@ -265,6 +273,8 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
     if len(cfg.optimizer.betas) != 2:
         raise RecipeError(f"optimizer.betas must have two values, got {list(cfg.optimizer.betas)}")
+    if cfg.quantization.embeddings is not None:
+        _check_choice(cfg.quantization.embeddings, EMBEDDING_QUANTIZATIONS, "quantization.embeddings")
     if cfg.quantization.int8 and cfg.quantization.zeroquant:
         raise RecipeError("quantization.int8 and quantization.zeroquant are both true: pick one (set int8: false)")
     if cfg.quantization.zeroquant:

@@ -3,14 +3,32 @@
 Returning the sum and the count (not a mean) is what lets the trainer weight every target token
 equally across micro-batches and ranks: a micro-batch with 3 target tokens and one with 300 give
 the gradient of one batch holding both (the bug HF fixed with ``num_items_in_batch``).
+
+The default path is fused (:func:`bytetune.kernels.fused_linear_ce.fused_linear_cross_entropy`):
+the model runs through its usual forward (so DDP, PEFT and accelerate's hooks all see the call)
+with ``logits_to_keep=1`` and ``output_hidden_states=True``; the last hidden states go through the
+head in token chunks, so the ``[tokens, vocab]`` float32 logits and their gradient never exist.
+The first call on a model checks that the head applied to the last hidden state reproduces the
+model's own last-position logits (it would not for a model that scales or soft-caps its logits);
+a model that fails the check, or whose head cannot be found, takes the plain path, with one warning.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from bytetune.kernels.fused_linear_ce import fused_linear_cross_entropy
+from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
+from bytetune.quant_layers.int8_embedding import Int8Head
 from bytetune.trainer.data import IGNORE_INDEX
+
+# Models already checked: True = fused path verified, False = plain path (warned once).
+_FUSED_OK: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def target_token_count(labels: torch.Tensor) -> torch.Tensor:
@@ -18,10 +36,85 @@ def target_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the next-token cross-entropy over target tokens in float32, their count)."""
-    labels = batch["labels"]
+def plain_summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of the CE from the model's full ``[batch, seq, vocab]`` logits (the reference)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return _summed_ce_of_logits(logits, batch["labels"])
+
+
+def _summed_ce_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    loss_sum = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, target_token_count(labels)
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / accelerate / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP and friends
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+def head_of(model: nn.Module) -> nn.Linear | None:
+    """The output head if the fused path can use it: a bias-free float nn.Linear or an Int8Head."""
+    inner = causal_lm(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if isinstance(head, Int8Head) and head.bias is None:
+        return head
+    if isinstance(head, nn.Linear) and not isinstance(head, FrozenQuantLinear) and head.bias is None:
+        return head
+    return None
+
+
+def _head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    hidden = hidden.to(head.weight.device)
+    targets = targets.to(head.weight.device)
+    if isinstance(head, Int8Head):
+        return fused_linear_cross_entropy(hidden, targets, w_int8=head.weight, w_scale=head.row_scale)
+    return fused_linear_cross_entropy(hidden, targets, weight=head.weight)
+
+
+def _fall_back(model: nn.Module, reason: str) -> None:
+    warnings.warn(f"fused cross-entropy is off for this model ({reason}); the loss materializes the full logits",
+                  stacklevel=3)
+    _FUSED_OK[causal_lm(model)] = False
+
+
+def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token cross-entropy over target tokens in float32, their count).
+
+    ``fused``: chunked loss from the last hidden states (see the module docstring); False, or a
+    model the fused path does not fit, computes it from the full logits.
+    """
+    labels = batch["labels"]
+    count = target_token_count(labels)
+    inner = causal_lm(model)
+    known = _FUSED_OK.get(inner) if isinstance(inner, nn.Module) else False
+    head = head_of(model) if fused and known is not False else None
+    if head is None:
+        if fused and known is None:
+            _fall_back(model, "no bias-free nn.Linear / Int8Head output head found")
+        return plain_summed_loss(model, batch), count
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                logits_to_keep=1, output_hidden_states=True)
+    hidden_states = getattr(out, "hidden_states", None)
+    if hidden_states is None or out.logits.shape[1] != 1:
+        # The model ignored logits_to_keep/output_hidden_states: it paid for the full logits already.
+        _fall_back(model, "the model ignores logits_to_keep or output_hidden_states")
+        return _summed_ce_of_logits(out.logits, labels), count
+    last = hidden_states[-1]
+    if not known:
+        with torch.no_grad():
+            # Exact for a plain nn.Linear / our head; 1e-3 leaves room for 16-bit rounding only.
+            expected = out.logits[:, -1].float()
+            got = head(last[:, -1].to(head.weight.device)).float().to(expected.device)
+            agrees = last.shape[-1] == head.in_features and torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+        if not agrees:
+            _fall_back(model, "the head applied to the last hidden state does not reproduce the model's logits")
+            return plain_summed_loss(model, batch), count
+        _FUSED_OK[inner] = True
+    hidden = last[:, :-1].reshape(-1, last.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    return _head_loss(head, hidden, targets), count

@@ -18,6 +18,7 @@ from tokenizers.models import BPE
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from bytetune.quant_layers import Int8Config, ZeroQuantConfig, quantize_model, quantize_model_zeroquant
+from bytetune.quant_layers.int8_embedding import quantize_embeddings
 from bytetune.quant_layers.lora import prepare_for_kbit_training
 from bytetune.recipe import RecipeError, bundled_model_config, shrink_model_config, torch_dtype
 
@@ -196,4 +197,8 @@ def build_base(cfg, device_map: dict | None = None):
     if cfg.quantization.int8 or cfg.quantization.zeroquant:
         # Gradient checkpointing is switched on by the Trainer; here only freeze the base.
         prepare_for_kbit_training(model, gradient_checkpointing=False, upcast_fp32=False)
+    if cfg.quantization.embeddings == "int8":
+        # After the block linears (their skip list names the head), before PEFT: "all-linear"
+        # adapters never target the head, and get_peft_model freezes the int8 tables with the base.
+        quantize_embeddings(model)
     return model, tokenizer

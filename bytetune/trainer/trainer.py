@@ -333,7 +333,7 @@ class Trainer:
             rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
             rows = {key: value.to(self.accelerator.device) for key, value in rows.items()}
             with self.accelerator.autocast():
-                summed, counted = summed_token_loss(self.model, rows)
+                summed, counted = summed_token_loss(self.model, rows, fused=self.cfg.training.fused_cross_entropy)
             totals += torch.stack([summed.double(), counted.double()])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.world > 1 else totals
         if was_training:
@@ -436,7 +436,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
-                    summed, _ = summed_token_loss(self.model, batch)
+                    summed, _ = summed_token_loss(self.model, batch, fused=self.cfg.training.fused_cross_entropy)
                     loss = summed / normalizer
                 self.accelerator.backward(loss)
             loss_sum += summed.detach().float()
