@@ -28,7 +28,7 @@ INT8_MAX = 127.0
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The reference input gradient dequantizes this many weight rows at a time, so the oracle never
 # holds a full fp32 copy of a large weight either.
-_REFERENCE_GRAD_CHUNK_ROWS = 1024
+REFERENCE_GRAD_CHUNK_ROWS = 1024
 
 __all__ = [
     "quantize_rowwise",
@@ -194,8 +194,8 @@ def int8_matmul_grad_input_reference(
     _check_grad_input_args(grad_y, w_int8, w_scale)
     n_rows = w_int8.shape[0]
     grad_x = torch.zeros(grad_y.shape[0], w_int8.shape[1], dtype=torch.float32, device=grad_y.device)
-    for start in range(0, n_rows, _REFERENCE_GRAD_CHUNK_ROWS):
-        stop = min(start + _REFERENCE_GRAD_CHUNK_ROWS, n_rows)
+    for start in range(0, n_rows, REFERENCE_GRAD_CHUNK_ROWS):
+        stop = min(start + REFERENCE_GRAD_CHUNK_ROWS, n_rows)
         w_chunk = w_int8[start:stop].float() * w_scale[start:stop, None] / INT8_MAX
         grad_x += grad_y[:, start:stop].float() @ w_chunk
     return grad_x.to(grad_y.dtype)

@@ -158,7 +158,7 @@ def test_int8_product_is_exact_beyond_float32_range(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_input_reference_matches_float64_math(dtype, monkeypatch):
     # A small chunk size makes the reference loop over several chunks of weight rows.
-    monkeypatch.setattr(KERNEL_MODULE, "_REFERENCE_GRAD_CHUNK_ROWS", 8)
+    monkeypatch.setattr(KERNEL_MODULE, "REFERENCE_GRAD_CHUNK_ROWS", 8)
     gen = _generator(6)
     w_codes = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(N, generator=gen) * 0.2 + 0.01
