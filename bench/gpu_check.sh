@@ -2,7 +2,8 @@
 # GPU check, one script for a lent GPU machine: the kernel tests with the Triton kernels compiled
 # for real (TRITON_INTERPRET=0), then the benches at full size, every table tee'd into
 # bench/results/gpu_<date>.txt. Budget: under 8 minutes in total; each line's timeout is its share
-# (sum 470 s), so a slow section loses its own tail, never the later sections.
+# (sum 470 s, +120 s for the FSDP2 step on a machine with 2+ GPUs), so a slow section loses its
+# own tail, never the later sections.
 # Run: `make gpu-check` (or `bash bench/gpu_check.sh` with PYTHON pointing at a CUDA torch).
 set -uo pipefail  # no -e: a failing section must not hide the later ones
 cd "$(dirname "$0")/.."
@@ -47,3 +48,26 @@ section "planner vs measured peak (torch.cuda.max_memory_allocated; goal within 
 timeout 60 "$PYTHON" bench/plan_vs_measured.py 2>&1 | grep "^|\|^#\|Error" | tee -a "$RESULTS"
 section "e2e: bytetune vs HF Trainer + PEFT + bitsandbytes (~350M BLOOM shape)"
 timeout 60 "$PYTHON" bench/e2e.py --shapes 350m --steps 10 2>&1 | grep "^|\|^#\|Ratios\|Error" | tee -a "$RESULTS"
+
+# --- FSDP2 over two GPUs (NCCL), only where there are two ----------------------------------------
+# The bloom7b recipe shrunk to 4 blocks, sharded over 2 processes: int8 codes, LoRA and 8-bit
+# AdamW states per rank, bf16 autocast, a checkpoint through torch.distributed.checkpoint at step
+# 2, then a resume from it to step 4.
+N_GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$N_GPUS" -ge 2 ]; then
+    section "FSDP2: shrunken bloom7b_lora8 over 2 GPUs (accelerate launch, bytetune/recipe/accelerate/fsdp2.yaml)"
+    FSDP_ARGS=(train.py recipe=bloom7b_lora8 parallel.strategy=fsdp output_dir=/tmp/bytetune_gpu_check_fsdp
+        model.from_config=true model.shrink.num_layers=4 model.shrink.hidden_size=512 model.shrink.num_heads=8
+        model.shrink.vocab_size=512 model.tokenizer=bytes data.max_train_chars=200000 data.max_eval_chars=20000
+        training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false)
+    FSDP_LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file bytetune/recipe/accelerate/fsdp2.yaml
+        --num_processes 2 --main_process_port 29561)
+    rm -rf /tmp/bytetune_gpu_check_fsdp
+    timeout 60 "${FSDP_LAUNCH[@]}" "${FSDP_ARGS[@]}" training.max_steps=2 2>&1 \
+        | grep -E '"(steps|parallel|peak_memory_bytes|final_train_loss)"|^error|Error' | tee -a "$RESULTS"
+    timeout 60 "${FSDP_LAUNCH[@]}" "${FSDP_ARGS[@]}" training.max_steps=4 checkpoint.resume=true 2>&1 \
+        | grep -E '"(steps|steps_this_session|parallel|peak_memory_bytes|final_train_loss|final_eval_loss)"|^error|Error' \
+        | tee -a "$RESULTS"
+else
+    section "FSDP2 2-GPU smoke step skipped: $N_GPUS GPU(s) visible"
+fi

@@ -18,6 +18,14 @@ parameter left unchanged for that step, so it never corrupts the quantized state
 State dict: plain tensors and ints (``torch.load(weights_only=True)`` works); ``load_state_dict``
 restores states bit for bit (torch's default would cast float32 states to a bf16 param's dtype)
 and rejects states whose shape or dtype do not fit the parameter.
+
+Sharded parameters (FSDP2's DTensors, sharded on dim 0 over a 1-D mesh): each rank keeps the
+states of its local shard only, quantized block-wise over that shard. ``state_dict`` returns those
+states as DTensors over the parameter's mesh (codes and 32-bit states shaped and placed like the
+parameter; each rank's absmax as one row of a [ranks, blocks] tensor, padded to the longest
+shard), so ``torch.distributed.checkpoint`` writes every rank's part; ``load_state_dict`` takes
+them back into the same sharding. The block layout depends on the shard boundaries: resume with
+the same number of ranks.
 """
 
 from __future__ import annotations
@@ -39,8 +47,22 @@ from bytetune.kernels.optim_update import (
 )
 from bytetune.kernels.quant_maps import dynamic_map
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Shard
+else:  # a torch build without distributed support has no sharded parameters
+    DTensor = Shard = None
+
 _OPTIM_BITS_ATTR = "_bytetune_optim_bits"
 _SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard, or the tensor itself."""
+    return tensor.to_local() if _is_sharded(tensor) else tensor
 
 
 def mark_32bit_state(param: torch.Tensor) -> torch.Tensor:
@@ -100,18 +122,22 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
         return (True, False)[: N_STATES[self.KIND]]
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        # The 8/32-bit choice looks at the whole parameter (every rank decides alike); the states
+        # cover this rank's shard.
+        uses_8bit = self._uses_8bit(param, group)
+        local = _local(param)
         state["step"] = 0
         for index, signed in enumerate(self._state_signedness(), start=1):
-            if self._uses_8bit(param, group):
+            if uses_8bit:
                 zero_code = int(torch.searchsorted(self._code_map(torch.device("cpu"), signed), 0.0))
                 state[f"state{index}"] = torch.full(
-                    (param.numel(),), zero_code, dtype=torch.uint8, device=param.device
+                    (local.numel(),), zero_code, dtype=torch.uint8, device=local.device
                 )
                 state[f"absmax{index}"] = torch.zeros(
-                    n_blocks(param.numel(), group["block_size"]), dtype=torch.float32, device=param.device
+                    n_blocks(local.numel(), group["block_size"]), dtype=torch.float32, device=local.device
                 )
             else:
-                state[f"state{index}"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                state[f"state{index}"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
 
     # ------------------------------------------------------------ step
 
@@ -146,35 +172,39 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                self._check_grad(param, param.grad)
+                # A sharded parameter is updated shard by shard: the update is elementwise.
+                local, grad = _local(param), _local(param.grad)
+                self._check_grad(local, grad)
                 state = self.state[param]
                 if not state:
                     self._init_state(param, group, state)
                 state["step"] += 1
+                if local.numel() == 0:  # more ranks than rows: this rank holds nothing of it
+                    continue
                 scalars = self._scalars(group, state["step"])
                 if state["state1"].dtype == torch.uint8:
-                    self._step_8bit(param, group, state, scalars)
+                    self._step_8bit(local, grad, group, state, scalars)
                 else:
-                    self._step_32bit(param, group, state, scalars)
+                    self._step_32bit(local, grad, group, state, scalars)
         return loss
 
-    def _step_8bit(self, param, group, state, scalars: UpdateScalars) -> None:
+    def _step_8bit(self, param, grad, group, state, scalars: UpdateScalars) -> None:
         maps = [self._code_map(param.device, signed) for signed in self._state_signedness()]
         second = (state["state2"], state["absmax2"], maps[1]) if len(maps) == 2 else (None, None, None)
         # The fused kernel wants contiguous memory; a strided param is updated through a copy.
         work = param if param.is_contiguous() or not use_triton(param) else param.contiguous()
         optimizer_update_8bit(
-            self.KIND, scalars, work, param.grad.contiguous(),
+            self.KIND, scalars, work, grad.contiguous(),
             state["state1"], state["absmax1"], maps[0], *second,
             nesterov=self._nesterov(group), block_size=group["block_size"],
         )  # fmt: skip
         if work is not param:
             param.copy_(work)
 
-    def _step_32bit(self, param, group, state, scalars: UpdateScalars) -> None:
+    def _step_32bit(self, param, grad, group, state, scalars: UpdateScalars) -> None:
         state2 = state.get("state2")
         new_param, new_state1, new_state2 = optimizer_update_reference(
-            self.KIND, scalars, param.float(), param.grad.float(), state["state1"], state2,
+            self.KIND, scalars, param.float(), grad.float(), state["state1"], state2,
             self._nesterov(group),
         )  # fmt: skip
         state["state1"].copy_(new_state1)
@@ -183,6 +213,29 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
         param.copy_(new_param)
 
     # ------------------------------------------------------------ state dict
+
+    def init_states(self) -> None:
+        """Create every parameter's (zero) states now instead of at its first step: what a
+        sharded checkpoint is loaded into (``torch.distributed.checkpoint`` fills a template)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if not self.state[param]:
+                    self._init_state(param, group, self.state[param])
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        # torch numbers the parameters in param_group order; the state is keyed by that number
+        for pid, param in enumerate(params):
+            if _is_sharded(param) and pid in state_dict["state"]:
+                state_dict["state"][pid] = {
+                    key: _sharded_state(value, key, param, self._group_of(param)["block_size"])
+                    for key, value in state_dict["state"][pid].items()
+                }
+        return state_dict
+
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        return next(group for group in self.param_groups if any(p is param for p in group["params"]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -193,9 +246,19 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
                 f"state dict has {len(saved_ids)} parameters but this optimizer has {len(params)}; "
                 "build the optimizer over the same parameters in the same order"
             )
+        state_dict = {**state_dict, "state": dict(state_dict["state"])}
         for pid, param in zip(saved_ids, params):
             if pid in state_dict["state"]:
-                self._check_saved_state(state_dict["state"][pid], param, saved_groups[pid], pid)
+                saved = state_dict["state"][pid]
+                if _is_sharded(param):
+                    saved = {key: _local_state(value, key, param, saved_groups[pid]["block_size"]) for key, value in saved.items()}
+                    state_dict["state"][pid] = saved
+                elif any(_is_sharded(value) for value in saved.values() if isinstance(value, torch.Tensor)):
+                    raise ValueError(
+                        f"optimizer state of parameter {pid} is sharded (saved under FSDP) but the parameter is not: "
+                        "load it into the same FSDP-sharded model"
+                    )
+                self._check_saved_state(saved, _local(param), saved_groups[pid], pid)
         super().load_state_dict(state_dict)
         # torch casts float states to the param dtype (lossy for bf16 params): restore them exactly.
         for pid, param in zip(saved_ids, params):
@@ -203,7 +266,7 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
                 restored = self.state[param]
                 for key, value in state_dict["state"][pid].items():
                     if isinstance(value, torch.Tensor):
-                        restored[key] = value.to(device=param.device, copy=True)
+                        restored[key] = value.to(device=_local(param).device, copy=True)
 
     def _check_saved_state(self, saved: dict[str, Any], param: torch.Tensor, group, pid) -> None:
         where = f"optimizer state of parameter {pid} (shape {tuple(param.shape)})"
@@ -379,6 +442,47 @@ class Lion8bit(_BlockwiseOptimizer):
         )
 
 
+def _shard_rows(param: torch.Tensor) -> int:
+    """Rows of dim 0 on the ranks holding the most (FSDP2 splits dim 0 as torch.chunk does)."""
+    if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"bytetune optimizers shard states like FSDP2 (Shard(0) over a 1-D mesh); this parameter is "
+            f"placed {tuple(param.placements)} over a {param.device_mesh.ndim}-D mesh"
+        )
+    return -(-param.shape[0] // param.device_mesh.size())
+
+
+def _sharded_state(value: Any, key: str, param: torch.Tensor, block_size: int) -> Any:
+    """One local state of a sharded parameter as a DTensor that spans every rank's state."""
+    if not isinstance(value, torch.Tensor):
+        return value  # the step count: the same on every rank
+    mesh = param.device_mesh
+    if key.startswith("absmax"):
+        # Per-shard blocks: one row per rank, padded to the blocks of the longest shard.
+        longest = n_blocks(_shard_rows(param) * math.prod(param.shape[1:]), block_size)
+        row = torch.zeros(1, longest, dtype=value.dtype, device=value.device)
+        row[0, : value.numel()] = value
+        return DTensor.from_local(row, mesh, [Shard(0)], run_check=False, shape=(mesh.size(), longest), stride=(longest, 1))
+    local = _local(param)
+    # 8-bit codes (one per element, flat) and 32-bit states both take the parameter's layout.
+    return DTensor.from_local(
+        value.reshape(local.shape), mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+def _local_state(value: Any, key: str, param: torch.Tensor, block_size: int) -> Any:
+    """The inverse of :func:`_sharded_state`: this rank's state in the optimizer's own layout."""
+    if not _is_sharded(value):
+        return value
+    local = value.to_local()
+    numel = _local(param).numel()
+    if key.startswith("absmax"):
+        return local[0, : n_blocks(numel, block_size)].contiguous()
+    if local.dtype == torch.uint8:
+        return local.reshape(-1)
+    return local
+
+
 def _check_betas(betas) -> None:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
@@ -393,7 +497,7 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
             state = optimizer.state.get(param)
             if not state:
                 continue
-            n_params += param.numel()
+            n_params += _local(param).numel()
             state_bytes += sum(
                 v.numel() * v.element_size() for k, v in state.items() if isinstance(v, torch.Tensor) and k != "step"
             )

@@ -48,6 +48,17 @@ class LoraInt8Linear(LoraLinear):
             if adapter in self.lora_A:
                 _add_delta_to_int8_base(self, adapter, sign=-1.0, safe=False)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT moves new adapters to their base layer's device. A base still on the meta device
+        # (built empty; FSDP loads each rank's shard of it later) would take the adapters' seeded
+        # initial weights with it: keep a copy, by parameter name, for whoever loads the base.
+        if self.get_base_layer().weight.device.type == "meta":
+            initial = self.__dict__.setdefault("initial_adapter_weights", {})
+            for name, param in self.named_parameters():
+                if f".{adapter_name}." in f".{name}" and param.device.type != "meta":
+                    initial[name] = param.detach().clone()
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+
 
 @torch.no_grad()
 def _add_delta_to_int8_base(layer: LoraLayer, adapter: str, sign: float, safe: bool) -> None:

@@ -33,6 +33,7 @@ TORCH_DTYPES = {
 }
 OPTIMIZERS = ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
+PARALLEL_STRATEGIES = ("none", "fsdp")
 DATA_FORMATS = ("text", "instruction")
 EMBEDDING_QUANTIZATIONS = ("int8",)
 
@@ -194,6 +195,18 @@ class ExportConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # "none": one process holds the whole model (model.device_map may split it over its GPUs);
+    # several processes are data parallel (DDP). "fsdp": FSDP2, every rank holds 1/N of the int8
+    # base, the adapters and the optimizer states (bytetune/trainer/distributed.py); launching
+    # with an accelerate FSDP config selects it too.
+    strategy: str = "none"
+    # Free each block's gathered weights after its forward (re-gathered for the backward): the
+    # least memory. false keeps them until the backward: one all-gather less per block and step.
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING
     output_dir: str = "runs/${name}"
@@ -208,6 +221,7 @@ class RecipeConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def available_recipes() -> list[str]:
@@ -269,6 +283,7 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg.schedule.name, SCHEDULES, "schedule.name")
     _check_choice(cfg.data.format, DATA_FORMATS, "data.format")
     _check_choice(cfg.export.merged_dtype, DTYPES, "export.merged_dtype")
+    _check_choice(cfg.parallel.strategy, PARALLEL_STRATEGIES, "parallel.strategy")
     if cfg.optimizer.optim_bits not in (8, 32):
         raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
     if len(cfg.optimizer.betas) != 2:

@@ -102,14 +102,19 @@ def begin(output_dir: str | Path, step: int) -> Path:
 def write_main(temporary: Path, unwrapped_model, optimizer, scheduler, state: dict) -> None:
     """Main process: adapter, optimizer, scheduler, then the state file that marks completeness."""
     unwrapped_model.save_pretrained(temporary)
-    hook = os.environ.get(WRITE_DELAY_ENV)
-    if hook:
-        step, seconds = hook.split(":")
-        if int(step) == state["step"]:
-            time.sleep(float(seconds))
+    write_delay_hook(state["step"])
     torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
     (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def write_delay_hook(step: int) -> None:
+    """The test hook of WRITE_DELAY_ENV: sleep inside the checkpoint write of that step."""
+    hook = os.environ.get(WRITE_DELAY_ENV)
+    if hook:
+        hook_step, seconds = hook.split(":")
+        if int(hook_step) == step:
+            time.sleep(float(seconds))
 
 
 def write_rank_rng(temporary: Path, rank: int) -> None:

@@ -130,9 +130,13 @@ def zeroquant_config(quantization):
     )
 
 
-def load_base_model(cfg, device_map: dict | None = None):
+def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
-    quantized while loading when quantization.int8 is set; the others are quantized afterwards."""
+    quantized while loading when quantization.int8 is set; the others are quantized afterwards.
+
+    ``empty``: a local checkpoint's architecture only, its parameters on the meta device (buffers
+    real); ``model.bytetune_checkpoint`` names the directory each FSDP rank then reads its shard
+    of the weights from (bytetune.trainer.distributed)."""
     model_cfg = cfg.model
     dtype = torch_dtype(model_cfg.dtype)
     tokenizer = None
@@ -148,6 +152,14 @@ def load_base_model(cfg, device_map: dict | None = None):
         location = resolve_model_dir(model_cfg.name_or_path)
         if model_cfg.gguf_file:
             model, tokenizer = load_gguf_cached(Path(location), model_cfg.gguf_file, dtype, model_cfg.cache_dir)
+        elif empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype)
+            model.tie_weights()  # from_pretrained ties after loading; an empty model is tied here
+            model.bytetune_checkpoint = location
+            tokenizer_source = location
         else:
             kwargs = {"dtype": dtype}
             if device_map or model_cfg.device_map:
@@ -179,11 +191,11 @@ def load_base_model(cfg, device_map: dict | None = None):
     return model, tokenizer
 
 
-def build_base(cfg, device_map: dict | None = None):
+def build_base(cfg, device_map: dict | None = None, empty: bool = False):
     """(base model, tokenizer): loaded as the recipe says, its linear layers frozen in int8 /
     ZeroQuant form when asked, no adapters."""
     try:
-        model, tokenizer = load_base_model(cfg, device_map=device_map)
+        model, tokenizer = load_base_model(cfg, device_map=device_map, empty=empty)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
     if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading

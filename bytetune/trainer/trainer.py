@@ -37,6 +37,7 @@ from bytetune.quant_layers.group_lora import register_zeroquant_lora
 from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
+from bytetune.trainer import distributed
 from bytetune.trainer.data import LOCAL_BUILDERS, DataError, as_token_blocks, build_token_blocks
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
@@ -54,10 +55,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite losses)."""
 
 
-def build_model(cfg: DictConfig, device_map: dict | None = None):
+def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = False):
     """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters.
-    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``."""
-    model, tokenizer = build_base(cfg, device_map)
+    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``; ``empty``
+    builds the base on the meta device, for FSDP to load each rank's shard into."""
+    model, tokenizer = build_base(cfg, device_map, empty=empty)
     targets = list(cfg.lora.target_modules)
     if targets == ["all-linear"] and cfg.lora.layers is not None:
         # PEFT takes layers_to_transform only with named targets: name every linear of the blocks
@@ -168,6 +170,14 @@ class Trainer:
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
         self.cfg = _as_recipe(config)
+        self.fsdp = distributed.use_fsdp(self.cfg)
+        if distributed.fsdp_requested(self.cfg) and not self.fsdp:
+            warnings.warn("FSDP was asked for but this is the only process: nothing to shard over, training unsharded "
+                          "(launch one process per GPU: accelerate launch --config_file "
+                          "bytetune/recipe/accelerate/fsdp2.yaml train.py ...)")
+        if self.fsdp:
+            distributed.check_fsdp_recipe(self.cfg)
+            memory_plan = None  # the planner does not model FSDP yet
         if OmegaConf.is_missing(self.cfg.model, "name_or_path"):  # a model built by hand
             self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
         # The planner's prediction, recorded beside the measured peaks ("auto": plan the model given).
@@ -201,7 +211,10 @@ class Trainer:
             model.enable_input_require_grads()
         device_map = getattr(model, "hf_device_map", None) or {}
         split = len({str(d) for d in device_map.values()}) > 1
-        self.model = self.accelerator.prepare_model(model, device_placement=not split)
+        if self.fsdp:  # sharded here, not by accelerate (see bytetune/trainer/distributed.py)
+            self.model = distributed.shard_model(model, self.accelerator.device, self.cfg)
+        else:
+            self.model = self.accelerator.prepare_model(model, device_placement=not split)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise RecipeError("the model has no trainable parameters: check lora.target_modules")
@@ -228,9 +241,17 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         _check_data_paths(cfg.data)
-        plan = check_fits(cfg)  # a recipe that cannot fit fails here, saying what would
+        fsdp = distributed.use_fsdp(cfg)
+        if fsdp:
+            distributed.check_fsdp_recipe(cfg)
+
+        # a recipe that cannot fit fails here, saying what would. The FSDP plan needs the world
+        # size and one GPU per process: `python -m bytetune.plan ... parallel=fsdp` plans it.
+        plan = None if fsdp else check_fits(cfg)
         split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
-        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None)
+        # under FSDP a local checkpoint is read shard by shard (each rank holds only its part)
+        empty = fsdp and distributed.can_load_sharded(cfg)
+        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None, empty=empty)
         train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
         eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
         return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan)
@@ -282,10 +303,13 @@ class Trainer:
     def adapter_digest(self) -> str:
         """sha256 of the trainable weights (ranks of a DDP run must agree)."""
         digest = hashlib.sha256()
-        for name, param in sorted(self.unwrapped.named_parameters()):
-            if param.requires_grad:
-                digest.update(name.encode())
-                digest.update(param.detach().float().cpu().numpy().tobytes())
+        if self.fsdp:  # every rank gathers the full adapters (collective)
+            weights = distributed.trainable_state(self.unwrapped)
+        else:
+            weights = {n: p.detach() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        for name, weight in sorted(weights.items()):
+            digest.update(name.encode())
+            digest.update(weight.float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
     def _truncate_log(self) -> None:
@@ -329,12 +353,18 @@ class Trainer:
         if self.cfg.eval.max_batches is not None:
             n_batches = min(n_batches, self.cfg.eval.max_batches)
         totals = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)  # loss sum, tokens
-        for index in range(self.accelerator.process_index, n_batches, self.world):
+        # Under FSDP every forward is collective: all ranks run as many, a rank past the last
+        # batch reruns batch 0 and counts nothing.
+        rounds = math.ceil(n_batches / self.world) * self.world if self.fsdp else n_batches
+        for index in range(self.accelerator.process_index, rounds, self.world):
+            counts = index < n_batches
+            index = index if counts else 0
             rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
             rows = {key: value.to(self.accelerator.device) for key, value in rows.items()}
             with self.accelerator.autocast():
                 summed, counted = summed_token_loss(self.model, rows, fused=self.cfg.training.fused_cross_entropy)
-            totals += torch.stack([summed.double(), counted.double()])
+            if counts:
+                totals += torch.stack([summed.double(), counted.double()])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.world > 1 else totals
         if was_training:
             self.model.train()
@@ -369,7 +399,10 @@ class Trainer:
             ckpt.begin(self.output_dir, self.step)
         self.accelerator.wait_for_everyone()
         ckpt.write_rank_rng(temporary, self.accelerator.process_index)
-        if self.accelerator.is_main_process:
+        if self.fsdp:
+            distributed.write_checkpoint(temporary, self.unwrapped, self.optimizer.optimizer, self.scheduler,
+                                         self._trainer_state(), self.accelerator.is_main_process)
+        elif self.accelerator.is_main_process:
             ckpt.write_main(temporary, self.unwrapped, self.optimizer, self.scheduler, self._trainer_state())
         self.accelerator.wait_for_everyone()
         final = ckpt.final_dir(self.output_dir, self.step)
@@ -393,11 +426,14 @@ class Trainer:
                 f"checkpoint {checkpoint} was written by {state['world_size']} processes, this run has {self.world}: "
                 "resume with the same number of processes"
             )
-        weights = load_peft_weights(str(checkpoint), device=str(self.accelerator.device))
-        result = set_peft_model_state_dict(self.unwrapped, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise ckpt.CheckpointError(f"checkpoint {checkpoint} has adapter weights this model lacks: {result.unexpected_keys[:3]}")
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        if self.fsdp:
+            distributed.read_sharded(checkpoint, self.unwrapped, self.optimizer.optimizer)
+        else:
+            weights = load_peft_weights(str(checkpoint), device=str(self.accelerator.device))
+            result = set_peft_model_state_dict(self.unwrapped, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise ckpt.CheckpointError(f"checkpoint {checkpoint} has adapter weights this model lacks: {result.unexpected_keys[:3]}")
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         ckpt.load_rank_rng(checkpoint, self.accelerator.process_index)
         self.step = state["step"]
@@ -409,7 +445,9 @@ class Trainer:
     def save_adapter(self, directory: str | Path | None = None) -> Path:
         """The adapters in PEFT format (``PeftModel.from_pretrained`` loads them); main process writes."""
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
-        if self.accelerator.is_main_process:
+        if self.fsdp:
+            distributed.save_adapter(self.unwrapped, directory, self.accelerator.is_main_process, self.tokenizer)
+        elif self.accelerator.is_main_process:
             self.unwrapped.save_pretrained(directory)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
@@ -433,7 +471,10 @@ class Trainer:
         tokens = 0
         for micro, batch in enumerate(batches):
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            if last:
+                sync = contextlib.nullcontext()
+            else:
+                sync = distributed.no_gradient_sync(self.model) if self.fsdp else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
                     summed, _ = summed_token_loss(self.model, batch, fused=self.cfg.training.fused_cross_entropy)
@@ -457,7 +498,10 @@ class Trainer:
                 )
             return mean_loss, tokens
         if self.cfg.training.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
+            if self.fsdp:  # accelerate clips only models it prepared
+                distributed.clip_grad_norm_(self.model, self.cfg.training.max_grad_norm)
+            else:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -531,6 +575,7 @@ class Trainer:
             "recipe": self.cfg.name,
             "steps": self.step,
             "steps_this_session": self.step - start_step,
+            "parallel": "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "none"),
             "tokens": self.tokens_seen,
             "tokens_per_s": session_tokens / max(wall, 1e-9),
             "train_wall_s": wall,
