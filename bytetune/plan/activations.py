@@ -109,9 +109,9 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     # check (packed-sequence detection) that cannot run on meta tensors. Its packed batches have no
     # padding, which is what the SDPA mask builder would find if it could read the mask.
     head = inner.get_output_embeddings()
-    # The trainer's fused loss takes a bias-free head (float or Int8Head); with a bias it falls
-    # back to the full logits.
-    fused = spec.fused_cross_entropy and getattr(head, "bias", None) is None
+    # The trainer's fused loss takes a bias-free head (float or Int8Head) of a model that FSDP2
+    # does not shard (bytetune.trainer.loss.head_of); otherwise it falls back to the full logits.
+    fused = spec.fused_cross_entropy and getattr(head, "bias", None) is None and spec.parallel != "fsdp"
     # Fused: the trainer's call (last position's logits only, the hidden states returned); the
     # chunked loss itself is a custom kernel sized from shapes below. Plain: HF's loss on the
     # full logits, traced.

@@ -58,7 +58,7 @@ class Planner:
         self.groups = [[unit] for unit in self.units]
         if head is not None and head.weight is embedding.weight and self.head_unit != self.embed_unit:
             self.groups.remove([self.head_unit])
-            self.groups[self.units.index(self.embed_unit)].append(self.head_unit)
+            next(g for g in self.groups if self.embed_unit in g).append(self.head_unit)
         tr = self.trace
         self.per_block_activation = tr.block_input if spec.gradient_checkpointing else tr.per_block
         # Int8Linear's forward quantizes the input (int8, tokens x K) and may accumulate in int32
@@ -127,15 +127,6 @@ class Planner:
             plan.overhead = 0  # an unused GPU costs nothing: the process never touches it
         return plan
 
-    def device_plans(self, device_map: dict[str, object], devices: list[Device]) -> list[DevicePlan]:
-        """Per-device totals of a device map (module name -> accelerate device key)."""
-        held: dict[object, list[str]] = {d.accelerate_key: [] for d in devices}
-        for unit in self.units:
-            key = _placement(device_map, unit)
-            if key in held:
-                held[key].append(unit)
-        return [self._device_plan(d, held[d.accelerate_key]) for d in devices]
-
     def _fill(self, devices: list[Device], reserve: int) -> tuple[list[list[str]], list[str]]:
         """Units in execution order onto the devices in turn, each filled while its total stays
         under capacity - ``reserve``; returns (units per device, units left over)."""
@@ -152,11 +143,11 @@ class Planner:
             placed.append(mine)
         return placed, [u for g in groups for u in g]
 
-    def plan(self, devices: str | Sequence[Device], parallel: str | None = None) -> MemoryPlan:
+    def plan(self, devices: str | Sequence[Device]) -> MemoryPlan:
         devices = parse_devices(devices)
         if not devices:
             raise ValueError("no devices given")
-        if (parallel or self.spec.parallel) == "fsdp":
+        if self.spec.parallel == "fsdp":
             return self.fsdp_plan(devices)
         # The largest reserve (bytes left free on every device) with which every unit is placed:
         # a full fill (reserve 0) that leaves units over does not fit.
@@ -182,6 +173,7 @@ class Planner:
             totals=self.totals(),
             activations_with_checkpointing=self.activations(True),
             activations_without_checkpointing=self.activations(False),
+            fused_loss=self.trace.loss.fused,
         )
 
     def fsdp_plan(self, devices: list[Device]) -> MemoryPlan:
@@ -197,7 +189,8 @@ class Planner:
           prefetched (two); without it every block stays gathered from its forward to its
           backward;
         - the activations of its own micro-batch through the whole model, and the larger of one
-          block's backward and the loss phase (every device runs the head);
+          block's backward and the loss phase (every device runs the head; the trainer's fused
+          loss is off under FSDP2, so it is the full logits);
         - runtime overhead (CUDA context, allocator slack).
         """
         world = len(devices)
@@ -245,13 +238,14 @@ class Planner:
             activations_without_checkpointing=self.activations(False),
             notes=notes,
             parallel="fsdp",
+            fused_loss=self.trace.loss.fused,
         )
 
-    def find_min_devices(self, size: int, kind: str = "cuda", limit: int = 512, parallel: str | None = None) -> int | None:
+    def find_min_devices(self, size: int, kind: str = "cuda", limit: int = 512) -> int | None:
         """Smallest number of devices of ``size`` bytes on which the plan fits (None past ``limit``)."""
         if kind != "cuda":
             return 1 if self.plan([Device("cpu", size)]).fits else None
-        fsdp = (parallel or self.spec.parallel) == "fsdp"
+        fsdp = self.spec.parallel == "fsdp"
         everything = sum(c.static for c in self.costs.values()) + self.activations(self.spec.gradient_checkpointing)
         usable = size - CUDA_CONTEXT_BYTES - self.block_temporary
         if usable <= 0:
@@ -263,18 +257,18 @@ class Planner:
         if fsdp:
             # Every device holds its shard plus what no sharding shrinks (gathered root and blocks,
             # activations): monotone in the count, so bisect, once the largest count fits.
-            if not self.plan(f"{limit}x{size}B", parallel=parallel).fits:
+            if not self.plan(f"{limit}x{size}B").fits:
                 return None
             high = limit
             while n < high:
                 mid = (n + high) // 2
-                if self.plan(f"{mid}x{size}B", parallel=parallel).fits:
+                if self.plan(f"{mid}x{size}B").fits:
                     high = mid
                 else:
                     n = mid + 1
             return n
         while n <= limit:
-            if self.plan(f"{n}x{size}B", parallel=parallel).fits:
+            if self.plan(f"{n}x{size}B").fits:
                 return n
             n += 1
         return None
@@ -305,19 +299,6 @@ def _unit_of(units: list[str], name: str) -> str:
         if name == unit or name.startswith(unit + "."):
             return unit
     raise ValueError(f"{name!r} is in no placement unit")
-
-
-def _placement(device_map: dict[str, object], unit: str):
-    """The device accelerate gave ``unit`` (the map may name it, a parent, or its children)."""
-    best = None
-    for name, device in device_map.items():
-        if name == "" or unit == name or unit.startswith(name + "."):
-            if best is None or len(name) > len(best[0]):
-                best = (name, device)
-    if best is not None:
-        return best[1]
-    children = {dev for name, dev in device_map.items() if name.startswith(unit + ".")}
-    return children.pop() if len(children) == 1 else None
 
 
 def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, parallel: str | None = None,

@@ -84,6 +84,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     parallel: str = "none"  # "fsdp": one process per device, each holding a shard
     nodes: int = 1  # machines the devices are spread over (FSDP2)
+    fused_loss: bool = False  # the loss is the trainer's fused linear+CE (else from the full logits)
 
     @property
     def fits(self) -> bool:
@@ -102,7 +103,7 @@ class MemoryPlan:
             "lora_r": self.spec.lora_r,
             "optimizer": self.spec.optimizer,
             "embeddings": self.spec.embeddings,
-            "fused_cross_entropy": self.spec.fused_cross_entropy,
+            "fused_cross_entropy": self.fused_loss,
             "parallel": self.parallel,
             "nodes": self.nodes,
             "fits": self.fits,
@@ -137,7 +138,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"gradient_checkpointing={spec.gradient_checkpointing}, {spec.quantization} base, "
         f"LoRA r={spec.lora_r} ({plan.totals['lora_numel'] / 1e6:.1f}M params, {as_dtype(spec.lora_dtype)}), "
         f"{spec.optimizer}, embeddings/head {'int8' if spec.embeddings == 'int8' else str(as_dtype(spec.compute_dtype)).replace('torch.', '')}, "
-        f"loss {'fused linear+CE (token chunks)' if spec.fused_cross_entropy else 'from full logits'}"
+        f"loss {'fused linear+CE (token chunks)' if plan.fused_loss else 'from full logits'}"
         + (f", FSDP2 over {len(plan.devices)} devices ({plan.nodes} node(s))" if plan.parallel == "fsdp" else ""),
         "",
         "Whole model (GiB):",

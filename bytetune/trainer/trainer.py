@@ -590,7 +590,8 @@ class Trainer:
             "adapter_dir": str(adapter_dir),
             "adapter_sha256_per_rank": digests,
         }
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and not self.fsdp:
+            # Generation on one rank cannot run a sharded model (its all-gathers need every rank).
             summary["held_out_sample"] = self.held_out_sample()
         if self.cfg.export.merged:
             summary["merged_dir"] = str(self._export_merged())
