@@ -17,6 +17,9 @@ the incoming scalar): one pass over the head weight instead of two.
 Memory beyond the hidden states (for a planner; C = chunk tokens, V = vocab, H = hidden,
 b = bytes of the compute dtype, N = target tokens):
   - grad_hidden, held from forward to backward: N x H x b_hidden (as big as the hidden states);
+  - when some targets are ignored, the selected rows: N x H x b_hidden (the trainer's shift
+    ``hidden[:, :-1].reshape`` is one more such copy);
+  - a float head whose dtype is not the compute dtype: one cast copy, V x H x b;
   - per chunk, transient: logits C x V x b; the reference CE adds C x V x 4 (its float32
     exp/logsumexp temporaries) and, for b < 4, another C x V x 4 (the float32 upcast); the Triton
     CE kernel works in place and adds nothing;

@@ -45,11 +45,15 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ever holds a float copy of a whole 250k-row head.
 REFERENCE_CHUNK_ROWS = 4096
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). "many_tokens" for training-size M
-# (hundreds of tokens and up), "few_tokens" for decoding-size M (<= 32), a GEMV over the weight.
+# 16-bit activations: "many_tokens" for training-size M (hundreds of tokens and up), "few_tokens"
+# for decoding-size M (<= 32), a GEMV over the weight. fp32 activations take the exact (non-tf32)
+# product: "fp32" is a smaller tile, since 128 x 128 fp32 tiles spilled ~10 KB of stack and needed
+# 112 KB of shared memory (more than sm_86's 99 KB) in an AOT compile for sm_80/sm_86; these three
+# compiled without spills (16-bit: 48 KB / 60 KB shared, fp32: 20 KB).
 GPU_CONFIGS = {
     "many_tokens": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "few_tokens": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
 }
 # Small tiles under the interpreter (CPU tensors): odd shapes exercise every mask.
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
@@ -152,6 +156,8 @@ def launch_config(x: torch.Tensor) -> dict:
     """The tile config a launch on ``x`` uses (one of GPU_CONFIGS, or INTERPRETER_CONFIG)."""
     if not x.is_cuda:
         return dict(INTERPRETER_CONFIG)
+    if x.dtype == torch.float32:
+        return dict(GPU_CONFIGS["fp32"])
     return dict(GPU_CONFIGS["few_tokens" if x.shape[0] <= 32 else "many_tokens"])
 
 

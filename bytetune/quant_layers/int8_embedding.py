@@ -186,7 +186,14 @@ class Int8Head(FrozenQuantLinear):
         return (self.weight.float() * (self.row_scale / INT8_MAX)[:, None]).to(dtype)
 
     def _matmul(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return WeightOnlyInt8Matmul.apply(x2d, self.weight, self.row_scale, bias)
+        device_type = x2d.device.type
+        if torch.is_autocast_enabled(device_type):
+            # As nn.Linear under autocast: the product (the logits) in the autocast dtype. Autocast
+            # is then switched off so the op's own float32 accumulation is not recast.
+            x2d = x2d.to(torch.get_autocast_dtype(device_type))
+            bias = None if bias is None else bias.to(x2d.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return WeightOnlyInt8Matmul.apply(x2d, self.weight, self.row_scale, bias)
 
 
 def _is_tied(head: nn.Module | None, embedding: nn.Module) -> bool:

@@ -72,6 +72,16 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     return None
 
 
+# Config attributes of transformers models whose logits are not the plain head output.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _transforms_logits(inner: nn.Module) -> bool:
+    config = getattr(inner, "config", None)
+    values = [getattr(config, name, None) for name in _LOGIT_TRANSFORMS]
+    return any(value is not None and value != 1 for value in values)
+
+
 def _head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     hidden = hidden.to(head.weight.device)
     targets = targets.to(head.weight.device)
@@ -101,6 +111,9 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = True)
         if fused and known is None:
             _fall_back(model, "no bias-free nn.Linear / Int8Head output head found, or an FSDP2-sharded model")
         return plain_summed_loss(model, batch), count
+    if known is None and _transforms_logits(inner):
+        _fall_back(model, "its config scales or soft-caps the logits after the head")
+        return plain_summed_loss(model, batch), count
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 logits_to_keep=1, output_hidden_states=True)
@@ -111,15 +124,22 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = True)
         return _summed_ce_of_logits(out.logits, labels), count
     last = hidden_states[-1]
     if not known:
-        with torch.no_grad():
-            # Exact for a plain nn.Linear / our head; 1e-3 leaves room for 16-bit rounding only.
-            expected = out.logits[:, -1].float()
-            got = head(last[:, -1].to(head.weight.device)).float().to(expected.device)
-            agrees = last.shape[-1] == head.in_features and torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
-        if not agrees:
+        verdict = None  # undecided on non-finite logits: the step is skipped anyway
+        if last.shape[-1] != head.in_features:
+            verdict = False
+        elif torch.isfinite(out.logits).all():
+            with torch.no_grad():
+                expected = out.logits[:, -1].float()
+                # head.forward, not head(...): the same computation without firing the head's hooks
+                got = head.forward(last[:, -1].to(head.weight.device)).float().to(expected.device)
+                # 16-bit logits: the two products may round a unit in the last place apart
+                tolerance = 1e-4 if out.logits.dtype == torch.float32 else 2e-2
+                verdict = torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
+        if verdict is False:
             _fall_back(model, "the head applied to the last hidden state does not reproduce the model's logits")
             return plain_summed_loss(model, batch), count
-        _FUSED_OK[inner] = True
+        if verdict:
+            _FUSED_OK[inner] = True
     hidden = last[:, :-1].reshape(-1, last.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     return _head_loss(head, hidden, targets), count

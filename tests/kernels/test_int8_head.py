@@ -77,7 +77,7 @@ def test_public_op_dispatches_to_triton_when_forced(monkeypatch):
 
 
 def test_gpu_configs_are_an_explicit_small_list():
-    assert set(GPU_CONFIGS) == {"many_tokens", "few_tokens"}
+    assert set(GPU_CONFIGS) == {"many_tokens", "few_tokens", "fp32"}
     for config in GPU_CONFIGS.values():
         assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= config.keys()
 

@@ -120,3 +120,14 @@ def test_bad_inputs_name_the_problem():
         quantize_embeddings(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="tied"):
         model.get_output_embeddings().set_weight(torch.zeros(VOCAB, 32))
+
+
+def test_head_under_bf16_autocast_gives_bf16_logits_like_nn_linear():
+    linear = nn.Linear(48, 300, bias=False)
+    head = Int8Head.from_linear(linear)
+    x = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+        expected = nn.functional.linear(x, head.dequantized_weight())
+    assert logits.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -190,6 +190,13 @@ def test_a_model_that_scales_its_logits_falls_back_to_the_plain_path_with_one_wa
         summed_token_loss(model, batch)
 
 
+def test_a_config_that_soft_caps_the_logits_takes_the_plain_path():
+    model = tiny_causal_lm("llama", tied=True)
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2's config says
+    with pytest.warns(UserWarning, match="soft-caps"):
+        summed_token_loss(model, labelled_batch(301))
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_trainer_losses_equal_with_fused_cross_entropy_off(tmp_path):
     def first_losses(fused: bool):

@@ -104,7 +104,9 @@ def test_nonfinite_loss_skips_the_step_then_stops(tmp_path):
         calls["n"] += 1
         return output * float("nan") if calls["n"] >= 2 else output
 
-    base.lm_head.register_forward_hook(poison_second_and_later)
+    # The final norm's output feeds the loss on both paths (the fused one never runs the head on
+    # every position, so a hook on the head would not reach it).
+    base.transformer.ln_f.register_forward_hook(poison_second_and_later)
     before = adapter_weights(trainer)
     with pytest.warns(UserWarning, match="non-finite loss"):
         with pytest.raises(TrainingError, match="max_nonfinite_steps=1"):
