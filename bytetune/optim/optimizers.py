@@ -25,7 +25,9 @@ states as DTensors over the parameter's mesh (codes and 32-bit states shaped and
 parameter; each rank's absmax as one row of a [ranks, blocks] tensor, padded to the longest
 shard), so ``torch.distributed.checkpoint`` writes every rank's part; ``load_state_dict`` takes
 them back into the same sharding. The block layout depends on the shard boundaries: resume with
-the same number of ranks.
+the same number of ranks. Give ``torch.distributed.checkpoint`` the state keyed by strings
+(parameter names): under the integer keys of ``state_dict()`` it loads the tensors but leaves
+each state's step count as the template had it. :meth:`init_states` builds that template.
 """
 
 from __future__ import annotations

@@ -76,6 +76,13 @@ def check_fsdp_recipe(cfg) -> None:
         )
     if cfg.training.precision == "fp16":
         raise RecipeError("training.precision=fp16 needs a gradient scaler, which the FSDP path does not run: use bf16")
+    if cfg.quantization.zeroquant:
+        raise RecipeError("quantization.zeroquant is not supported under FSDP yet (untested): use quantization.int8")
+    if cfg.optimizer.name == "adamw":
+        raise RecipeError(
+            "optimizer.name=adamw (torch's AdamW) has no sharded-checkpoint support here: use adamw8bit "
+            "(optimizer.optim_bits=32 for 32-bit states)"
+        )
     if cfg.export.merged:
         raise RecipeError(
             "export.merged is not available under FSDP (no rank holds the whole base): train with FSDP, then merge "
@@ -106,8 +113,8 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 def can_load_sharded(cfg) -> bool:
     """The recipe's base is a local directory of safetensors files: each rank can read its shard
-    of it (from_config, GGUF, hub ids and ZeroQuant bases are still loaded whole, then sharded)."""
-    if cfg.model.from_config or cfg.model.gguf_file or cfg.quantization.zeroquant:
+    of it (from_config, GGUF and hub-id bases are still loaded whole, then sharded)."""
+    if cfg.model.from_config or cfg.model.gguf_file:
         return False
     try:
         directory = Path(resolve_model_dir(cfg.model.name_or_path))
@@ -275,9 +282,8 @@ def local_frozen_int8_bytes(model: nn.Module) -> int:
     """Bytes of int8 parameters this rank stores (its shards of the frozen codes)."""
     total = 0
     for param in model.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        if local.dtype == torch.int8:
-            total += local.numel()
+        if _local(param).dtype == torch.int8:
+            total += _local(param).numel()
     return total
 
 
@@ -338,9 +344,7 @@ def read_sharded(directory: Path, model: nn.Module, optimizer) -> None:
     dcp.load(template, checkpoint_id=str(directory / SHARDED_DIR))
     with torch.no_grad():
         for name, param in params.items():
-            loaded = template["adapter"][name]
-            local = param.to_local() if isinstance(param, DTensor) else param
-            local.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
+            _local(param).copy_(_local(template["adapter"][name]))
     names = _position_names(model, optimizer)
     by_name = template["optimizer"]
     optimizer.load_state_dict({

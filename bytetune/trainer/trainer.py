@@ -429,6 +429,9 @@ class Trainer:
         if self.fsdp:
             distributed.read_sharded(checkpoint, self.unwrapped, self.optimizer.optimizer)
         else:
+            if not (checkpoint / "optimizer.pt").is_file():
+                raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no optimizer.pt: it was written by an FSDP run; "
+                                           "resume it with FSDP and the same number of processes")
             weights = load_peft_weights(str(checkpoint), device=str(self.accelerator.device))
             result = set_peft_model_state_dict(self.unwrapped, weights)
             if getattr(result, "unexpected_keys", None):

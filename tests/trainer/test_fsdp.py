@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil  # an accelerate dependency
 import pytest
 import torch
 
-from bytetune.recipe import load_recipe
+from bytetune.recipe import RecipeError, load_recipe
 from bytetune.trainer.checkpoint import WRITE_DELAY_ENV, list_checkpoints
 from bytetune.trainer.trainer import Trainer
 
@@ -121,3 +122,70 @@ def test_fsdp_llama_from_a_local_checkpoint_loads_shard_by_shard_and_equals_one_
     single = single_process(tmp_path, overrides)
     assert single.unwrapped.get_base_model().config.model_type == "llama"
     check_against_single_process(fsdp, single)
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_during_a_checkpoint_resumes_through_the_shipped_accelerate_config(tmp_path):
+    overrides = tiny_overrides(tmp_path, **COMMON)
+    run_dir = Path(overrides["output_dir"])
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(REPO / "bytetune" / "recipe" / "accelerate" / "fsdp2.yaml"),
+               "--num_processes", "2", "--main_process_port", "29543",
+               str(REPO / "train.py"), "recipe=tiny_lora8", *as_cli(overrides)]
+    process = subprocess.Popen(command, cwd=REPO, env={**ENV, WRITE_DELAY_ENV: "4:120"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    half_written = run_dir / "checkpoints" / ".tmp-step-00000004"
+    deadline = time.monotonic() + 240
+    try:
+        while not (half_written / "adapter_model.safetensors").is_file():
+            assert process.poll() is None, "training ended before the step-4 checkpoint write"
+            assert time.monotonic() < deadline, "step-4 checkpoint write never started"
+            time.sleep(0.2)
+    finally:
+        # the launcher and every rank (torchrun starts each rank in a session of its own)
+        launcher = psutil.Process(process.pid)
+        victims = [launcher, *launcher.children(recursive=True)]
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=60)
+        process.wait()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002"]
+
+    resumed = subprocess.run([*command, "checkpoint.resume=true"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["parallel"] == "fsdp" and summary["steps"] == 4 and summary["steps_this_session"] == 2
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000004"]
+    assert (run_dir / "checkpoints" / "step-00000004" / "sharded").is_dir()
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    # the killed-and-resumed run ends where one uninterrupted process ends
+    from safetensors.torch import load_file
+
+    single = single_process(tmp_path, overrides)
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    mine = {k.replace(".default", ""): v for k, v in adapters(single).items()}
+    assert set(saved) == set(mine)
+    for name, weight in saved.items():
+        torch.testing.assert_close(weight, mine[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.device_map": "auto"}, "model.device_map='auto' splits one model"),
+    ({"training.precision": "fp16"}, "fp16 needs a gradient scaler"),
+    ({"optimizer.name": "adamw"}, "optimizer.name=adamw"),
+    ({"export.merged": True}, "export.merged is not available under FSDP"),
+])
+def test_what_fsdp_cannot_do_fails_before_loading(tmp_path, monkeypatch, override, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing loads, so no group is needed
+    with pytest.raises(RecipeError, match=message):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"parallel.strategy": "fsdp", **override}))
+
+
+def test_one_process_asked_for_fsdp_trains_unsharded_with_a_warning(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "fsdp", "training.max_steps": 1, "eval.at_start": False})
+    with pytest.warns(UserWarning, match="only process: nothing to shard"):
+        trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    assert trainer.train()["parallel"] == "none"
