@@ -31,7 +31,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # of fp32), so it never holds an fp32 copy of a large weight. Measured on SmolLM2's shapes (one
 # thread): 512k-element chunks cost the fp32 GEMM + 5-10 %; smaller ones cost more (each chunk is
 # one more GEMM with a shorter reduction).
-_REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 19
+REFERENCE_GRAD_CHUNK_ELEMENTS = 1 << 19
 
 __all__ = [
     "quantize_rowwise",
@@ -224,7 +224,7 @@ def int8_matmul_grad_input_reference(
     grad_y32 = grad_y.float()
     # Dequantized as the Triton kernel does it: code * (absmax / 127).
     w_step = w_scale[:, None] / INT8_MAX
-    rows_per_chunk = max(1, _REFERENCE_GRAD_CHUNK_ELEMENTS // k)
+    rows_per_chunk = max(1, REFERENCE_GRAD_CHUNK_ELEMENTS // k)
     w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
     for start in range(0, n, rows_per_chunk):
         stop = min(start + rows_per_chunk, n)

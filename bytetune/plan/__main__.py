@@ -1,11 +1,13 @@
-"""usage: python -m bytetune.plan recipe=NAME gpus=8x24GiB [key.sub=value ...] [json=PATH]
+"""usage: python -m bytetune.plan recipe=NAME gpus=8x24GiB [parallel=fsdp] [nodes=N] [key.sub=value ...] [json=PATH]
        (installed as bytetune-plan)
 
 Prints the memory plan of a recipe on the given devices (a table, or JSON with json=-), its device
 map and the minimum number of devices of that size. Nothing is downloaded or loaded: the model is
 built on the meta device from its bundled config. ``gpus=`` takes COUNTxSIZE (8x24GiB, 2x80GB);
 ``cpu=24GiB`` plans a CPU run. Other arguments override the recipe (training.seq_len=512);
-``training.micro_batch=N`` is accepted for ``training.micro_batch_size=N``.
+``training.micro_batch=N`` is accepted for ``training.micro_batch_size=N``. ``parallel=fsdp``
+plans FSDP2 (one process per GPU, each holding a shard; the recipe's ``parallel.strategy`` otherwise)
+and ``nodes=N`` N machines with the given GPUs each (FSDP2 only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ ALIASES = {"training.micro_batch": "training.micro_batch_size"}
 def main(argv: list[str]) -> int:
     devices = None
     json_out = None
+    parallel = None
+    nodes = 1
     rest = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -38,6 +42,13 @@ def main(argv: list[str]) -> int:
             devices = f"cpu:{value}"
         elif key == "json":
             json_out = value
+        elif key == "parallel":
+            parallel = value
+        elif key == "nodes":
+            if not value.isdigit() or int(value) < 1:
+                print(f"error: nodes={value!r}: give the number of machines, e.g. nodes=2", file=sys.stderr)
+                return 2
+            nodes = int(value)
         else:
             rest.append(f"{ALIASES.get(key, key)}={value}")
     if devices is None:
@@ -48,7 +59,7 @@ def main(argv: list[str]) -> int:
         if recipe_name is None:
             raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
         recipe = load_recipe(recipe_name, overrides, check_paths=False)  # nothing is loaded
-        plan = plan_memory(recipe, devices)
+        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes)
     except (RecipeError, ValueError, FileNotFoundError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
@@ -56,9 +67,10 @@ def main(argv: list[str]) -> int:
         print(json.dumps(plan.as_dict(), indent=1))
     else:
         print(plan.table())
-        print("\nDevice map:")
-        for device, units in _grouped_map(plan).items():
-            print(f"  {device}: {units}")
+        if plan.device_map:
+            print("\nDevice map:")
+            for device, units in _grouped_map(plan).items():
+                print(f"  {device}: {units}")
         if json_out:
             Path(json_out).write_text(json.dumps(plan.as_dict(), indent=1))
             print(f"\nJSON written to {json_out}")

@@ -10,8 +10,30 @@ import torch
 from torch import nn
 from transformers import masking_utils
 
+from bytetune.kernels.fused_linear_ce import default_chunk_tokens
+from bytetune.kernels.int8_head import REFERENCE_CHUNK_ROWS
+from bytetune.kernels.llm_int8 import REFERENCE_GRAD_CHUNK_ELEMENTS
 from bytetune.plan.meta_model import block_list, build_meta_model, target_linears
 from bytetune.plan.spec import PlanSpec, as_dtype, dtype_bytes
+
+
+@dataclass
+class LossPhase:
+    """The loss at the end of the forward and the start of the backward, beyond the after-blocks
+    activations: what stays from its forward to its backward (``saved``) and the largest transient
+    of its forward / backward. The forward transient depends on where the kernels run: CUDA takes
+    the Triton kernels (in-place CE rows, weight-only int8 GEMM tile by tile), the CPU their
+    PyTorch references (float32 copies, dequantized row slabs)."""
+
+    fused: bool
+    saved: int
+    forward_cuda: int
+    forward_cpu: int
+    backward: int
+
+    def peak(self, kind: str) -> int:
+        forward = self.forward_cuda if kind == "cuda" else self.forward_cpu
+        return self.saved + max(forward, self.backward)
 
 
 @dataclass
@@ -20,9 +42,8 @@ class ActivationTrace:
     block_input: int  # one block's input hidden states (what a checkpointed block keeps)
     shared: int  # saved once, used by every block (attention mask, ALiBi / rotary tables)
     before_blocks: int  # embeddings side
-    after_blocks: int  # final norm, head and loss
-    logits: int  # the head's output: alive while the loss is computed (16-bit models add an fp32 copy)
-    loss_backward_scratch: int  # gradient buffers of the loss backward (fp32 log-softmax grads)
+    after_blocks: int  # final norm and head (and the plain loss's saved log-softmax)
+    loss: LossPhase  # the loss phase on the head's device
     block_backward_scratch: int  # the largest gradient buffers of one block's backward
 
 
@@ -87,10 +108,18 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     # The trainer passes an attention mask; that also keeps the mask builders off a data-dependent
     # check (packed-sequence detection) that cannot run on meta tensors. Its packed batches have no
     # padding, which is what the SDPA mask builder would find if it could read the mask.
+    head = inner.get_output_embeddings()
+    # The trainer's fused loss takes a bias-free head (float or Int8Head) of a model that FSDP2
+    # does not shard (bytetune.trainer.loss.head_of); otherwise it falls back to the full logits.
+    fused = spec.fused_cross_entropy and getattr(head, "bias", None) is None and spec.parallel != "fsdp"
+    # Fused: the trainer's call (last position's logits only, the hidden states returned); the
+    # chunked loss itself is a custom kernel sized from shapes below. Plain: HF's loss on the
+    # full logits, traced.
+    loss_kwargs = dict(logits_to_keep=1, output_hidden_states=True) if fused else dict(labels=ids)
     try:
         with mock.patch.object(masking_utils, "fast_all", lambda tensor: True), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **loss_kwargs)
     except RuntimeError as error:
         raise NotImplementedError(
             f"cannot trace {type(inner).__name__} on the meta device: {str(error).splitlines()[0]}"
@@ -114,15 +143,13 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     per_block, shared, before, after = counts["per_block"], counts["shared"], counts["before"], counts["after"]
 
     cfg = spec.model_config
-    vocab = inner.get_output_embeddings().out_features
+    vocab, hidden = head.out_features, head.in_features
     compute = dtype_bytes(spec.compute_dtype)
     tokens = batch * seq
-    logits = tokens * vocab * (compute + (4 if compute != 4 else 0))
-    # Cross-entropy backward holds the log-softmax output's gradient and its input's gradient (fp32)
-    # at once; a non-fp32 model adds the cast back to its dtype.
-    loss_scratch = 2 * tokens * vocab * 4 + (tokens * vocab * compute if compute != 4 else 0)
+    int8_head = spec.embeddings == "int8"
+    loss = fused_loss_phase(batch, seq, hidden, vocab, compute, int8_head) if fused else \
+        plain_loss_phase(tokens, hidden, vocab, compute, int8_head)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
-    hidden = cfg.hidden_size
     ffn = getattr(cfg, "intermediate_size", None) or 4 * hidden
     # One block's backward: the attention-score gradients (two fp32 buffers around the softmax and
     # one in the model's dtype) or three of the MLP's widest gradients, whichever is larger, plus the
@@ -137,10 +164,70 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
         shared=shared,
         before_blocks=before,
         after_blocks=after,
-        logits=logits,
-        loss_backward_scratch=loss_scratch,
+        loss=loss,
         block_backward_scratch=block_scratch,
     )
+
+
+def int8_head_reference_scratch(rows: int, hidden: int) -> tuple[int, int]:
+    """(forward, backward) temporaries of the int8 head's PyTorch reference GEMMs for ``rows``
+    token rows (CPU): the float32 input and product, one dequantized float32 slab of weight rows
+    (REFERENCE_CHUNK_ROWS forward; REFERENCE_GRAD_CHUNK_ELEMENTS // hidden rows for the input
+    gradient), and the float32 gradient it accumulates."""
+    fwd_rows, bwd_rows = REFERENCE_CHUNK_ROWS, max(1, REFERENCE_GRAD_CHUNK_ELEMENTS // hidden)
+    forward = rows * hidden * 4 + 2 * rows * fwd_rows * 4 + fwd_rows * hidden * 4
+    backward = 2 * rows * hidden * 4 + 2 * bwd_rows * hidden * 4 + rows * bwd_rows * 4
+    return forward, backward
+
+
+def plain_loss_phase(tokens: int, hidden: int, vocab: int, compute: int, int8_head: bool) -> LossPhase:
+    """HF's loss on the full ``[tokens, vocab]`` logits: the logits (and their float32 copy for a
+    16-bit model); in the backward the log-softmax gradient and its input's gradient in float32 at
+    once (and the cast back to the model's dtype). The saved log-softmax is in the trace."""
+    logits = tokens * vocab * compute
+    forward = logits + (tokens * vocab * 4 if compute != 4 else 0)
+    backward = 2 * tokens * vocab * 4 + (logits if compute != 4 else 0)
+    forward_cpu = forward
+    if int8_head:
+        # Triton's weight-only GEMM needs nothing beyond its output; the reference's row slabs
+        # come on top of the logits (forward) or of their gradient (backward).
+        ref_fwd, ref_bwd = int8_head_reference_scratch(tokens, hidden)
+        forward_cpu = max(forward, logits + ref_fwd, logits + ref_bwd)
+    return LossPhase(fused=False, saved=0, forward_cuda=forward, forward_cpu=forward_cpu, backward=backward)
+
+
+# The fused loss's gradient w.r.t. the last hidden states is float32: under autocast the final
+# norm runs in float32 (and an fp32 model is float32 anyway).
+FUSED_HIDDEN_BYTES = 4
+
+
+def fused_loss_phase(batch: int, seq: int, hidden: int, vocab: int, compute: int, int8_head: bool) -> LossPhase:
+    """bytetune.kernels.fused_linear_ce over the ``batch * (seq - 1)`` target tokens (bytetune's
+    packed blocks ignore none), in chunks of ``default_chunk_tokens``.
+
+    Saved from its forward to its backward: the gradient w.r.t. the hidden states (tokens x
+    hidden). Forward, per chunk: the hidden rows cast to the compute dtype (when it differs), the
+    chunk's logits (C x vocab, overwritten in place by their gradient), the chunk's input gradient
+    (C x hidden) before it is copied into place; for batch > 1 the shifted hidden states are a
+    copy. The CPU reference CE adds float32 buffers of the chunk's logits; the int8 head's CPU
+    reference GEMMs their row slabs. Backward: the scaled gradient and the gradient of the shifted
+    view (batch x seq x hidden) beside the saved one.
+    """
+    n = batch * (seq - 1)
+    if n < 1:
+        return LossPhase(fused=True, saved=0, forward_cuda=0, forward_cpu=0, backward=0)
+    chunk = default_chunk_tokens(n, hidden, vocab)
+    hid = FUSED_HIDDEN_BYTES
+    base = (n * hidden * hid if batch > 1 else 0) + (chunk * hidden * compute if hid != compute else 0)
+    chunk_logits = chunk * vocab * compute
+    grad_rows = chunk * hidden * compute
+    forward_cuda = base + chunk_logits + grad_rows
+    ce_reference = chunk * vocab * 4 + (chunk * vocab * 4 if compute < 4 else 0)
+    gemm_reference = max(int8_head_reference_scratch(chunk, hidden)) if int8_head else 0
+    forward_cpu = base + chunk_logits + max(ce_reference, grad_rows + gemm_reference)
+    backward = n * hidden * hid + batch * seq * hidden * hid
+    return LossPhase(fused=True, saved=n * hidden * hid, forward_cuda=forward_cuda, forward_cpu=forward_cpu,
+                     backward=backward)
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from bytetune.plan.meta_model import block_list, target_linears
@@ -20,13 +19,14 @@ INT8_SCALE_BYTES = 4
 GROUP_SCALE_BYTES = 4
 
 
-def _quantized_weight_bytes(name: str, linear: nn.Linear, spec: PlanSpec) -> int:
+def _quantized_weight_bytes(name: str, linear: nn.Linear, spec: PlanSpec) -> tuple[int, int]:
+    """(codes, scales) bytes of one quantized linear."""
     n, k = linear.out_features, linear.in_features
     if spec.quantization == "int8":
-        return n * k + n * INT8_SCALE_BYTES
+        return n * k, n * INT8_SCALE_BYTES
     bits = bits_for(name, spec.zeroquant_bits or DEFAULT_MODULE_BITS)
     groups = math.ceil(k / spec.group_size)
-    return n * (k * bits // 8) + n * groups * GROUP_SCALE_BYTES
+    return n * (k * bits // 8), n * groups * GROUP_SCALE_BYTES
 
 
 def optimizer_state_bytes(numel: int, spec: PlanSpec) -> int:
@@ -42,7 +42,8 @@ class ModuleCost:
     """Memory of one top-level placement unit (a block, the embeddings, the head ...)."""
 
     name: str
-    quantized_weights: int = 0
+    quantized_weights: int = 0  # codes + scales
+    quantized_scales: int = 0  # the scales alone: buffers, which FSDP2 does not shard
     other_weights: int = 0
     lora_params: int = 0  # bytes
     lora_grads: int = 0
@@ -54,9 +55,9 @@ class ModuleCost:
         return self.quantized_weights + self.other_weights + self.lora_params + self.lora_grads + self.optimizer_states
 
 
-def weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCost], dict[str, torch.dtype]]:
-    """Per placement unit: weights (int8 where quantized) and LoRA bytes; plus the int8 special dtypes
-    for accelerate's size count."""
+def weight_costs(model: nn.Module, spec: PlanSpec) -> dict[str, ModuleCost]:
+    """Per module holding parameters (a block counts as one): weights (quantized codes and scales
+    where quantized), LoRA parameters, gradients and optimizer states."""
     blocks = block_list(model)
     block_names = {name for name, _ in blocks}
     compute = dtype_bytes(spec.compute_dtype)
@@ -69,7 +70,7 @@ def weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCost
         # Outside the blocks accelerate places the direct children of the model's submodules.
         return param_name.rsplit(".", 1)[0]
 
-    quantized: dict[str, int] = {}  # weight param name -> bytes of its quantized form
+    quantized: dict[str, tuple[int, int]] = {}  # weight param name -> (codes, scales) bytes
     lora: dict[str, int] = {}
     for bname, block in blocks:
         for lname, linear in target_linears(block, spec.lora_targets):
@@ -81,8 +82,18 @@ def weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCost
             if not any(full == s or full.endswith("." + s) for s in spec.quantization_skip):
                 quantized[f"{full}.weight"] = _quantized_weight_bytes(full, linear, spec)
 
+    if spec.embeddings == "int8":
+        # Int8Embedding / Int8Head: int8 [vocab, hidden] + a float32 scale per row; a tied head
+        # holds the embedding's Parameter (skipped below as a duplicate) and reads its scales.
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is None:
+                continue
+            rows, cols = layer.weight.shape
+            for pname, param in model.named_parameters(remove_duplicate=False):
+                if param is layer.weight:
+                    quantized[pname] = rows * cols, rows * INT8_SCALE_BYTES
+
     costs: dict[str, ModuleCost] = {}
-    special: dict[str, torch.dtype] = {}
     seen: set[int] = set()
     for pname, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:  # tied weights are stored once
@@ -90,10 +101,9 @@ def weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCost
         seen.add(id(param))
         unit = costs.setdefault(unit_of(pname), ModuleCost(unit_of(pname)))
         if pname in quantized:
-            unit.quantized_weights += quantized[pname]
-            # accelerate sizes dtypes in whole bytes: INT4 weights are counted as int8 in its map,
-            # the planner's own per-device totals use the true bytes.
-            special[pname] = torch.int8
+            codes, scales = quantized[pname]
+            unit.quantized_weights += codes + scales
+            unit.quantized_scales += scales
         else:
             unit.other_weights += param.numel() * compute
     for lname, numel in lora.items():
@@ -106,4 +116,4 @@ def weight_costs(model: nn.Module, spec: PlanSpec) -> tuple[dict[str, ModuleCost
         linear = model.get_submodule(lname)
         unit.optimizer_states += optimizer_state_bytes(r * linear.in_features, spec)
         unit.optimizer_states += optimizer_state_bytes(r * linear.out_features, spec)
-    return costs, special
+    return costs

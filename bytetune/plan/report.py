@@ -18,6 +18,7 @@ class DevicePlan:
     lora_params: int = 0
     lora_grads: int = 0
     optimizer_states: int = 0
+    gathered: int = 0  # FSDP2: parameters all-gathered whole (root group, blocks in flight)
     activations: int = 0
     temporary: int = 0
     overhead: int = 0
@@ -31,6 +32,7 @@ class DevicePlan:
             + self.lora_params
             + self.lora_grads
             + self.optimizer_states
+            + self.gathered
             + self.activations
             + self.temporary
         )
@@ -58,6 +60,7 @@ class DevicePlan:
             "lora_params": self.lora_params,
             "lora_grads": self.lora_grads,
             "optimizer_states": self.optimizer_states,
+            "gathered": self.gathered,
             "activations": self.activations,
             "temporary": self.temporary,
             "allocated": self.allocated,
@@ -79,6 +82,9 @@ class MemoryPlan:
     activations_without_checkpointing: int
     min_devices: int | None = None  # of the given size, when planned with find_min_devices
     notes: list[str] = field(default_factory=list)
+    parallel: str = "none"  # "fsdp": one process per device, each holding a shard
+    nodes: int = 1  # machines the devices are spread over (FSDP2)
+    fused_loss: bool = False  # the loss is the trainer's fused linear+CE (else from the full logits)
 
     @property
     def fits(self) -> bool:
@@ -96,6 +102,10 @@ class MemoryPlan:
             "quantization": self.spec.quantization,
             "lora_r": self.spec.lora_r,
             "optimizer": self.spec.optimizer,
+            "embeddings": self.spec.embeddings,
+            "fused_cross_entropy": self.fused_loss,
+            "parallel": self.parallel,
+            "nodes": self.nodes,
             "fits": self.fits,
             "min_devices": self.min_devices,
             "totals": self.totals,
@@ -127,14 +137,16 @@ def format_plan(plan: MemoryPlan) -> str:
         f"micro_batch={spec.micro_batch}, seq_len={spec.seq_len}, "
         f"gradient_checkpointing={spec.gradient_checkpointing}, {spec.quantization} base, "
         f"LoRA r={spec.lora_r} ({plan.totals['lora_numel'] / 1e6:.1f}M params, {as_dtype(spec.lora_dtype)}), "
-        f"{spec.optimizer}",
+        f"{spec.optimizer}, embeddings/head {'int8' if spec.embeddings == 'int8' else str(as_dtype(spec.compute_dtype)).replace('torch.', '')}, "
+        f"loss {'fused linear+CE (token chunks)' if plan.fused_loss else 'from full logits'}"
+        + (f", FSDP2 over {len(plan.devices)} devices ({plan.nodes} node(s))" if plan.parallel == "fsdp" else ""),
         "",
         "Whole model (GiB):",
     ]
     t = plan.totals
     for label, key in [
         ("quantized weights + scales", "quantized_weights"),
-        ("unquantized (embeddings, norms, head)", "other_weights"),
+        ("unquantized weights", "other_weights"),
         ("LoRA parameters", "lora_params"),
         ("LoRA gradients", "lora_grads"),
         (f"optimizer states ({spec.optimizer})", "optimizer_states"),
@@ -143,10 +155,12 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"  {'activations kept, gradient checkpointing':<42} {as_gib(plan.activations_with_checkpointing):>9}")
     lines.append(f"  {'activations kept, no checkpointing':<42} {as_gib(plan.activations_without_checkpointing):>9}")
     lines.append(f"  {'largest temporary (loss or block backward)':<42} {as_gib(max(d.temporary for d in plan.devices)):>9}")
+    fsdp = plan.parallel == "fsdp"
     lines += ["", "Per device (GiB):"]
     header = (
         f"  {'device':<8} {'blocks':>6} {'quant w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
-        f"{'activ':>7} {'temp':>6} {'alloc':>7} {'ovhd':>6} {'total':>7} {'cap':>7} {'headroom':>8}  verdict"
+        + (f"{'gather':>7} " if fsdp else "")
+        + f"{'activ':>7} {'temp':>6} {'alloc':>7} {'ovhd':>6} {'total':>7} {'cap':>7} {'headroom':>8}  verdict"
     )
     lines.append(header)
     for d in plan.devices:
@@ -154,7 +168,8 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(
             f"  {d.device.name:<8} {row['blocks']:>6} {as_gib(d.quantized_weights):>8} {as_gib(d.other_weights):>8} "
             f"{as_gib(d.lora_params):>6} {as_gib(d.lora_grads):>6} {as_gib(d.optimizer_states):>6} "
-            f"{as_gib(d.activations):>7} {as_gib(d.temporary):>6} {as_gib(d.allocated):>7} {as_gib(d.overhead):>6} "
+            + (f"{as_gib(d.gathered):>7} " if fsdp else "")
+            + f"{as_gib(d.activations):>7} {as_gib(d.temporary):>6} {as_gib(d.allocated):>7} {as_gib(d.overhead):>6} "
             f"{as_gib(d.total):>7} {as_gib(d.device.capacity):>7} {as_gib(d.headroom):>8}  "
             f"{'fits' if d.fits else 'DOES NOT FIT'}"
         )

@@ -47,11 +47,28 @@ class PlanSpec:
     quantization_skip: Sequence[str] = ()
     zeroquant_bits: dict | None = None  # {regex on the module name: 8 or 4}; None: bytetune's default
     group_size: int = 128
+    # "int8": word embeddings and the output head frozen row-wise in int8 (Int8Embedding /
+    # Int8Head: int8 [vocab, hidden] + a float32 scale per row, one table when tied); "none":
+    # the compute dtype.
+    embeddings: str = "none"
+    # The trainer's fused linear + cross-entropy (token chunks, no [tokens, vocab] fp32 logits);
+    # False: the loss from the model's full logits.
+    fused_cross_entropy: bool = False
+    # "none": one process, the model split over the devices by a device map; "fsdp": FSDP2, one
+    # process per device, each holding 1/N of the weights, LoRA and optimizer states and running
+    # the whole model on its own micro-batch.
+    parallel: str = "none"
+    # FSDP2 frees a block's gathered weights after its forward (True) or keeps them to its backward.
+    reshard_after_forward: bool = True
     name: str = "model"
 
     def __post_init__(self):
         if self.quantization not in ("int8", "zeroquant", "none"):
             raise ValueError(f"quantization={self.quantization!r}: use 'int8', 'zeroquant' or 'none'")
+        if self.embeddings not in ("int8", "none"):
+            raise ValueError(f"embeddings={self.embeddings!r}: use 'int8' or 'none'")
+        if self.parallel not in ("none", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r}: use 'none' or 'fsdp'")
         if self.optimizer_bits not in (8, 32):
             raise ValueError(f"optimizer_bits={self.optimizer_bits}: use 8 or 32")
         if self.seq_len < 1 or self.micro_batch < 1:
@@ -79,6 +96,8 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
     """
     targets = list(recipe.lora.target_modules)
     name = recipe.optimizer.name
+    # The recipe's parallel section (FSDP2) exists once the trainer has one; older recipes lack it.
+    parallel = recipe.get("parallel")
     return PlanSpec(
         model_config=model_config if model_config is not None else model_config_from_recipe(recipe),
         seq_len=recipe.training.seq_len,
@@ -99,5 +118,9 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
         optimizer_bits=32 if name == "adamw" else recipe.optimizer.optim_bits,
         min_8bit_size=recipe.optimizer.min_8bit_size,
         optimizer_block=recipe.optimizer.block_size,
+        embeddings=recipe.quantization.get("embeddings") or "none",
+        fused_cross_entropy=bool(recipe.training.get("fused_cross_entropy", False)),
+        parallel=parallel.get("strategy", "none") if parallel is not None else "none",
+        reshard_after_forward=bool(parallel.get("reshard_after_forward", True)) if parallel is not None else True,
         name=recipe.name,
     )

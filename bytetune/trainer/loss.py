@@ -21,6 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from bytetune.kernels.fused_linear_ce import fused_linear_cross_entropy
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
@@ -58,6 +59,10 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 def head_of(model: nn.Module) -> nn.Linear | None:
     """The output head if the fused path can use it: a bias-free float nn.Linear or an Int8Head."""
+    if isinstance(model, FSDPModule):
+        # FSDP2 hands the root group (embeddings, head) back sharded after the forward; gathering
+        # it for the chunked loss outside the forward is not wired up yet.
+        return None
     inner = causal_lm(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if isinstance(head, Int8Head) and head.bias is None:
@@ -104,7 +109,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = True)
     head = head_of(model) if fused and known is not False else None
     if head is None:
         if fused and known is None:
-            _fall_back(model, "no bias-free nn.Linear / Int8Head output head found")
+            _fall_back(model, "no bias-free nn.Linear / Int8Head output head found, or an FSDP2-sharded model")
         return plain_summed_loss(model, batch), count
     if known is None and _transforms_logits(inner):
         _fall_back(model, "its config scales or soft-caps the logits after the head")

@@ -74,6 +74,8 @@ def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = F
         layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
+    # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
+    lora = register_zeroquant_lora(lora)
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     peft_model = get_peft_model(model, lora)
     # Saved adapters name their base as the recipe does (a hub id), not as the path it happened to
@@ -236,7 +238,8 @@ class Trainer:
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
 
-        # a recipe that cannot fit fails here, saying what would (FSDP is not modelled yet)
+        # a recipe that cannot fit fails here, saying what would. The FSDP plan needs the world
+        # size and one GPU per process: `python -m bytetune.plan ... parallel=fsdp` plans it.
         plan = None if fsdp else check_fits(cfg)
         split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
         # under FSDP a local checkpoint is read shard by shard (each rank holds only its part)

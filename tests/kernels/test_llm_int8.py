@@ -206,7 +206,7 @@ def test_int8_product_is_exact_beyond_float32_range(device, cpu_gemm, monkeypatc
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_input_reference_matches_float64_math(dtype, chunk_rows, monkeypatch):
     # Small chunks make the reference loop over several chunks of weight rows, the last one short.
-    monkeypatch.setattr(KERNEL_MODULE, "_REFERENCE_GRAD_CHUNK_ELEMENTS", chunk_rows * K + K // 2)
+    monkeypatch.setattr(KERNEL_MODULE, "REFERENCE_GRAD_CHUNK_ELEMENTS", chunk_rows * K + K // 2)
     gen = _generator(6)
     w_codes = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(N, generator=gen) * 0.2 + 0.01

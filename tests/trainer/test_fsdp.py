@@ -185,7 +185,7 @@ def test_what_fsdp_cannot_do_fails_before_loading(tmp_path, monkeypatch, overrid
 
 
 def test_one_process_asked_for_fsdp_trains_unsharded_with_a_warning(tmp_path):
-    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "fsdp", "training.max_steps": 1, "eval.at_start": False})
+    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "fsdp", "training.max_steps": 1, "schedule.warmup_steps": 0, "eval.at_start": False})
     with pytest.warns(UserWarning, match="only process: nothing to shard"):
         trainer = Trainer.from_recipe("tiny_lora8", **overrides)
     assert trainer.train()["parallel"] == "none"
