@@ -247,6 +247,11 @@ if HAS_TRITON:
         tl.store(param_ptr + offsets, new_param.to(param_ptr.dtype.element_ty), mask=in_bounds)
 
 
+def num_warps_for(block_size: int) -> int:
+    """Warps per program: 128 elements per warp (4 per thread), at most 8 warps."""
+    return max(1, min(8, block_size // 128))
+
+
 def optimizer_update_8bit_triton(
     kind: UpdateKind,
     scalars: UpdateScalars,
@@ -278,7 +283,7 @@ def optimizer_update_8bit_triton(
         param.numel(),
         *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
         KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size,
-        num_warps=max(1, min(8, block_size // 128)),
+        num_warps=num_warps_for(block_size),
     )  # fmt: skip
 
 
