@@ -117,20 +117,23 @@ def llm_int8_launches() -> Iterator[Launch]:
                  m, n, k, gpu_arch.m_bucket(m), k, 1, k, 1, n, 1),
                 dict(HAS_BIAS=True, **cfg.kwargs),
                 shared_bytes=functools.partial(llm_int8.matmul_shared_bytes, out_bytes=out_dtype.itemsize),
-                min_capability=gpu_arch.dot_min_capability(torch.int8),
+                min_capability=gpu_arch.DOT_MIN_CAPABILITY,
                 ci=fixed and out_dtype == torch.bfloat16,
             )  # fmt: skip
-    grad_tiles = [(c, False) for c in llm_int8.GRAD_INPUT_TILES] + [(llm_int8.FIXED_GPU_TILE, True)]
     for grad_dtype in FLOAT_DTYPES:
         dot_in_fp32 = grad_dtype == torch.float32
-        for cfg, fixed in grad_tiles:
+        menu, fixed_tile = (
+            (llm_int8.GRAD_INPUT_TILES_FP32, llm_int8.FIXED_GPU_TILE_FP32_GRAD) if dot_in_fp32
+            else (llm_int8.GRAD_INPUT_TILES, llm_int8.FIXED_GPU_TILE)
+        )  # fmt: skip
+        for cfg, fixed in [(c, False) for c in menu] + [(fixed_tile, True)]:
             yield Launch(
                 llm_int8._int8_grad_input_kernel, cfg, f"{SHORT[grad_dtype]} x i8" + (" (fixed)" if fixed else ""),
                 (T(grad_dtype), T(torch.int8), T(torch.float32), T(grad_dtype),
                  m, n, k, gpu_arch.m_bucket(m), n, 1, k, 1, k, 1),
                 dict(DOT_IN_FP32=dot_in_fp32, DOT_PRECISION="ieee" if dot_in_fp32 else "tf32", **cfg.kwargs),
                 shared_bytes=functools.partial(llm_int8.grad_input_shared_bytes, grad_bytes=grad_dtype.itemsize),
-                min_capability=gpu_arch.dot_min_capability(grad_dtype),
+                min_capability=gpu_arch.DOT_MIN_CAPABILITY,
                 ci=fixed and grad_dtype == torch.bfloat16,
             )  # fmt: skip
 
@@ -173,7 +176,7 @@ def groupwise_launches() -> Iterator[Launch]:
                 dict(GROUP_SIZE=group_size, INT4=bits == 4, X_INT8=x_int8, HAS_BIAS=True,
                      FP32_DOT=x_dtype == torch.float32, **cfg.kwargs),
                 shared_bytes=functools.partial(groupwise.matmul_shared_bytes, x_bytes=x_bytes),
-                min_capability=gpu_arch.dot_min_capability(torch.int8 if x_int8 else x_dtype),
+                min_capability=gpu_arch.DOT_MIN_CAPABILITY,
                 ci=cfg is fixed[0] and x_int8 and bits == 4 and out_dtype == torch.bfloat16,
             )  # fmt: skip
     for grad_dtype in FLOAT_DTYPES:
@@ -186,7 +189,7 @@ def groupwise_launches() -> Iterator[Launch]:
                      m, n, k, gpu_arch.m_bucket(m), groups, n, k if bits == 8 else k // 2, k),
                     dict(GROUP_SIZE=group_size, INT4=bits == 4, FP32_DOT=grad_dtype == torch.float32, **cfg.kwargs),
                     shared_bytes=functools.partial(groupwise.grad_input_shared_bytes, grad_bytes=grad_dtype.itemsize),
-                    min_capability=gpu_arch.dot_min_capability(grad_dtype),
+                    min_capability=gpu_arch.DOT_MIN_CAPABILITY,
                     ci=cfg is fixed[0] and grad_dtype == torch.bfloat16 and bits == 4,
                 )  # fmt: skip
 
@@ -259,6 +262,7 @@ class Result:
     registers: int = 0
     spill: int = 0
     seconds: float = 0.0
+    skipped: bool = False  # not launchable there, and not compiled (run with --all to compile it)
 
 
 def compile_launch(launch: Launch, capability: int) -> Result:
@@ -340,8 +344,13 @@ class Row:
         return None
 
 
-def run_gate(launches: list[Launch], capabilities: list[int], jobs: int, cache_dir: str | None = None) -> list[Row]:
-    tasks = [(i, cap) for i in range(len(launches)) for cap in capabilities]
+def run_gate(
+    launches: list[Launch], capabilities: list[int], jobs: int, cache_dir: str | None = None, compile_all: bool = False
+) -> list[Row]:
+    """Compile every launchable (launch, generation) pair; with ``compile_all`` the others too."""
+    pairs = [(i, cap) for i in range(len(launches)) for cap in capabilities]
+    blocked = {(i, cap): launches[i].blocked(cap, ARCHS[cap].max_shared_bytes) for i, cap in pairs}
+    tasks = [pair for pair in pairs if compile_all or blocked[pair] is None]
     with tempfile.TemporaryDirectory(prefix="bytetune_gate_cache_") as fresh:
         cache = cache_dir or fresh
         if jobs <= 1:
@@ -356,11 +365,11 @@ def run_gate(launches: list[Launch], capabilities: list[int], jobs: int, cache_d
                     results.append(result)
                     if done % 50 == 0:
                         print(f"{done}/{len(tasks)} compiled", file=sys.stderr, flush=True)
-    rows = []
-    for (i, cap), result in zip(tasks, results):
-        launch = launches[i]
-        rows.append(Row(launch, cap, result, launch.blocked(cap, ARCHS[cap].max_shared_bytes)))
-    return rows
+    by_pair = dict(zip(tasks, results))
+    return [
+        Row(launches[i], cap, by_pair.get((i, cap), Result(False, skipped=True)), blocked[(i, cap)])
+        for i, cap in pairs
+    ]
 
 
 # ---------------------------------------------------------------------------------- report
@@ -375,18 +384,20 @@ def render(rows: list[Row], capabilities: list[int], wall_s: float, jobs: int) -
     for row in rows:
         launches.setdefault(id(row.launch), []).append(row)
     compiled = sum(r.result.compiled for r in rows)
+    attempted = sum(not r.result.skipped for r in rows)
     launchable = [r for r in rows if r.blocked is None]
     failures = [r for r in rows if r.failure]
     lines = [
         "# Compile gate: every Triton kernel x config x dtype x GPU generation",
         "",
         f"Generated by `bench/gpu_compile.py` on {datetime.date.today()} with triton {triton.__version__}, "
-        f"ptxas from the triton wheel, no GPU. Wall time {wall_s:.0f} s with {jobs} worker processes "
-        "(shared machine, fresh Triton cache).",
+        f"ptxas from the triton wheel, no GPU. Wall time {wall_s:.0f} s with {jobs} worker processes on "
+        f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end; fresh Triton cache).",
         "",
-        f"**{len(rows)} compiles** ({len(launches)} kernel x config x dtype rows x {len(capabilities)} generations): "
-        f"{compiled} compiled; {len(launchable)} launchable, of which **{len(failures)} fail** "
-        "(do not compile, exceed the generation's shared memory per block, or spill).",
+        f"**{len(rows)} cells** ({len(launches)} kernel x config x dtype rows x {len(capabilities)} generations), "
+        f"**{len(launchable)} launchable**, of which **{len(failures)} fail** (do not compile, exceed the "
+        f"generation's shared memory per block, or spill). {attempted} compiled ({compiled} succeeded); cells "
+        "that cannot launch are compiled only with `--all`.",
         "",
         "Per-block shared memory limits: " + ", ".join(f"sm_{c} {_kib(ARCHS[c].max_shared_bytes)} KiB" for c in capabilities) + ".",
         "Cell: `shared KiB / registers / spill bytes`; `-` = not launchable there (reason in the notes column), "
@@ -401,12 +412,14 @@ def render(rows: list[Row], capabilities: list[int], wall_s: float, jobs: int) -
         for row in group:
             r = row.result
             figure = f"{_kib(r.shared)} / {r.registers} / {r.spill}" if r.compiled else "no compile"
+            if r.skipped:
+                figure = "not compiled"
             if row.failure:
                 cells.append(f"**FAIL** {figure}")
                 notes.append(f"sm_{row.capability}: {row.failure}" + (f" ({r.error})" if r.error else ""))
             elif row.blocked is not None:
                 cells.append(f"- ({figure})")
-                notes.append(f"sm_{row.capability}: {row.blocked}" + ("" if r.compiled else f"; {r.error}"))
+                notes.append(f"sm_{row.capability}: {row.blocked}" + ("" if r.compiled or r.skipped else f"; {r.error}"))
             else:
                 cells.append(figure)
         estimate = _kib(launch.shared_bytes(launch.config)) if launch.shared_bytes else ""
@@ -481,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", action="store_true", help="only the fast CI subset (one config per kernel)")
     parser.add_argument("--only", default="", help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--all", action="store_true", help="also compile the cells that cannot launch")
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown table ('-' = stdout only)")
     parser.add_argument(
         "--device", action="store_true",
@@ -499,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         return verify_on_device(launches, args.jobs)
     start = time.perf_counter()
-    rows = run_gate(launches, args.arch, args.jobs)
+    rows = run_gate(launches, args.arch, args.jobs, compile_all=args.all)
     wall = time.perf_counter() - start
     table = render(rows, args.arch, wall, args.jobs)
     if str(args.output) != "-":
@@ -509,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in failures:
         print(f"FAIL {row.launch.name} {row.launch.config.label()} {row.launch.dtypes} sm_{row.capability}: "
               f"{row.failure} {row.result.error}".rstrip())  # fmt: skip
-    print(f"{len(rows)} compiles, {sum(r.result.compiled for r in rows)} compiled, "
-          f"{sum(r.blocked is None for r in rows)} launchable, {len(failures)} failing; {wall:.0f} s"
+    print(f"{len(rows)} cells, {sum(r.blocked is None for r in rows)} launchable, {len(failures)} failing; "
+          f"{sum(not r.result.skipped for r in rows)} compiled in {wall:.0f} s"
           + ("" if str(args.output) == "-" else f"; table in {args.output}"))  # fmt: skip
     return 1 if failures else 0
 

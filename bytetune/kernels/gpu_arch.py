@@ -38,14 +38,11 @@ ARCHS = {
     90: Arch(90, 227 * 1024, "H100, H200, GH200"),
 }
 
-# The oldest generation whose tensor cores Triton uses for a tl.dot on these operands. Below it
-# the compile gate shows int8 dots failing to compile (no int8 mma lowering on sm_75) and bf16
-# dots compiling to a spilling FMA loop (Turing has no bf16 mma); those ops fall back.
-_DOT_MIN_CAPABILITY = {torch.int8: 80, torch.bfloat16: 80}
-
-
-def dot_min_capability(dtype: torch.dtype) -> int:
-    return _DOT_MIN_CAPABILITY.get(dtype, 0)
+# The oldest generation on which the tl.dot (GEMM) kernels may launch. Triton 3.9 lowers tl.dot
+# to tensor cores from sm_80 on; on sm_75 the compile gate shows int8 dots failing to compile and
+# fp16/bf16 dots compiling to FMA loops that spill, so there the GEMMs run their PyTorch
+# references (one warning per process).
+DOT_MIN_CAPABILITY = 80
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +136,20 @@ def device_arch(device: torch.device) -> tuple[int, int] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _dot_runs_on(capability: int, dtype: torch.dtype) -> bool:
-    # Decided once per process, generation and dtype, with one warning.
-    needed = dot_min_capability(dtype)
-    if capability >= needed:
+def _dot_runs_on(capability: int) -> bool:
+    # Decided once per process and generation, with one warning.
+    if capability >= DOT_MIN_CAPABILITY:
         return True
     warnings.warn(
-        f"sm_{capability} GPU: Triton has no {str(dtype).removeprefix('torch.')} tl.dot below sm_{needed}; "
-        "bytetune's GEMMs on these operands run their PyTorch reference instead of the Triton kernel",
+        f"sm_{capability} GPU: bytetune's Triton GEMMs need sm_{DOT_MIN_CAPABILITY}+ (Triton has no int8 "
+        "tl.dot below it and its 16-bit dots spill); the GEMMs run their PyTorch references instead",
         stacklevel=4,
     )
     return False
 
 
-def dot_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton GEMMs can take ``dtype`` operands on ``device`` (always, in the
-    interpreter); False means the op runs its PyTorch reference."""
+def dot_supported(device: torch.device) -> bool:
+    """Whether the tl.dot kernels may launch on ``device`` (always, in the interpreter); False
+    means the op runs its PyTorch reference."""
     arch = device_arch(device)
-    return arch is None or _dot_runs_on(arch[0], dtype)
+    return arch is None or _dot_runs_on(arch[0])

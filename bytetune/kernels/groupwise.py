@@ -494,7 +494,7 @@ def groupwise_matmul_triton(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    if not gpu_arch.dot_supported(x.device, x.dtype):
+    if not gpu_arch.dot_supported(x.device):
         return groupwise_matmul_reference(x, x_scale, codes, scales, bits, group_size, bias, out_dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _launch(
@@ -516,7 +516,7 @@ def groupwise_matmul_grad_input_triton(
     _check_codes(codes, scales, bits, group_size, in_features)
     if grad_y.dim() != 2 or grad_y.shape[1] != codes.shape[0] or grad_y.dtype not in FLOAT_DTYPES:
         raise ValueError(f"grad_y must be a float [tokens, {codes.shape[0]}], got {grad_y.dtype} {tuple(grad_y.shape)}")
-    if not gpu_arch.dot_supported(grad_y.device, grad_y.dtype):
+    if not gpu_arch.dot_supported(grad_y.device):
         return groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_features)
     grad_y, codes, scales = grad_y.contiguous(), codes.contiguous(), scales.contiguous()
     m, n = grad_y.shape

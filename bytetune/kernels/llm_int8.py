@@ -208,26 +208,37 @@ def int8_matmul_grad_input_reference(
 
 # Large tiles for thousands of tokens; thin-M tiles for decoding (M = 1..16), where the op is a
 # weight-bandwidth-bound GEMV and wants many programs along N. Kept short: every config is one
-# more compile on a fresh machine.
+# more compile on a fresh machine. What the compile gate (bench/gpu_compile.py) changed: the
+# 128x256 tile spills on sm_80..89 (664 B of stack at 255 registers) and runs on sm_90 only;
+# 128x128x64 had 4 warps and spilled (560 B) on sm_80..89, with 8 warps it does not.
 MATMUL_TILES = [
-    tile(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    tile(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, min_capability=90),
     tile(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
-    tile(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     tile(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
     tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
     tile(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
 ]
-# The same menu re-labelled: in the input gradient N is the reduction dim and K the output columns.
+# The input gradient reduces over N (BLOCK_N) and writes BLOCK_K output columns. 16-bit grad_y:
+# tensor-core dots; the 128x256-output tile spills on sm_80..89 like the GEMM's.
 GRAD_INPUT_TILES = [
-    tile(
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=min(c["BLOCK_K"], 64), BLOCK_K=c["BLOCK_N"], GROUP_M=8,
-        num_warps=c.num_warps, num_stages=c.num_stages, min_capability=c.min_capability,
-    )
-    for c in MATMUL_TILES
-]  # fmt: skip
-# One fixed GPU config, used when BYTETUNE_AUTOTUNE=0 (gpu_arch.autotune_enabled).
+    tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3, min_capability=90),
+    tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+]
+# fp32 grad_y: the "ieee" dot runs on FMA units and holds far more registers; every 16-bit tile
+# above spills with it (the gate measured 200-9600 B of stack), these two do not.
+GRAD_INPUT_TILES_FP32 = [
+    tile(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+]
+# One fixed GPU config per kernel, used when BYTETUNE_AUTOTUNE=0 (gpu_arch.autotune_enabled).
 FIXED_GPU_TILE = tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+FIXED_GPU_TILE_FP32_GRAD = GRAD_INPUT_TILES_FP32[1]
 # Fixed small tiles for the interpreter (CPU tensors): autotuning there would only cost time.
 _INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 # The row quantizer's K tile: the next power of two of K, capped (the largest the gate checks).
@@ -244,10 +255,12 @@ def matmul_shared_bytes(config: Tile, out_bytes: int) -> int:
 
 
 def grad_input_shared_bytes(config: Tile, grad_bytes: int) -> int:
-    """Upper bound for the input-gradient kernel: grad_y tiles and int8 weight-code tiles per
-    stage, or the output tile."""
+    """Upper bound for the input-gradient kernel: per stage a grad_y tile and an int8 weight-code
+    tile, plus the dequantized weight tile in grad_y's dtype and 1 KiB of scratch (what the gate
+    measured on sm_90), or the output tile."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    return max(config.num_stages * (bm * bn * grad_bytes + bn * bk), bm * bk * grad_bytes)
+    staged = config.num_stages * (bm * bn * grad_bytes + bn * bk) + bn * bk * grad_bytes + 1024
+    return max(staged, bm * bk * grad_bytes)
 
 
 def _prune_for_device(tiles: list[Tile], configs: list, device: torch.device, shared_bytes) -> list:
@@ -269,11 +282,15 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 
 
 def _prune_grad_input_configs(configs, named_args, **kwargs):
+    menu = GRAD_INPUT_TILES_FP32 if kwargs["DOT_IN_FP32"] else GRAD_INPUT_TILES
+    in_menu = {t.key() for t in menu}
     few_tokens = named_args["M_BUCKET"] <= 32
-    configs = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == few_tokens]
+    configs = [
+        c for c in configs if gpu_arch.config_key(c) in in_menu and (c.kwargs["BLOCK_M"] <= 32) == few_tokens
+    ]  # fmt: skip
     grad_bytes = named_args["grad_y_ptr"].element_size()
     return _prune_for_device(
-        GRAD_INPUT_TILES, configs, named_args["grad_y_ptr"].device, lambda t: grad_input_shared_bytes(t, grad_bytes)
+        menu, configs, named_args["grad_y_ptr"].device, lambda t: grad_input_shared_bytes(t, grad_bytes)
     )
 
 
@@ -497,7 +514,7 @@ if HAS_TRITON:
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )(_int8_matmul_kernel)
     _int8_grad_input_tuned = triton.autotune(
-        configs=gpu_arch.triton_configs(GRAD_INPUT_TILES),
+        configs=gpu_arch.triton_configs(GRAD_INPUT_TILES + GRAD_INPUT_TILES_FP32),
         key=["M_BUCKET", "N", "K", "DOT_IN_FP32"],
         prune_configs_by={"early_config_prune": _prune_grad_input_configs},
     )(_int8_grad_input_kernel)
@@ -572,7 +589,7 @@ def int8_matmul_triton(
     _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    if not gpu_arch.dot_supported(x_int8.device, torch.int8):
+    if not gpu_arch.dot_supported(x_int8.device):
         return int8_matmul_reference(x_int8, w_int8, x_scale, w_scale, bias, out_dtype)
     m, k = x_int8.shape
     n = w_int8.shape[0]
@@ -615,7 +632,7 @@ def int8_matmul_grad_input_triton(
     grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     _check_grad_input_args(grad_y, w_int8, w_scale)
-    if not gpu_arch.dot_supported(grad_y.device, grad_y.dtype):
+    if not gpu_arch.dot_supported(grad_y.device):
         return int8_matmul_grad_input_reference(grad_y, w_int8, w_scale)
     m, n = grad_y.shape
     k = w_int8.shape[1]
@@ -654,7 +671,9 @@ def int8_matmul_grad_input_triton(
         )
         _int8_grad_input_tuned[grid](*args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision)
     else:
-        tiles = FIXED_GPU_TILE if grad_y.is_cuda else _INTERPRETER_TILES
+        tiles = _INTERPRETER_TILES
+        if grad_y.is_cuda:
+            tiles = FIXED_GPU_TILE_FP32_GRAD if dot_in_fp32 else FIXED_GPU_TILE
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]),)
         _int8_grad_input_kernel[grid](
             *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **_launch_kwargs(tiles)

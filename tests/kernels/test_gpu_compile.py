@@ -128,6 +128,7 @@ def test_registry_has_a_ci_row_per_kernel_and_covers_every_menu(gate):
     for module, menu_name, kernel in [
         (llm_int8, "MATMUL_TILES", "_int8_matmul_kernel"),
         (llm_int8, "GRAD_INPUT_TILES", "_int8_grad_input_kernel"),
+        (llm_int8, "GRAD_INPUT_TILES_FP32", "_int8_grad_input_kernel"),
         (groupwise, "MATMUL_TILES", "_groupwise_matmul_kernel"),
         (groupwise, "GRAD_INPUT_TILES", "_groupwise_grad_input_kernel"),
     ]:
@@ -138,7 +139,7 @@ def test_registry_has_a_ci_row_per_kernel_and_covers_every_menu(gate):
 # ------------------------------------------------------------------ arch-aware menus
 
 
-@pytest.mark.parametrize("capability", sorted(c for c in ARCHS if c >= gpu_arch.dot_min_capability(torch.int8)))
+@pytest.mark.parametrize("capability", sorted(c for c in ARCHS if c >= gpu_arch.DOT_MIN_CAPABILITY))
 @pytest.mark.parametrize("m", [1, 4096])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_int8_matmul_prune_keeps_configs_that_fit_the_device(monkeypatch, capability, m, out_dtype):
@@ -160,6 +161,19 @@ def test_int8_matmul_prune_keeps_configs_that_fit_the_device(monkeypatch, capabi
         if (tile["BLOCK_M"] <= 32) == (m <= 32):
             assert gpu_arch.launchable(tile, capability, arch.max_shared_bytes,
                                        lambda t: llm_int8.matmul_shared_bytes(t, out_dtype.itemsize))  # fmt: skip
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("capability", [80, 86, 90])
+def test_int8_grad_input_prune_takes_the_fp32_menu_for_fp32_dots(monkeypatch, grad_dtype, capability):
+    monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (capability, ARCHS[capability].max_shared_bytes))
+    fp32 = grad_dtype == torch.float32
+    menu = llm_int8.GRAD_INPUT_TILES_FP32 if fp32 else llm_int8.GRAD_INPUT_TILES
+    configs = gpu_arch.triton_configs(llm_int8.GRAD_INPUT_TILES + llm_int8.GRAD_INPUT_TILES_FP32)
+    for m in (1, 4096):
+        named = {"M_BUCKET": gpu_arch.m_bucket(m), "grad_y_ptr": torch.empty(1, dtype=grad_dtype)}
+        kept = llm_int8._prune_grad_input_configs(configs, named, DOT_IN_FP32=fp32)
+        assert kept and {gpu_arch.config_key(c) for c in kept} <= {t.key() for t in menu}
 
 
 @pytest.mark.parametrize("group_size", [32, 96, 128])
@@ -208,7 +222,7 @@ def test_int8_matmul_falls_back_once_with_one_warning_below_sm80(monkeypatch):
     monkeypatch.setattr(llm_int8, "int8_matmul_reference", lambda *a: calls.append(1) or reference(*a))
     x, w, x_scale, w_scale = _int8_operands()
     try:
-        with pytest.warns(UserWarning, match=r"^sm_75 GPU: Triton has no int8 tl.dot") as record:
+        with pytest.warns(UserWarning, match=r"^sm_75 GPU: bytetune's Triton GEMMs need sm_80\+") as record:
             out = llm_int8.int8_matmul_triton(x, w, x_scale, w_scale, None, torch.bfloat16)
         assert len(record) == 1
         with warnings.catch_warnings():
@@ -244,7 +258,7 @@ def test_bf16_input_gradient_falls_back_below_sm80(monkeypatch):
     _, w, _, w_scale = _int8_operands()
     grad_y = torch.randn(7, 33).to(torch.bfloat16)
     try:
-        with pytest.warns(UserWarning, match=r"^sm_75 GPU: Triton has no bfloat16 tl.dot below sm_80"):
+        with pytest.warns(UserWarning, match=r"^sm_75 GPU: bytetune's Triton GEMMs need sm_80\+"):
             out = llm_int8.int8_matmul_grad_input_triton(grad_y, w, w_scale)
     finally:
         gpu_arch._dot_runs_on.cache_clear()
@@ -256,9 +270,6 @@ def test_no_fallback_from_sm80():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            for dtype in (torch.int8, torch.bfloat16, torch.float16, torch.float32):
-                assert gpu_arch._dot_runs_on(80, dtype) and gpu_arch._dot_runs_on(90, dtype)
-            # fp16 and fp32 dots have a Turing lowering: no fallback there either.
-            assert gpu_arch._dot_runs_on(75, torch.float16) and gpu_arch._dot_runs_on(75, torch.float32)
+            assert all(gpu_arch._dot_runs_on(capability) for capability in (80, 86, 89, 90))
     finally:
         gpu_arch._dot_runs_on.cache_clear()
