@@ -70,7 +70,7 @@ class Tile:
     def label(self) -> str:
         sizes = "x".join(str(v) for k, v in self.block if k.startswith("BLOCK"))
         extra = " ".join(f"{k}={v}" for k, v in self.block if not k.startswith("BLOCK"))
-        return f"{sizes} w{self.num_warps} s{self.num_stages}" + (f" {extra}" if extra else "")
+        return " ".join(part for part in (sizes, f"w{self.num_warps} s{self.num_stages}", extra) if part)
 
 
 def tile(num_warps: int = 4, num_stages: int = 3, min_capability: int = 0, **block: int) -> Tile:

@@ -375,12 +375,24 @@ GRAD_INPUT_TILES = [
     tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
     tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
 ]
+# fp32 operands: the "ieee" dot runs on FMA units, and the tiles above spill with it (the gate
+# measured 1.5-4 KB of stack at 64x64x64); these small ones do not. BLOCK_K = 32 divides any group.
+MATMUL_TILES_FP32 = [
+    tile(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+GRAD_INPUT_TILES_FP32 = [
+    tile(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
 # BYTETUNE_AUTOTUNE=0 on a GPU: one tile per BLOCK_K, so test shapes skip the tuning sweep.
 FIXED_GPU_TILES = {64: tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 32: tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)}
+FIXED_GPU_TILE_FP32 = tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
 # The interpreter (CPU tensors): small tiles keep the tests fast.
 _INTERPRETER_TILES = {64: tile(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), 32: tile(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)}
-# The weight quantizer: one program per (row, group); its tile is the group.
-QUANTIZE_GROUP_SIZES = (32, 128, 1024)
+# The weight quantizer's tile is the group (one program per row and group): the gate compiles it
+# for the smallest group, the default and a large one.
+QUANTIZE_GROUP_SIZES = (32, DEFAULT_GROUP_SIZE, 1024)
 
 
 def _block_k(group_size: int) -> int:
@@ -419,7 +431,7 @@ def _tiles_for_launch(tiles: list[Tile], configs: list, m_bucket: int, group_siz
 def _prune_matmul_configs(configs, named_args, **kwargs):
     x_bytes = 1 if kwargs["X_INT8"] else named_args["x_ptr"].element_size()
     return _tiles_for_launch(
-        MATMUL_TILES, configs, named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["x_ptr"].device,
+        MATMUL_TILES_FP32 if kwargs["FP32_DOT"] else MATMUL_TILES, configs, named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["x_ptr"].device,
         lambda t: matmul_shared_bytes(t, x_bytes),
     )  # fmt: skip
 
@@ -427,19 +439,19 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 def _prune_grad_input_configs(configs, named_args, **kwargs):
     grad_bytes = named_args["grad_y_ptr"].element_size()
     return _tiles_for_launch(
-        GRAD_INPUT_TILES, configs, named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["grad_y_ptr"].device,
+        GRAD_INPUT_TILES_FP32 if kwargs["FP32_DOT"] else GRAD_INPUT_TILES, configs, named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["grad_y_ptr"].device,
         lambda t: grad_input_shared_bytes(t, grad_bytes),
     )  # fmt: skip
 
 
 if HAS_TRITON:
     _groupwise_matmul_tuned = triton.autotune(
-        configs=gpu_arch.triton_configs(MATMUL_TILES),
+        configs=gpu_arch.triton_configs(MATMUL_TILES + MATMUL_TILES_FP32),
         key=["M_BUCKET", "N", "K", "GROUP_SIZE", "INT4", "X_INT8", "HAS_BIAS", "FP32_DOT"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )(_groupwise_matmul_kernel)
     _groupwise_grad_input_tuned = triton.autotune(
-        configs=gpu_arch.triton_configs(GRAD_INPUT_TILES),
+        configs=gpu_arch.triton_configs(GRAD_INPUT_TILES + GRAD_INPUT_TILES_FP32),
         key=["M_BUCKET", "N", "K", "GROUP_SIZE", "INT4", "FP32_DOT"],
         prune_configs_by={"early_config_prune": _prune_grad_input_configs},
     )(_groupwise_grad_input_kernel)
@@ -451,6 +463,8 @@ def _launch(kernel, tuned, grid, args, constexprs: dict, on_gpu: bool, block_k: 
         tuned[grid](*args, **constexprs)
         return
     config = (FIXED_GPU_TILES if on_gpu else _INTERPRETER_TILES)[block_k]
+    if on_gpu and constexprs["FP32_DOT"]:
+        config = FIXED_GPU_TILE_FP32
     kernel[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 

@@ -14,7 +14,6 @@ Each op exists as ``<op>_reference`` (plain PyTorch, the CPU path and the test o
 
 from __future__ import annotations
 
-
 import torch
 
 from bytetune.kernels import gpu_arch

@@ -54,17 +54,17 @@ def test_ci_subset_compiles_for_sm86_and_sm90(tmp_path):
 
 @needs_ptxas
 def test_gate_fails_an_oversized_tile_and_passes_a_good_one():
-    # A real compile: a 256x256x256 int8 tile with 4 stages needs ~512 KiB of shared memory. Its
-    # shared-memory estimate is left out, so the launch rule lets it through and only the
-    # compiled figure can stop it.
+    # A real compile: a 64x64x256 int8 tile pipelined over 8 stages needs ~224 KiB of shared memory
+    # on sm_86 (few registers, so it compiles fast). Its shared-memory estimate is left out, so
+    # the launch rule lets it through and only the compiled figure can stop it.
     code = """
 import sys; sys.path.insert(0, "bench")
 import gpu_compile as g
 from bytetune.kernels import gpu_arch, llm_int8
 good = next(l for l in g.llm_int8_launches() if l.ci and l.name.endswith("_int8_matmul_kernel"))
-huge = gpu_arch.tile(BLOCK_M=256, BLOCK_N=256, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+huge = gpu_arch.tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=8)
 bad = g.Launch(good.kernel, huge, "oversized", good.args, dict(good.constexprs, **huge.kwargs))
-rows = g.run_gate([good, bad], [86], jobs=1)
+rows = g.run_gate([good, bad], [86], jobs=2)
 print("VERDICTS", [r.failure for r in rows], rows[1].result.shared)
 """
     done = _run_gate_code(code)
@@ -131,6 +131,8 @@ def test_registry_has_a_ci_row_per_kernel_and_covers_every_menu(gate):
         (llm_int8, "GRAD_INPUT_TILES_FP32", "_int8_grad_input_kernel"),
         (groupwise, "MATMUL_TILES", "_groupwise_matmul_kernel"),
         (groupwise, "GRAD_INPUT_TILES", "_groupwise_grad_input_kernel"),
+        (groupwise, "MATMUL_TILES_FP32", "_groupwise_matmul_kernel"),
+        (groupwise, "GRAD_INPUT_TILES_FP32", "_groupwise_grad_input_kernel"),
     ]:
         gated = {l.config for l in launches if l.name.endswith(kernel)}
         assert set(getattr(module, menu_name)) <= gated, f"{menu_name} of {module.__name__} is not in the gate"
