@@ -178,21 +178,29 @@ def test_int8_grad_input_prune_takes_the_fp32_menu_for_fp32_dots(monkeypatch, gr
         assert kept and {gpu_arch.config_key(c) for c in kept} <= {t.key() for t in menu}
 
 
+@pytest.mark.parametrize("fp32", [False, True])
 @pytest.mark.parametrize("group_size", [32, 96, 128])
 @pytest.mark.parametrize("capability", [86, 90])
-def test_groupwise_prune_keeps_k_tiles_inside_a_group(monkeypatch, group_size, capability):
+def test_groupwise_prune_keeps_k_tiles_inside_a_group(monkeypatch, fp32, group_size, capability):
     monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (capability, ARCHS[capability].max_shared_bytes))
+    dtype = torch.float32 if fp32 else torch.bfloat16
     for m in (1, 4096):
-        named = {"M_BUCKET": gpu_arch.m_bucket(m), "x_ptr": torch.empty(1, dtype=torch.bfloat16)}
+        named = {"M_BUCKET": gpu_arch.m_bucket(m), "x_ptr": torch.empty(1, dtype=dtype)}
         kept = groupwise._prune_matmul_configs(
-            gpu_arch.triton_configs(groupwise.MATMUL_TILES), named, GROUP_SIZE=group_size, X_INT8=False
-        )
+            gpu_arch.triton_configs(groupwise.MATMUL_TILES + groupwise.MATMUL_TILES_FP32), named,
+            GROUP_SIZE=group_size, X_INT8=False, FP32_DOT=fp32,
+        )  # fmt: skip
+        menu = groupwise.MATMUL_TILES_FP32 if fp32 else groupwise.MATMUL_TILES
         assert kept and all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
-        named = {"M_BUCKET": gpu_arch.m_bucket(m), "grad_y_ptr": torch.empty(1, dtype=torch.float32)}
+        assert {gpu_arch.config_key(c) for c in kept} <= {t.key() for t in menu}
+        named = {"M_BUCKET": gpu_arch.m_bucket(m), "grad_y_ptr": torch.empty(1, dtype=dtype)}
         kept = groupwise._prune_grad_input_configs(
-            gpu_arch.triton_configs(groupwise.GRAD_INPUT_TILES), named, GROUP_SIZE=group_size
-        )
+            gpu_arch.triton_configs(groupwise.GRAD_INPUT_TILES + groupwise.GRAD_INPUT_TILES_FP32), named,
+            GROUP_SIZE=group_size, FP32_DOT=fp32,
+        )  # fmt: skip
+        menu = groupwise.GRAD_INPUT_TILES_FP32 if fp32 else groupwise.GRAD_INPUT_TILES
         assert kept and all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
+        assert {gpu_arch.config_key(c) for c in kept} <= {t.key() for t in menu}
 
 
 def test_launchable_reasons():
