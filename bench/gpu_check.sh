@@ -19,7 +19,9 @@ section "bytetune gpu_check $(date -u +%FT%TZ) on $("$PYTHON" -c 'import torch; 
 
 # --- kernels vs references, compiled (includes the ~1e6-element optimizer sizes, GPU only) -----
 section "kernel tests: block-wise, fused optimizer update, LLM.int8(), group-wise (ZeroQuant)"
-timeout 110 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 8 | tee -a "$RESULTS"
+# (the CPU-side compile-gate tests are left to the next section, which compiles for this card)
+timeout 110 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels -k "not ci_subset and not oversized" 2>&1 \
+    | tail -n 8 | tee -a "$RESULTS"
 # The CPU-side compile gate predicts shared memory, registers and spills per config; here the
 # same configs (the CI subset) are compiled for this card, loaded on it, and the driver's
 # figures and the card's shared-memory limit are compared with the prediction.

@@ -208,7 +208,7 @@ def test_bad_input_errors(call, match):
 BLOOM_FFN_OUT = 4 * 14336
 
 
-def test_row_offsets_are_int64_past_2_pow_31():
+def test_row_offsets_are_int64_past_2_pow_31(device):
     """The kernels' row * stride offsets at M * N >= 2^31, without allocating 2^31 elements: a
     probe kernel runs the same helper the GEMMs use on the row indices of such a launch."""
     triton = pytest.importorskip("triton")
@@ -221,7 +221,7 @@ def test_row_offsets_are_int64_past_2_pow_31():
         tl.store(out_ptr + i, gw._row_offsets(rows, stride))
         tl.store(wrapped_ptr + i, (rows * stride).to(tl.int64))  # what an int32 product gives
 
-    rows = torch.tensor([0, 1, 37_448, 37_449, 50_000, 2**20, 2**21 - 1, 2**21], dtype=torch.int32)
+    rows = torch.tensor([0, 1, 37_448, 37_449, 50_000, 2**20, 2**21 - 1, 2**21], dtype=torch.int32, device=device)
     out = torch.empty(rows.numel(), dtype=torch.int64)
     wrapped = torch.empty_like(out)
     with warnings.catch_warnings():
