@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS), help="capabilities, e.g. 86 90")
     parser.add_argument("--subset", action="store_true", help="only the fast CI subset (one config per kernel)")
-    parser.add_argument("--only", default="", help="only kernels whose name contains this")
+    parser.add_argument("--only", default="", help="only kernels whose name contains one of these (comma-separated)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--all", action="store_true", help="also compile the cells that cannot launch")
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown table ('-' = stdout only)")
@@ -517,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no ptxas in {NVIDIA_BIN}: this triton wheel cannot compile for NVIDIA GPUs", file=sys.stderr)
         return 2
     launches = [
-        launch for launch in all_launches() if (launch.ci or not args.subset) and args.only in launch.name
+        launch for launch in all_launches()
+        if (launch.ci or not args.subset) and any(part in launch.name for part in args.only.split(","))
     ]  # fmt: skip
     if args.device:
         return verify_on_device(launches, args.jobs)
