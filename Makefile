@@ -8,7 +8,7 @@ RECIPE ?= smollm2_lora8
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU run.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup train test bench gpu-check clean
+.PHONY: setup train test bench gpu-check gpu-compile clean
 
 setup: $(VENV)/.stamp
 
@@ -32,6 +32,12 @@ bench: setup
 
 gpu-check: setup
 	bash bench/gpu_check.sh
+
+# Every Triton kernel x config x dtype compiled for sm_75/80/86/89/90 on this machine (no GPU
+# needed); the table goes to bench/results/gpu_compile.md, the exit status fails on a config
+# that can launch but does not compile, exceeds shared memory or spills.
+gpu-compile: setup
+	$(PY) bench/gpu_compile.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from bytetune.kernels import llm_int8
+from bytetune.kernels import gpu_arch, llm_int8
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt
 from bytetune.kernels.dispatch import HAS_TRITON, require_triton, round_half_away, use_triton
+from bytetune.kernels.gpu_arch import Tile, tile
 
 if HAS_TRITON:
     import triton
@@ -256,7 +257,7 @@ if HAS_TRITON:
     ):
         # One program per (row, group). Even and odd columns are loaded separately so that an INT4
         # pair lands in one byte without shuffling registers.
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 on large weights
         group = tl.program_id(1)
         pair = tl.arange(0, HALF_BLOCK)
         col_even = group * GROUP_SIZE + 2 * pair
@@ -283,25 +284,32 @@ if HAS_TRITON:
             tl.store(codes_row + col_odd, code_odd.to(tl.int8), mask=mask_odd)
 
     @triton.jit
+    def _row_offsets(rows, stride):
+        """Element offsets of row starts, in int64: M * N reaches 2^31 (BLOOM-176B's dense_h_to_4h
+        output at ~37k tokens), where an int32 product wraps."""
+        return rows.to(tl.int64) * stride
+
+    @triton.jit
     def _load_weight_codes_kt(codes_ptr, stride_codes, rows, cols, mask, INT4: tl.constexpr):
         """Codes for a [BLOCK_K, BLOCK_N] tile (cols along dim 0, rows along dim 1) as int8.
 
         INT4: each column reads its byte (two neighbours share one, served from cache) and shifts
         out its nibble in registers."""
         if INT4:
-            byte = tl.load(codes_ptr + rows[None, :] * stride_codes + cols[:, None] // 2, mask=mask, other=136)
+            byte = tl.load(codes_ptr + _row_offsets(rows, stride_codes)[None, :] + cols[:, None] // 2, mask=mask, other=136)
             nibble = (byte.to(tl.int32) >> ((cols[:, None] % 2) * 4)) & 0xF
             return (nibble - 8).to(tl.int8)
         else:
-            return tl.load(codes_ptr + rows[None, :] * stride_codes + cols[:, None], mask=mask, other=0)
+            return tl.load(codes_ptr + _row_offsets(rows, stride_codes)[None, :] + cols[:, None], mask=mask, other=0)
 
     @triton.jit
     def _groupwise_matmul_kernel(
         x_ptr, x_scale_ptr, codes_ptr, scales_ptr, bias_ptr, y_ptr,
-        M, N, K, num_groups, stride_x, stride_codes, stride_y,
+        M, N, K, M_BUCKET, num_groups, stride_x, stride_codes, stride_y,
         GROUP_SIZE: tl.constexpr, INT4: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
         FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        # M_BUCKET (next power of two of M) is only an autotuning key.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -317,7 +325,7 @@ if HAS_TRITON:
             for kk in range(0, GROUP_SIZE, BLOCK_K):
                 cols = g * GROUP_SIZE + kk + tl.arange(0, BLOCK_K)
                 mask_k = cols < K
-                x = tl.load(x_ptr + rows_m[:, None] * stride_x + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
+                x = tl.load(x_ptr + _row_offsets(rows_m, stride_x)[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
                 w = _load_weight_codes_kt(codes_ptr, stride_codes, rows_n, cols, mask_k[:, None] & mask_n[None, :], INT4)
                 if X_INT8:
                     partial += tl.dot(x, w, out_dtype=tl.int32)
@@ -326,19 +334,19 @@ if HAS_TRITON:
                 else:
                     # Integers up to 127 are exact in bf16/fp16: the codes convert without loss.
                     partial += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
-            group_scale = tl.load(scales_ptr + rows_n * num_groups + g, mask=mask_n, other=0.0)
+            group_scale = tl.load(scales_ptr + _row_offsets(rows_n, num_groups) + g, mask=mask_n, other=0.0)
             acc += partial.to(tl.float32) * group_scale[None, :]
         if X_INT8:
             acc *= tl.load(x_scale_ptr + rows_m, mask=mask_m, other=0.0)[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rows_m[:, None] * stride_y + rows_n[None, :]
+        y_ptrs = y_ptr + _row_offsets(rows_m, stride_y)[:, None] + rows_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _groupwise_grad_input_kernel(
         grad_y_ptr, codes_ptr, scales_ptr, grad_x_ptr,
-        M, N, K, num_groups, stride_gy, stride_codes, stride_gx,
+        M, N, K, M_BUCKET, num_groups, stride_gy, stride_codes, stride_gx,
         GROUP_SIZE: tl.constexpr, INT4: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -356,15 +364,15 @@ if HAS_TRITON:
         for n0 in range(0, N, BLOCK_N):
             rows_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = rows_n < N
-            gy = tl.load(grad_y_ptr + rows_m[:, None] * stride_gy + rows_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            gy = tl.load(grad_y_ptr + _row_offsets(rows_m, stride_gy)[:, None] + rows_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             codes_kn = _load_weight_codes_kt(codes_ptr, stride_codes, rows_n, cols, mask_k[:, None] & mask_n[None, :], INT4)
-            scale = tl.load(scales_ptr + rows_n * num_groups + group, mask=mask_n, other=0.0)
+            scale = tl.load(scales_ptr + _row_offsets(rows_n, num_groups) + group, mask=mask_n, other=0.0)
             w = tl.trans(codes_kn).to(tl.float32) * scale[:, None]
             if FP32_DOT:
                 acc += tl.dot(gy.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(gy, w.to(gy.dtype), out_dtype=tl.float32)
-        tl.store(grad_x_ptr + rows_m[:, None] * stride_gx + cols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+        tl.store(grad_x_ptr + _row_offsets(rows_m, stride_gx)[:, None] + cols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 def _needs_fp32_dot(t: torch.Tensor) -> bool:
@@ -374,9 +382,122 @@ def _needs_fp32_dot(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and not t.is_cuda)
 
 
+# Launch configs (checked for every GPU generation by bench/gpu_compile.py). A K tile never
+# straddles two groups: BLOCK_K must divide group_size (a multiple of 32), so each menu has
+# BLOCK_K = 32 entries for group sizes like 96. Thin-M tiles serve decoding (few tokens). The GEMM
+# holds two [BLOCK_M, BLOCK_N] accumulators (the group's partial sum and the total): the gate
+# saw 64x128 with 4 warps and 128x128 with 8 warps spill (16-152 B), so those have 8 warps and
+# a 64-wide N tile now.
+MATMUL_TILES = [
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    tile(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# Input gradient: BLOCK_N is the reduction tile, BLOCK_K the output columns (inside one group).
+GRAD_INPUT_TILES = [
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# fp32 operands: the "ieee" dot runs on FMA units, and the tiles above spill with it (the gate
+# measured 1.5-4 KB of stack at 64x64x64); these small ones do not. BLOCK_K = 32 divides any group.
+MATMUL_TILES_FP32 = [
+    tile(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+GRAD_INPUT_TILES_FP32 = [
+    tile(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# BYTETUNE_AUTOTUNE=0 on a GPU: one tile per BLOCK_K, so test shapes skip the tuning sweep.
+FIXED_GPU_TILES = {64: tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 32: tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)}
+FIXED_GPU_TILE_FP32 = tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
+# The interpreter (CPU tensors): small tiles keep the tests fast.
+_INTERPRETER_TILES = {64: tile(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), 32: tile(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)}
+# The weight quantizer's tile is the group (one program per row and group): the gate compiles it
+# for the smallest group, the default and a large one.
+QUANTIZE_GROUP_SIZES = (32, DEFAULT_GROUP_SIZE, 1024)
+
+
 def _block_k(group_size: int) -> int:
-    # A K tile never straddles two groups: it must divide group_size (a multiple of 32).
     return 64 if group_size % 64 == 0 else 32
+
+
+def matmul_shared_bytes(config: Tile, x_bytes: int) -> int:
+    """Upper bound of the GEMM's shared memory: per stage an x tile and a weight tile (staged as
+    x's dtype), or the fp32 output tile."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    return max(config.num_stages * (bm * bk + bk * bn) * x_bytes, bm * bn * 4)
+
+
+def grad_input_shared_bytes(config: Tile, grad_bytes: int) -> int:
+    """Upper bound for the input gradient: per stage a grad_y tile and a dequantized weight tile,
+    or the fp32 output tile."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    return max(config.num_stages * (bm * bn + bn * bk) * max(grad_bytes, 2), bm * bk * 4)
+
+
+def _tiles_for_launch(tiles: list[Tile], configs: list, m_bucket: int, group_size: int, device, shared_bytes) -> list:
+    """The autotune prune: K tiles that divide the group, thin tiles only for few tokens (and
+    no thin tiles for many), then what this GPU generation can run."""
+    few_tokens = m_bucket <= 32
+    keep = [
+        t for t in tiles
+        if group_size % t["BLOCK_K"] == 0 and (t["BLOCK_M"] <= 32) == few_tokens
+    ]  # fmt: skip
+    arch = gpu_arch.device_arch(device)
+    if arch is not None:
+        keep = gpu_arch.prune(keep, *arch, shared_bytes)
+    keys = {t.key() for t in keep}
+    return [c for c in configs if gpu_arch.config_key(c) in keys]
+
+
+def _prune_matmul_configs(configs, named_args, **kwargs):
+    x_bytes = 1 if kwargs["X_INT8"] else named_args["x_ptr"].element_size()
+    return _tiles_for_launch(
+        MATMUL_TILES_FP32 if kwargs["FP32_DOT"] else MATMUL_TILES, configs, named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["x_ptr"].device,
+        lambda t: matmul_shared_bytes(t, x_bytes),
+    )  # fmt: skip
+
+
+def _prune_grad_input_configs(configs, named_args, **kwargs):
+    grad_bytes = named_args["grad_y_ptr"].element_size()
+    return _tiles_for_launch(
+        GRAD_INPUT_TILES_FP32 if kwargs["FP32_DOT"] else GRAD_INPUT_TILES, configs, named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["grad_y_ptr"].device,
+        lambda t: grad_input_shared_bytes(t, grad_bytes),
+    )  # fmt: skip
+
+
+if HAS_TRITON:
+    _groupwise_matmul_tuned = triton.autotune(
+        configs=gpu_arch.triton_configs(MATMUL_TILES + MATMUL_TILES_FP32),
+        key=["M_BUCKET", "N", "K", "GROUP_SIZE", "INT4", "X_INT8", "HAS_BIAS", "FP32_DOT"],
+        prune_configs_by={"early_config_prune": _prune_matmul_configs},
+    )(_groupwise_matmul_kernel)
+    _groupwise_grad_input_tuned = triton.autotune(
+        configs=gpu_arch.triton_configs(GRAD_INPUT_TILES + GRAD_INPUT_TILES_FP32),
+        key=["M_BUCKET", "N", "K", "GROUP_SIZE", "INT4", "FP32_DOT"],
+        prune_configs_by={"early_config_prune": _prune_grad_input_configs},
+    )(_groupwise_grad_input_kernel)
+
+
+def _launch(kernel, tuned, grid, args, constexprs: dict, on_gpu: bool, block_k: int) -> None:
+    """Autotuned on a GPU (unless BYTETUNE_AUTOTUNE=0), a fixed tile otherwise."""
+    if on_gpu and gpu_arch.autotune_enabled():
+        tuned[grid](*args, **constexprs)
+        return
+    config = (FIXED_GPU_TILES if on_gpu else _INTERPRETER_TILES)[block_k]
+    if on_gpu and constexprs["FP32_DOT"]:
+        config = FIXED_GPU_TILE_FP32
+    kernel[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def quantize_groupwise_triton(
@@ -419,17 +540,18 @@ def groupwise_matmul_triton(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _groupwise_matmul_kernel[grid](
-        x, x_scale if x_scale is not None else scales, codes, scales,
-        bias.contiguous() if bias is not None else scales, y,
-        m, n, in_features, scales.shape[1], x.stride(0), codes.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, INT4=bits == 4, X_INT8=x_scale is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=_needs_fp32_dot(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(group_size),
-    )
+    if not gpu_arch.dot_supported(x.device):
+        return groupwise_matmul_reference(x, x_scale, codes, scales, bits, group_size, bias, out_dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _launch(
+        _groupwise_matmul_kernel, _groupwise_matmul_tuned, grid,
+        (x, x_scale if x_scale is not None else scales, codes, scales,
+         bias.contiguous() if bias is not None else scales, y,
+         m, n, in_features, gpu_arch.m_bucket(m), scales.shape[1], x.stride(0), codes.stride(0), y.stride(0)),
+        dict(GROUP_SIZE=group_size, INT4=bits == 4, X_INT8=x_scale is not None, HAS_BIAS=bias is not None,
+             FP32_DOT=_needs_fp32_dot(x)),
+        x.is_cuda, _block_k(group_size),
+    )  # fmt: skip
     return y
 
 
@@ -440,6 +562,8 @@ def groupwise_matmul_grad_input_triton(
     _check_codes(codes, scales, bits, group_size, in_features)
     if grad_y.dim() != 2 or grad_y.shape[1] != codes.shape[0] or grad_y.dtype not in FLOAT_DTYPES:
         raise ValueError(f"grad_y must be a float [tokens, {codes.shape[0]}], got {grad_y.dtype} {tuple(grad_y.shape)}")
+    if not gpu_arch.dot_supported(grad_y.device):
+        return groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_features)
     grad_y, codes, scales = grad_y.contiguous(), codes.contiguous(), scales.contiguous()
     m, n = grad_y.shape
     grad_x = torch.empty((m, in_features), dtype=grad_y.dtype, device=grad_y.device)
@@ -447,15 +571,14 @@ def groupwise_matmul_grad_input_triton(
         return grad_x
     if n == 0:
         return grad_x.zero_()
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = _block_k(group_size)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(in_features, block_k))
-    _groupwise_grad_input_kernel[grid](
-        grad_y, codes, scales, grad_x,
-        m, n, in_features, scales.shape[1], grad_y.stride(0), codes.stride(0), grad_x.stride(0),
-        GROUP_SIZE=group_size, INT4=bits == 4, FP32_DOT=_needs_fp32_dot(grad_y),
-        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k,
-    )
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(in_features, meta["BLOCK_K"]))  # noqa: E731
+    _launch(
+        _groupwise_grad_input_kernel, _groupwise_grad_input_tuned, grid,
+        (grad_y, codes, scales, grad_x, m, n, in_features, gpu_arch.m_bucket(m), scales.shape[1],
+         grad_y.stride(0), codes.stride(0), grad_x.stride(0)),
+        dict(GROUP_SIZE=group_size, INT4=bits == 4, FP32_DOT=_needs_fp32_dot(grad_y)),
+        grad_y.is_cuda, _block_k(group_size),
+    )  # fmt: skip
     return grad_x
 
 

@@ -14,12 +14,12 @@ Each op exists as ``<op>_reference`` (plain PyTorch, the CPU path and the test o
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from bytetune.kernels import gpu_arch
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt, int32_matmul_nt_exact
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.gpu_arch import Tile, tile
 
 if HAS_TRITON:
     import triton
@@ -239,6 +239,98 @@ def int8_matmul_grad_input_reference(
 
 
 # --------------------------------------------------------------------------------------------
+# Launch configs (checked for every GPU generation by bench/gpu_compile.py)
+# --------------------------------------------------------------------------------------------
+
+# Large tiles for thousands of tokens; thin-M tiles for decoding (M = 1..16), where the op is a
+# weight-bandwidth-bound GEMV and wants many programs along N. Kept short: every config is one
+# more compile on a fresh machine. What the compile gate (bench/gpu_compile.py) changed: the
+# 128x256 tile spills on sm_80..89 (664 B of stack at 255 registers) and runs on sm_90 only;
+# 128x128x64 had 4 warps and spilled (560 B) on sm_80..89, with 8 warps it does not.
+MATMUL_TILES = [
+    tile(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, min_capability=90),
+    tile(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    tile(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    tile(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+]
+# The input gradient reduces over N (BLOCK_N) and writes BLOCK_K output columns. 16-bit grad_y:
+# tensor-core dots; the 128x256-output tile spills on sm_80..89 like the GEMM's.
+GRAD_INPUT_TILES = [
+    tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3, min_capability=90),
+    tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+]
+# fp32 grad_y: the "ieee" dot runs on FMA units and holds far more registers; every 16-bit tile
+# above spills with it (the gate measured 200-9600 B of stack), these two do not.
+GRAD_INPUT_TILES_FP32 = [
+    tile(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+]
+# One fixed GPU config per kernel, used when BYTETUNE_AUTOTUNE=0 (gpu_arch.autotune_enabled).
+FIXED_GPU_TILE = tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+FIXED_GPU_TILE_FP32_GRAD = GRAD_INPUT_TILES_FP32[1]
+# Fixed small tiles for the interpreter (CPU tensors): autotuning there would only cost time.
+_INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+# The row quantizer's K tile: the next power of two of K, capped (the largest the gate checks).
+QUANTIZE_ROWS_BLOCK_K = (1024,)
+COLUMN_ABSMAX_TILE = tile(ROWS_PER_PROGRAM=256, BLOCK_M=32, BLOCK_K=128)
+_INTERPRETER_COLUMN_ABSMAX_TILE = tile(ROWS_PER_PROGRAM=64, BLOCK_M=16, BLOCK_K=64)
+
+
+def matmul_shared_bytes(config: Tile, out_bytes: int) -> int:
+    """Upper bound of the int8 GEMM's shared memory: num_stages int8 tiles of x and w (Ampere
+    keeps num_stages - 1 of them, Hopper num_stages), or the output tile the epilogue may stage."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    return max(config.num_stages * (bm * bk + bk * bn), bm * bn * out_bytes)
+
+
+def grad_input_shared_bytes(config: Tile, grad_bytes: int) -> int:
+    """Upper bound for the input-gradient kernel: per stage a grad_y tile and an int8 weight-code
+    tile, plus the dequantized weight tile in grad_y's dtype and 1 KiB of scratch (what the gate
+    measured on sm_90), or the output tile."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    staged = config.num_stages * (bm * bn * grad_bytes + bn * bk) + bn * bk * grad_bytes + 1024
+    return max(staged, bm * bk * grad_bytes)
+
+
+def _prune_for_device(tiles: list[Tile], configs: list, device: torch.device, shared_bytes) -> list:
+    arch = gpu_arch.device_arch(device)
+    if arch is None:
+        return configs
+    keep = {t.key() for t in gpu_arch.prune(tiles, *arch, shared_bytes)}
+    return [c for c in configs if gpu_arch.config_key(c) in keep]
+
+
+def _prune_matmul_configs(configs, named_args, **kwargs):
+    # Thin tiles only for few tokens, wide ones only for many: halves the tuning sweep.
+    few_tokens = named_args["M_BUCKET"] <= 32
+    configs = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == few_tokens]
+    out_bytes = named_args["out_ptr"].element_size()
+    return _prune_for_device(
+        MATMUL_TILES, configs, named_args["x_ptr"].device, lambda t: matmul_shared_bytes(t, out_bytes)
+    )
+
+
+def _prune_grad_input_configs(configs, named_args, **kwargs):
+    menu = GRAD_INPUT_TILES_FP32 if kwargs["DOT_IN_FP32"] else GRAD_INPUT_TILES
+    in_menu = {t.key() for t in menu}
+    few_tokens = named_args["M_BUCKET"] <= 32
+    configs = [
+        c for c in configs if gpu_arch.config_key(c) in in_menu and (c.kwargs["BLOCK_M"] <= 32) == few_tokens
+    ]  # fmt: skip
+    grad_bytes = named_args["grad_y_ptr"].element_size()
+    return _prune_for_device(
+        menu, configs, named_args["grad_y_ptr"].device, lambda t: grad_input_shared_bytes(t, grad_bytes)
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
@@ -452,73 +544,21 @@ if HAS_TRITON:
             mask=(rows[:, None] < M) & (cols[None, :] < K),
         )
 
-    def _gpu_matmul_configs() -> list:
-        # Large tiles for thousands of tokens; thin-M tiles for decoding (M = 1..16), where the
-        # op is a weight-bandwidth-bound GEMV and wants many programs along N.
-        # Kept short: every config is one more compile on a fresh machine.
-        shapes = [
-            (128, 256, 128, 3, 8),
-            (128, 128, 128, 4, 8),
-            (128, 128, 64, 4, 4),
-            (64, 128, 128, 4, 4),
-            (32, 64, 256, 4, 4),
-            (16, 64, 256, 4, 4),
-            (16, 128, 128, 4, 4),
-        ]
-        return [
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                num_stages=stages,
-                num_warps=warps,
-            )
-            for bm, bn, bk, stages, warps in shapes
-        ]
-
-    def _gpu_grad_input_configs() -> list:
-        # Same tile menu, re-labelled: here N is the reduction dim and K the output columns.
-        return [
-            triton.Config(
-                {
-                    "BLOCK_M": c.kwargs["BLOCK_M"],
-                    "BLOCK_K": c.kwargs["BLOCK_N"],
-                    "BLOCK_N": min(c.kwargs["BLOCK_K"], 64),
-                    "GROUP_M": 8,
-                },
-                num_stages=c.num_stages,
-                num_warps=c.num_warps,
-            )
-            for c in _gpu_matmul_configs()
-        ]
-
-    def _prune_by_token_count(configs, named_args, **kwargs):
-        # Thin tiles only for few tokens, wide ones only for many: halves the tuning sweep.
-        few_tokens = named_args["M_BUCKET"] <= 32
-        return [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == few_tokens]
-
     _int8_matmul_tuned = triton.autotune(
-        configs=_gpu_matmul_configs(),
+        configs=gpu_arch.triton_configs(MATMUL_TILES),
         key=["M_BUCKET", "N", "K", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": _prune_by_token_count},
+        prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )(_int8_matmul_kernel)
     _int8_grad_input_tuned = triton.autotune(
-        configs=_gpu_grad_input_configs(),
+        configs=gpu_arch.triton_configs(GRAD_INPUT_TILES + GRAD_INPUT_TILES_FP32),
         key=["M_BUCKET", "N", "K", "DOT_IN_FP32"],
-        prune_configs_by={"early_config_prune": _prune_by_token_count},
+        prune_configs_by={"early_config_prune": _prune_grad_input_configs},
     )(_int8_grad_input_kernel)
 
-# Fixed small tiles for the interpreter (CPU tensors): autotuning there would only cost time.
-_INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-# One fixed GPU config, used when BYTETUNE_AUTOTUNE=0: the GPU test run sets it so that dozens
-# of small test shapes do not each pay a tuning sweep (one compile per config).
-_FIXED_GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("BYTETUNE_AUTOTUNE", "1") != "0"
-
-
-def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(m), 4096)
+def _launch_kwargs(tiles: Tile | dict) -> dict:
+    if isinstance(tiles, dict):  # interpreter tiles: warps and stages mean nothing there
+        return tiles
+    return dict(tiles.kwargs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _launch_quantize_rows(x: torch.Tensor, is_outlier: torch.Tensor | None):
@@ -527,7 +567,7 @@ def _launch_quantize_rows(x: torch.Tensor, is_outlier: torch.Tensor | None):
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scale
-    block_k = min(triton.next_power_of_2(max(k, 1)), 1024 if x.is_cuda else 128)
+    block_k = min(triton.next_power_of_2(max(k, 1)), QUANTIZE_ROWS_BLOCK_K[-1] if x.is_cuda else 128)
     _quantize_rows_kernel[(m,)](
         x,
         codes,
@@ -552,21 +592,12 @@ def column_absmax_triton(x: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     if m == 0 or k == 0:
         return torch.zeros(k, dtype=torch.float32, device=x.device)
-    rows_per_program = 256 if x.is_cuda else 64
-    block_m, block_k = (32, 128) if x.is_cuda else (16, 64)
-    row_chunks = triton.cdiv(m, rows_per_program)
+    tiles = COLUMN_ABSMAX_TILE if x.is_cuda else _INTERPRETER_COLUMN_ABSMAX_TILE
+    row_chunks = triton.cdiv(m, tiles["ROWS_PER_PROGRAM"])
     # Every (row chunk, column) entry is written by the kernel: no need to zero it first.
     partial = torch.empty(row_chunks, k, dtype=torch.float32, device=x.device)
-    _column_absmax_kernel[(triton.cdiv(k, block_k), row_chunks)](
-        x,
-        partial,
-        m,
-        k,
-        x.stride(0),
-        x.stride(1),
-        ROWS_PER_PROGRAM=rows_per_program,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
+    _column_absmax_kernel[(triton.cdiv(k, tiles["BLOCK_K"]), row_chunks)](
+        x, partial, m, k, x.stride(0), x.stride(1), **_launch_kwargs(tiles)
     )
     return partial.amax(dim=0)
 
@@ -603,6 +634,8 @@ def int8_matmul_triton(
     _check_matmul_args(x_int8, w_int8, x_scale, w_scale, bias)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if not gpu_arch.dot_supported(x_int8.device):
+        return int8_matmul_reference(x_int8, w_int8, x_scale, w_scale, bias, out_dtype)
     m, k = x_int8.shape
     n = w_int8.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x_int8.device)
@@ -620,7 +653,7 @@ def int8_matmul_triton(
         m,
         n,
         k,
-        _m_bucket(m),
+        gpu_arch.m_bucket(m),
         x_int8.stride(0),
         x_int8.stride(1),
         w_int8.stride(0),
@@ -628,15 +661,15 @@ def int8_matmul_triton(
         out.stride(0),
         out.stride(1),
     )
-    if x_int8.is_cuda and _autotune_enabled():
+    if x_int8.is_cuda and gpu_arch.autotune_enabled():
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
         )
         _int8_matmul_tuned[grid](*args, HAS_BIAS=bias is not None)
     else:
-        tiles = _FIXED_GPU_TILES if x_int8.is_cuda else _INTERPRETER_TILES
+        tiles = FIXED_GPU_TILE if x_int8.is_cuda else _INTERPRETER_TILES
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
-        _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **tiles)
+        _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **_launch_kwargs(tiles))
     return out
 
 
@@ -644,6 +677,8 @@ def int8_matmul_grad_input_triton(
     grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     _check_grad_input_args(grad_y, w_int8, w_scale)
+    if not gpu_arch.dot_supported(grad_y.device):
+        return int8_matmul_grad_input_reference(grad_y, w_int8, w_scale)
     m, n = grad_y.shape
     k = w_int8.shape[1]
     grad_x = torch.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
@@ -667,7 +702,7 @@ def int8_matmul_grad_input_triton(
         m,
         n,
         k,
-        _m_bucket(m),
+        gpu_arch.m_bucket(m),
         grad_y.stride(0),
         grad_y.stride(1),
         w_int8.stride(0),
@@ -675,16 +710,18 @@ def int8_matmul_grad_input_triton(
         grad_x.stride(0),
         grad_x.stride(1),
     )
-    if grad_y.is_cuda and _autotune_enabled():
+    if grad_y.is_cuda and gpu_arch.autotune_enabled():
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
         )
         _int8_grad_input_tuned[grid](*args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision)
     else:
-        tiles = _FIXED_GPU_TILES if grad_y.is_cuda else _INTERPRETER_TILES
+        tiles = _INTERPRETER_TILES
+        if grad_y.is_cuda:
+            tiles = FIXED_GPU_TILE_FP32_GRAD if dot_in_fp32 else FIXED_GPU_TILE
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]),)
         _int8_grad_input_kernel[grid](
-            *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **tiles
+            *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **_launch_kwargs(tiles)
         )
     return grad_x
 

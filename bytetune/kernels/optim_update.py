@@ -467,6 +467,11 @@ def _block_tensor_table(numels: tuple[int, ...], block_size: int, device: torch.
     return torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
 
 
+def num_warps_for(block_size: int) -> int:
+    """Warps per program: 128 elements per warp (4 per thread), at most 8 warps."""
+    return max(1, min(8, block_size // 128))
+
+
 def optimizer_update_8bit_triton(
     kind: UpdateKind,
     scalars: UpdateScalars,
@@ -507,7 +512,7 @@ def optimizer_update_8bit_triton(
             state1.book.codes, state1.book.midpoints, state2.book.codes, state2.book.midpoints,
             *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
             KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size, PARAM_DTYPE=_TL_DTYPES[dtype],
-            num_warps=max(1, min(8, block_size // 128)),
+            num_warps=num_warps_for(block_size),
         )  # fmt: skip
         launch_count["optimizer_update_8bit"] += 1
     for param, work in write_back:

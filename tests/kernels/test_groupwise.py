@@ -1,6 +1,8 @@
 """Group-wise (ZeroQuant) kernels: Triton (interpreter on CPU) against the PyTorch references, and
 the references against independent float math."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,3 +237,32 @@ def test_grad_input_reference_in_row_chunks_matches_float64(bits, chunk_rows, mo
     expected = grad_y.double() @ gw.dequantize_groupwise(codes, scales, bits, group_size, in_f).double()
     grad_x = gw.groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_f)
     torch.testing.assert_close(grad_x.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# BLOOM-176B's dense_h_to_4h: 4 * 14336 outputs; at 37,449 tokens its output passes 2^31 elements.
+BLOOM_FFN_OUT = 4 * 14336
+
+
+def test_row_offsets_are_int64_past_2_pow_31(device):
+    """The kernels' row * stride offsets at M * N >= 2^31, without allocating 2^31 elements: a
+    probe kernel runs the same helper the GEMMs use on the row indices of such a launch."""
+    triton = pytest.importorskip("triton")
+    tl = triton.language
+
+    @triton.jit
+    def probe(rows_ptr, out_ptr, wrapped_ptr, stride, N: tl.constexpr):
+        i = tl.arange(0, N)
+        rows = tl.load(rows_ptr + i)
+        tl.store(out_ptr + i, gw._row_offsets(rows, stride))
+        tl.store(wrapped_ptr + i, (rows * stride).to(tl.int64))  # what an int32 product gives
+
+    rows = torch.tensor([0, 1, 37_448, 37_449, 50_000, 2**20, 2**21 - 1, 2**21], dtype=torch.int32, device=device)
+    out = torch.empty(rows.numel(), dtype=torch.int64)
+    wrapped = torch.empty_like(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's int32 overflow, in the contrast
+        probe[(1,)](rows, out, wrapped, BLOOM_FFN_OUT, N=rows.numel())
+    expected = rows.long() * BLOOM_FFN_OUT
+    assert expected.max() >= 2**31  # the case the test exists for
+    assert torch.equal(out, expected)
+    assert not torch.equal(wrapped, expected)  # the probe can tell int32 from int64 math
