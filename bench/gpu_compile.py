@@ -47,7 +47,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import MockTensor, create_function_from_signature  # noqa: E402
 
-from bytetune.kernels import blockwise, gpu_arch, groupwise, llm_int8, optim_update  # noqa: E402
+from bytetune.kernels import (  # noqa: E402
+    blockwise, fused_linear_ce, gpu_arch, groupwise, int8_head, llm_int8, optim_update,
+)
 from bytetune.kernels.gpu_arch import ARCHS, Tile  # noqa: E402
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -248,11 +250,40 @@ def optim_update_launches() -> Iterator[Launch]:
                 )  # fmt: skip
 
 
+def int8_head_launches() -> Iterator[Launch]:
+    # The LM head's weight-only GEMM: 16-bit (or fp32) activations x int8 weight rows, BLOOM's
+    # vocabulary as N.
+    m, n, k = TOKENS, 250880, IN_FEATURES
+    for name, config in int8_head.GPU_CONFIGS.items():
+        cfg = gpu_arch.tile(**config)
+        for dtype in ((torch.float32,) if name == "fp32" else (torch.bfloat16, torch.float16)):
+            yield Launch(
+                int8_head._weight_only_matmul_kernel, cfg, f"{SHORT[dtype]} x i8 ({name})",
+                (T(dtype), T(torch.int8), T(torch.float32), T(dtype), m, n, k, k, 1, k, 1, n, 1),
+                dict(DOT_IN_FP32=dtype == torch.float32, **cfg.kwargs),
+                min_capability=gpu_arch.DOT_MIN_CAPABILITY, ci=name == "many_tokens" and dtype == torch.bfloat16,
+            )  # fmt: skip
+
+
+def fused_ce_launches() -> Iterator[Launch]:
+    # The fused loss's per-row softmax / cross-entropy / gradient, in place over a chunk's logits.
+    config = dict(fused_linear_ce.CE_GPU_CONFIG)
+    cfg = gpu_arch.tile(num_warps=config.pop("num_warps"), **config)
+    for dtype in FLOAT_DTYPES:
+        yield Launch(
+            fused_linear_ce._cross_entropy_rows_kernel, cfg, f"{SHORT[dtype]} logits",
+            (T(dtype), 250880, T(torch.int64), T(torch.float32), 250880), cfg.kwargs,
+            ci=dtype == torch.bfloat16,
+        )  # fmt: skip
+
+
 REGISTRY: list[Callable[[], Iterator[Launch]]] = [
     llm_int8_launches,
     groupwise_launches,
     blockwise_launches,
     optim_update_launches,
+    int8_head_launches,
+    fused_ce_launches,
 ]
 
 

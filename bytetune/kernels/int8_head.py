@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from bytetune.kernels import gpu_arch
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
 from bytetune.kernels.llm_int8 import INT8_MAX, int8_matmul_grad_input, quantize_rowwise
 
@@ -191,7 +192,8 @@ def weight_only_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Ten
     Accumulates in float32; the float weight is never materialized whole (the kernel converts
     code tiles in registers, the reference dequantizes 4096 rows at a time).
     """
-    if use_triton(x):
+    # tl.dot needs sm_80+ (bench/gpu_compile.py): older cards run the reference, with one warning
+    if use_triton(x) and gpu_arch.dot_supported(x.device):
         return weight_only_matmul_triton(x, w_int8, w_scale)
     return weight_only_matmul_reference(x, w_int8, w_scale)
 
