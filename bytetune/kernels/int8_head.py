@@ -30,6 +30,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from bytetune.kernels.llm_int8 import _tile_ids
+
 __all__ = [
     "GPU_CONFIGS",
     "INTERPRETER_CONFIG",
@@ -116,15 +118,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # Grouped launch order: GROUP_M row-tiles reuse each weight column-tile while it is in L2.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pids_per_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // pids_per_group) * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-        pid_n = (pid % pids_per_group) // group_size_m
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
