@@ -215,7 +215,7 @@ def blockwise_launches() -> Iterator[Launch]:
     numel = 1 << 20
     for dtype in FLOAT_DTYPES:
         for block_size in _block_sizes(dtype):
-            cfg = gpu_arch.tile(BLOCK_SIZE=block_size)
+            cfg = gpu_arch.tile(BLOCK_SIZE=block_size, num_warps=blockwise.num_warps_for(block_size))
             ci = dtype == torch.bfloat16 and block_size == blockwise.DEFAULT_BLOCK_SIZE
             yield Launch(
                 blockwise._quantize_blockwise_kernel, cfg, f"{SHORT[dtype]} -> u8",
@@ -238,7 +238,7 @@ def optim_update_launches() -> Iterator[Launch]:
         for dtype in FLOAT_DTYPES:
             sizes = _block_sizes(dtype) if kind == optim_update.UpdateKind.ADAM else (256, 4096)
             for block_size in sizes:
-                warps = optim_update.num_warps_for(block_size)
+                warps = optim_update.num_warps_for(block_size, kind)
                 cfg = gpu_arch.tile(BLOCK_SIZE=block_size, num_warps=warps)
                 yield Launch(
                     optim_update._optimizer_update_8bit_kernel, cfg,

@@ -186,6 +186,12 @@ if HAS_TRITON:
         tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
+def num_warps_for(block_size: int, cap: int = 8) -> int:
+    """Warps per program of the element-wise kernels: 128 elements per warp (4 per thread), at
+    most ``cap``. With the default 4 warps, fp32 blocks of 2048-4096 spilled in the compile gate."""
+    return max(1, min(cap, block_size // 128))
+
+
 def quantize_blockwise_triton(
     x: torch.Tensor, code_map: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +204,8 @@ def quantize_blockwise_triton(
     absmax = torch.empty(n_blocks(numel, block_size), dtype=torch.float32, device=x.device)
     if numel:
         _quantize_blockwise_kernel[(absmax.numel(),)](
-            flat, codes, absmax, code_midpoints(code_map), numel, BLOCK_SIZE=block_size
+            flat, codes, absmax, code_midpoints(code_map), numel, BLOCK_SIZE=block_size,
+            num_warps=num_warps_for(block_size),
         )
     return codes.reshape(x.shape), absmax
 
@@ -217,7 +224,8 @@ def dequantize_blockwise_triton(
     out = torch.empty(flat.numel(), dtype=dtype, device=codes.device)
     if flat.numel():
         _dequantize_blockwise_kernel[(absmax.numel(),)](
-            flat, absmax, code_map, out, flat.numel(), BLOCK_SIZE=block_size
+            flat, absmax, code_map, out, flat.numel(), BLOCK_SIZE=block_size,
+            num_warps=num_warps_for(block_size),
         )
     return out.reshape(codes.shape)
 

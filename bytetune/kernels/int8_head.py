@@ -55,7 +55,7 @@ REFERENCE_CHUNK_ROWS = 4096
 # compiled without spills (16-bit: 48 KB / 60 KB shared, fp32: 20 KB).
 GPU_CONFIGS = {
     "many_tokens": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "few_tokens": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    "few_tokens": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
 }
 # Small tiles under the interpreter (CPU tensors): odd shapes exercise every mask.

@@ -41,6 +41,7 @@ from bytetune.kernels.blockwise import (
     check_block_size,
     dequantize_blocks_reference,
     n_blocks,
+    num_warps_for as blockwise_num_warps,
     quantize_blocks_reference,
 )
 from bytetune.kernels.dispatch import require_triton, use_triton
@@ -467,9 +468,10 @@ def _block_tensor_table(numels: tuple[int, ...], block_size: int, device: torch.
     return torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
 
 
-def num_warps_for(block_size: int) -> int:
-    """Warps per program: 128 elements per warp (4 per thread), at most 8 warps."""
-    return max(1, min(8, block_size // 128))
+def num_warps_for(block_size: int, kind: UpdateKind = UpdateKind.ADAM) -> int:
+    """Adam's two states over 4096-element blocks take 16 warps (with 8, 16-bit params spilled on
+    sm_80 in the compile gate, while the one-state kinds spill on sm_80 with 16)."""
+    return blockwise_num_warps(block_size, cap=16 if kind == UpdateKind.ADAM else 8)
 
 
 def optimizer_update_8bit_triton(
@@ -512,7 +514,7 @@ def optimizer_update_8bit_triton(
             state1.book.codes, state1.book.midpoints, state2.book.codes, state2.book.midpoints,
             *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
             KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size, PARAM_DTYPE=_TL_DTYPES[dtype],
-            num_warps=num_warps_for(block_size),
+            num_warps=num_warps_for(block_size, kind),
         )  # fmt: skip
         launch_count["optimizer_update_8bit"] += 1
     for param, work in write_back:
