@@ -400,7 +400,7 @@ MATMUL_TILES = [
 # Input gradient: BLOCK_N is the reduction tile, BLOCK_K the output columns (inside one group).
 GRAD_INPUT_TILES = [
     tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),  # 4 warps spilled on sm_80
     tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     tile(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
     tile(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
