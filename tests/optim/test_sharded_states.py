@@ -4,6 +4,8 @@ and a save/load through torch.distributed.checkpoint resumes bit for bit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -79,9 +81,16 @@ def _rank_main(rank: int, init_file: str, checkpoint_dir: str) -> None:
             step(resumed_params, resumed, number, True)
         for p, q in zip(sharded, resumed_params):
             assert torch.equal(p.to_local(), q.to_local()), f"{cls.__name__}: resumed run differs"
+    # what the parent checks: every optimizer ran to its end on this rank
+    Path(checkpoint_dir, f"rank{rank}.done").write_text(str(len(OPTIMIZERS)))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_sharded_states_update_save_and_resume_bitwise(tmp_path):
-    mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path / "dcp")), nprocs=2, join=True)
+    checkpoint_dir = tmp_path / "dcp"
+    mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(checkpoint_dir)), nprocs=2, join=True)
+    # each rank's assertions raise through mp.spawn; these say both ranks got through all of them
+    for rank in range(2):
+        assert (checkpoint_dir / f"rank{rank}.done").read_text() == str(len(OPTIMIZERS))
+    assert all((checkpoint_dir / str(index)).is_dir() for index in range(len(OPTIMIZERS)))

@@ -54,11 +54,13 @@ def test_cuda_forward_and_backward_never_sync():
     x = batch().cuda().requires_grad_(True)
     model(x).sum().backward()  # first call: autotuning and compiling may sync
     torch.cuda.synchronize()
+    x.grad = None
     torch.cuda.set_sync_debug_mode("error")
     try:
         model(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -193,8 +193,12 @@ def test_a_model_that_scales_its_logits_falls_back_to_the_plain_path_with_one_wa
 def test_a_config_that_soft_caps_the_logits_takes_the_plain_path():
     model = tiny_causal_lm("llama", tied=True)
     model.config.final_logit_softcapping = 30.0  # as Gemma 2's config says
+    batch = labelled_batch(301)
     with pytest.warns(UserWarning, match="soft-caps"):
-        summed_token_loss(model, labelled_batch(301))
+        summed, count = summed_token_loss(model, batch)
+    plain, plain_count = summed_token_loss(model, batch, fused=False)
+    assert count == plain_count
+    torch.testing.assert_close(summed, plain)
 
 
 @pytest.mark.usefixtures("one_thread")
