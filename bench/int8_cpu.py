@@ -5,8 +5,9 @@
 2. Int8Linear (and GroupQuantLinear W8A8 / W4A8) forward + backward (input gradient only: the
    base is frozen, as in LoRA) against a frozen fp32 nn.Linear, per SmolLM2 linear, and summed
    over one decoder block (q, k, v, o, gate, up, down).
-3. One LoRA training step (r=16 on every linear, 4 x 128 tokens, bytetune AdamW8bit) of the real
-   SmolLM2-135M with the int8 base (bytetune.quantize_model) against the fp32 base.
+3. One LoRA training step (r=16 on every linear, 4 x 128 tokens, bytetune AdamW8bit, the trainer's
+   fused loss) of the real SmolLM2-135M with the int8 base (bytetune.quantize_model) against the
+   fp32 base.
 
 Timing: the candidates of a case run in turns, round after round, so a burst of load from other
 processes on a shared machine hits all of them; each reports the median over rounds of the wall
@@ -177,7 +178,8 @@ def model_part(steps: int) -> None:
     from bytetune.optim import AdamW8bit
     from bytetune.quant_layers import quantize_model
     from bytetune.quant_layers.lora import prepare_for_kbit_training, register_int8_lora
-    from bytetune.trainer.config import ModelConfig
+    from bytetune.trainer.loss import summed_token_loss
+    from bytetune.recipe.schema import ModelConfig
     from bytetune.trainer.models import load_gguf_cached, smollm2_gguf_path
 
     print(f"\n## 3. SmolLM2-135M LoRA training step (r=16, all linears, {TOKENS // 128} x 128 tokens, AdamW8bit)")
@@ -204,8 +206,8 @@ def model_part(steps: int) -> None:
 
     def train_step(side, ids):
         model, params, optimizer = sides[side]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        summed, count = summed_token_loss(model, {"input_ids": ids, "labels": ids}, fused=True)  # the trainer's loss
+        (summed / count).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

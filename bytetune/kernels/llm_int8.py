@@ -48,6 +48,9 @@ __all__ = [
     "quantize_tokenwise_reference",
     "quantize_tokenwise_triton",
     "int8_matmul",
+    "int8_linear",
+    "int8_linear_reference",
+    "int8_linear_fixed_capacity",
     "int8_matmul_reference",
     "int8_matmul_triton",
     "int8_matmul_grad_input",
@@ -132,12 +135,27 @@ def _safe_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(absmax == 0, torch.ones_like(absmax), absmax)
 
 
-def _quantize_with_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _quantize_with_scale(
+    values: torch.Tensor, scale: torch.Tensor, zero_cols: torch.Tensor | None = None, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     # Multiply first, then divide: the Triton kernels use the same order, so the codes agree
-    # bit for bit (torch.round is round-half-to-even). One fp32 buffer updated in place: on CPU,
-    # a fresh [M, K] buffer per step cost more than the arithmetic (4x slower at 512 x 1536).
-    codes = values.float() * INT8_MAX
+    # bit for bit (torch.round is round-half-to-even). One fp32 buffer updated in place (``buffer``
+    # when the caller has a spare one): on CPU, fresh [M, K] buffers cost more than the arithmetic.
+    # zero_cols (column indices) get code 0: zeroed in that buffer, not in a copy of the input.
+    codes = values.float() * INT8_MAX if buffer is None else torch.mul(values, INT8_MAX, out=buffer)
+    if zero_cols is not None:
+        codes.index_fill_(1, zero_cols, 0)
     return codes.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+
+
+def _quantize_rows_given_abs(
+    x: torch.Tensor, abs_x: torch.Tensor, zero_cols: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-wise codes and scales of x, from ``abs_x`` = |x| with ``zero_cols`` already zeroed.
+    abs_x is used up: a float32 one becomes the codes' buffer."""
+    x_scale = _safe_absmax(abs_x.amax(dim=1).float())
+    buffer = abs_x if abs_x.dtype == torch.float32 else None
+    return _quantize_with_scale(x, x_scale, zero_cols, buffer), x_scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,11 +192,14 @@ def quantize_tokenwise_reference(
     if outlier_cols is not None and outlier_cols.dtype == torch.bool:
         # masked_fill, not x[:, mask]: boolean indexing would call nonzero (a host sync on CUDA).
         x = x.masked_fill(outlier_cols[None, :], 0)
-    elif outlier_cols is not None and outlier_cols.numel() > 0:
-        x = x.clone()
-        x[:, outlier_cols] = 0
-    x_scale = _safe_absmax(x.abs().amax(dim=1).float())
-    return _quantize_with_scale(x, x_scale), x_scale
+        outlier_cols = None
+    elif outlier_cols is not None and outlier_cols.numel() == 0:
+        outlier_cols = None
+    abs_x = x.abs()
+    if outlier_cols is not None:
+        outlier_cols = outlier_cols.long()
+        abs_x.index_fill_(1, outlier_cols, 0)
+    return _quantize_rows_given_abs(x, abs_x, outlier_cols)
 
 
 def _int32_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -206,7 +227,10 @@ def int8_matmul_reference(
     # run in place, and the division by 127**2 rides on the [N] weight scales instead of the
     # [M, N] product (a division is slower than a multiply). The Triton kernel divides last;
     # the two orders differ by an ulp or so.
-    out = _int32_matmul_nt(x_int8, w_int8).float()
+    product = _int32_matmul_nt(x_int8, w_int8)
+    # int32 -> float32 in the product's own memory (same element size, element by element): one
+    # [M, N] buffer fewer per call.
+    out = product.view(torch.float32).copy_(product)
     out.mul_(x_scale[:, None]).mul_((w_scale / (INT8_MAX * INT8_MAX))[None, :])
     if bias is not None:
         out.add_(bias.float())
@@ -236,6 +260,50 @@ def int8_matmul_grad_input_reference(
         else:
             grad_x.addmm_(grad_y32[:, start:stop], w_chunk)
     return grad_x.to(grad_y.dtype)
+
+
+def _dequantized_columns(w_int8: torch.Tensor, w_scale: torch.Tensor, cols: torch.Tensor, dtype) -> torch.Tensor:
+    """The weight's columns ``cols`` dequantized, [N, len(cols)] in ``dtype``."""
+    return (w_int8.index_select(1, cols).float() * (w_scale / INT8_MAX).unsqueeze(1)).to(dtype)
+
+
+def int8_linear_reference(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    outlier_capacity: int,
+) -> torch.Tensor:
+    """The whole LLM.int8() layer forward in plain PyTorch (the CPU path of the layer op).
+
+    Same outlier columns as :func:`select_outlier_columns` (at most ``outlier_capacity``, those
+    of largest absmax, among the columns reaching ``threshold``), same codes and int8 GEMM as the
+    GPU path; the 16-bit product takes only the marked columns. Their count depends on the data,
+    which a CPU reads for free (there is no device to wait for), so the fixed-capacity padding
+    the GPU path multiplies (64 of SmolLM2's 576 columns, most layers having none that reach
+    the threshold) is never computed. One |x| buffer serves both the column absmax (the outlier
+    search) and the row absmax (the token scales).
+    """
+    _check_float_2d("x", x)
+    if outlier_capacity < 0:
+        raise ValueError(f"capacity must be >= 0 columns, got {outlier_capacity}")
+    m, k = x.shape
+    abs_x = x.abs()
+    outliers = None
+    capacity = min(outlier_capacity, k) if threshold > 0 and m > 0 else 0
+    if capacity > 0:
+        top_absmax, top_cols = torch.topk(abs_x.amax(dim=0).float(), capacity, sorted=False)
+        marked = top_cols[top_absmax >= threshold]
+        if marked.numel() > 0:
+            outliers = torch.sort(marked).values  # ascending, as the GPU path sums them
+            abs_x.index_fill_(1, outliers, 0)
+    x_int8, x_scale = _quantize_rows_given_abs(x, abs_x, outliers)
+    y = int8_matmul_reference(x_int8, w_int8, x_scale, w_scale, bias, out_dtype=x.dtype)
+    if outliers is None:
+        return y
+    # Accumulated into y (a fresh tensor): no second [M, N] temporary at the layer's peak.
+    return y.addmm_(x.index_select(1, outliers), _dequantized_columns(w_int8, w_scale, outliers, x.dtype).t())
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,6 +852,51 @@ def select_outlier_columns(
     is_outlier.scatter_(0, top_cols, top_absmax >= threshold)
     # Ascending, as outlier_columns returns them: the 16-bit product then sums in the same order.
     return torch.sort(top_cols).values, is_outlier
+
+
+def int8_linear_fixed_capacity(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    outlier_capacity: int,
+) -> torch.Tensor:
+    """LLM.int8()'s layer forward from the public ops, with shapes fixed in advance (the GPU
+    path: nothing waits for the device, so it can be captured in a CUDA graph).
+
+    The outlier product always runs over ``min(outlier_capacity, K)`` columns
+    (:func:`select_outlier_columns`); the padding ones among them are zeroed, with where, not a
+    product, so that an inf there cannot make a NaN.
+    """
+    cols, is_outlier = select_outlier_columns(x, threshold, outlier_capacity)
+    x_int8, x_scale = quantize_tokenwise(x, is_outlier if cols.numel() > 0 else None)
+    y = int8_matmul(x_int8, w_int8, x_scale, w_scale, bias=bias, out_dtype=x.dtype)
+    if cols.numel() == 0:
+        return y
+    x_outlier = torch.where(is_outlier.index_select(0, cols).unsqueeze(0), x.index_select(1, cols), 0)
+    return y.addmm_(x_outlier, _dequantized_columns(w_int8, w_scale, cols, x.dtype).t())
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    outlier_capacity: int,
+) -> torch.Tensor:
+    """x [M, K] @ dequant(w_int8).T + bias in x's dtype, with LLM.int8()'s outlier decomposition:
+    columns of x with absmax >= ``threshold`` (at most ``outlier_capacity`` of them, those of
+    largest absmax: see :func:`select_outlier_columns`) multiply the dequantized weight columns
+    in x's dtype; the rest go through the int8 GEMM.
+
+    GPU tensors take :func:`int8_linear_fixed_capacity` (Triton kernels, no host sync); CPU
+    tensors :func:`int8_linear_reference` (the same result, without the padding columns).
+    """
+    if use_triton(x):
+        return int8_linear_fixed_capacity(x, w_int8, w_scale, bias, threshold, outlier_capacity)
+    return int8_linear_reference(x, w_int8, w_scale, bias, threshold, outlier_capacity)
 
 
 def quantize_tokenwise(

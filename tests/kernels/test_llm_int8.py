@@ -14,6 +14,8 @@ from bytetune.kernels.llm_int8 import (
     int8_matmul_grad_input,
     int8_matmul_grad_input_reference,
     int8_matmul_grad_input_triton,
+    int8_linear_fixed_capacity,
+    int8_linear_reference,
     int8_matmul_reference,
     int8_matmul_triton,
     outlier_columns,
@@ -238,6 +240,52 @@ def test_decomposed_int8_product_approximates_the_float_product(outliers):
         x_codes_plain, x_scale_plain = quantize_tokenwise(x)
         y_plain = public_int8_matmul(x_codes_plain, w_codes, x_scale_plain, w_scale)
         assert (y - exact).abs().max() < (y_plain - exact).abs().max()
+
+
+# The layer's forward: the CPU path (only the marked outlier columns) against the GPU path's
+# fixed-capacity composition, here run with the reference ops. The two differ only in the order
+# the 16-bit products are summed, never in which columns are outliers or in the codes.
+LAYER_CASES = {
+    "no outliers": dict(outliers=[], capacity=64),
+    "one": dict(outliers=[K // 2], capacity=64),
+    "many within capacity": dict(outliers=list(range(3, K, 7)), capacity=14),
+    "more than capacity": dict(outliers=list(range(3, K, 7)), capacity=5),
+    "capacity 0": dict(outliers=[3, 50], capacity=0),
+    "capacity above K": dict(outliers=[3, 50], capacity=1000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 17])
+def test_cpu_layer_path_equals_the_fixed_capacity_composition(case, dtype, m):
+    outliers, capacity = LAYER_CASES[case]["outliers"], LAYER_CASES[case]["capacity"]
+    x = _activations(m, K, dtype, outliers, "cpu", seed=m)
+    w_int8, w_scale = quantize_rowwise_reference(_weight(N, K, torch.float32, "cpu"))
+    bias = torch.randn(N, generator=_generator(5)).to(dtype)
+    got = int8_linear_reference(x, w_int8, w_scale, bias, 6.0, capacity)
+    expected = int8_linear_fixed_capacity(x, w_int8, w_scale, bias, 6.0, capacity)
+    assert got.dtype == dtype and got.shape == (m, N)
+    torch.testing.assert_close(got, expected, rtol=OUTPUT_RTOL[dtype], atol=OUTPUT_RTOL[dtype])
+    if outliers and capacity > 0:
+        # The outlier columns really took the 16-bit path: the pure-int8 product differs.
+        int8_only = int8_linear_reference(x, w_int8, w_scale, bias, 0.0, capacity)
+        assert not torch.allclose(got.float(), int8_only.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_cpu_layer_path_keeps_an_inf_outlier_out_of_the_other_columns():
+    x = _activations(4, K, torch.float32, [], "cpu")
+    x[1, 7] = float("inf")
+    w_int8, w_scale = quantize_rowwise_reference(_weight(N, K, torch.float32, "cpu"))
+    y = int8_linear_reference(x, w_int8, w_scale, None, 6.0, 64)
+    # Row 1 meets the inf in its 16-bit product; the others' codes and scales never see it.
+    assert torch.isfinite(y[[0, 2, 3]]).all() and not torch.isfinite(y[1]).all()
+    torch.testing.assert_close(y[[0, 2, 3]], int8_linear_fixed_capacity(x, w_int8, w_scale, None, 6.0, 64)[[0, 2, 3]])
+
+
+def test_cpu_layer_path_without_rows():
+    w_int8, w_scale = quantize_rowwise_reference(_weight(N, K, torch.float32, "cpu"))
+    assert int8_linear_reference(torch.randn(0, K), w_int8, w_scale, None, 6.0, 64).shape == (0, N)
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from peft import get_peft_model
 from torch import nn
 
 from bytetune import GroupQuantLinear, Int8Linear
+from bytetune.kernels import llm_int8
 from bytetune.quant_layers.group_lora import zeroquant_lora_config
 
 from .conftest import no_host_sync
@@ -36,14 +37,19 @@ def batch(seed=1):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_forward_and_backward_never_wait_for_the_device(kernel_path, autocast):
+def test_forward_and_backward_never_wait_for_the_device(kernel_path, autocast, monkeypatch):
+    if kernel_path == "reference":
+        # CPU tensors take the CPU layer path, which reads the outlier count (a CPU has no device
+        # to wait for). The route GPU tensors take is checked here with the reference ops in
+        # place of the Triton kernels; the "triton" run checks it with the kernels.
+        monkeypatch.setattr(llm_int8, "int8_linear_reference", llm_int8.int8_linear_fixed_capacity)
     model = lora_model()
     x = batch().requires_grad_(True)
     with no_host_sync() as detector, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         model(x).float().sum().backward()
-    # The check looked inside the layers' ops, and the outlier columns were really searched for.
-    assert {"bytetune.int8_linear.default", "bytetune.int8_matmul_grad_input.default"} <= detector.seen
-    assert {"bytetune.groupwise_linear.default", "bytetune.groupwise_matmul_grad_input.default"} <= detector.seen
+    # The layers' bodies ran inside the check (eager mode calls them, not the registered ops),
+    # and the outlier columns were really searched for.
+    assert not any(op.startswith("bytetune.") for op in detector.seen)
     assert "aten.topk.default" in detector.seen
     assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
