@@ -14,13 +14,18 @@ batch:
 
 Each side runs in a fresh process; tokens/s is measured over the steps after the warm-up ones,
 peak memory is torch.cuda.max_memory_allocated on a GPU and the resident-set high-water mark
-above the pre-load size on CPU (glibc's mmap threshold fixed, see bench/plan_measure.py).
+above the pre-load size on CPU, under glibc's default allocator settings (what a user's process
+gets). ``--fixed-mmap-threshold`` runs the children with glibc's mmap threshold fixed at 64 KiB
+instead (as bench/plan_measure.py does): every freed buffer goes back to the system, so the peak
+is closer to the memory really needed, but each large allocation then costs page faults (both
+sides ran about twice as slow), so tokens/s from such a run mean little.
 
     python bench/e2e.py                  # CPU: the small shape
     python bench/e2e.py --shapes smollm2 --batch 4 --steps 8 --threads 2 --rounds 2
     python bench/e2e.py --shapes 350m 1b # on a GPU
 
-``--rounds 2`` runs the sides A B B A, so that on a shared machine neither gets all the quiet time.
+``--rounds N`` alternates the order (A B, B A, A B, ...), so that on a shared machine neither side
+gets all the quiet time.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -195,8 +201,10 @@ def run_hf(job: dict) -> dict:
             "peak_bytes": peak_read(device) - base, "losses": losses}
 
 
-def in_subprocess(side: str, job: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+def in_subprocess(side: str, job: dict, fixed_mmap_threshold: bool) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if fixed_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     result = subprocess.run([sys.executable, __file__, "--child", side, json.dumps(job)],
                             capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
@@ -228,7 +236,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each side's process")
-    parser.add_argument("--rounds", type=int, default=1, help="2: run the sides A B B A")
+    parser.add_argument("--rounds", type=int, default=1, help="2 or more: run the sides A B, B A, A B, ...")
+    parser.add_argument("--fixed-mmap-threshold", action="store_true",
+                        help="glibc's mmap threshold fixed at 64 KiB in the children (peak closer to live memory, "
+                             "tokens/s much lower)")
     parser.add_argument("--note", default="", help="added to the table's header (e.g. what else ran)")
     parser.add_argument("--out", default=None, help="append the table to this file")
     args = parser.parse_args()
@@ -251,7 +262,9 @@ def main() -> None:
     lines = [f"# e2e LoRA fine-tune on {name}: batch {batch} x seq {seq_len}, {steps} timed steps after "
              f"{args.warmup} warm-up, LoRA r={LORA_R} alpha {LORA_ALPHA} on every block linear, {dtype}",
              "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {threads} torch threads; "
-             f"each side in a fresh process{'; ' + args.note if args.note else ''}.",
+             f"each side in a fresh process; glibc malloc "
+             f"{'with MALLOC_MMAP_THRESHOLD_=65536' if args.fixed_mmap_threshold else 'defaults'}"
+             f"{'; ' + args.note if args.note else ''}.",
              "", "| shape | params | round | stack | tokens/s | peak MiB | tokens/s ratio | peak ratio |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -264,11 +277,18 @@ def main() -> None:
                 save_model(SHAPES[shape_name], model_dir, getattr(torch, dtype))
             job = dict(model_dir=model_dir, gguf=shape_name == SMOLLM2, device=device, dtype=dtype, vocab=vocab,
                        batch=batch, seq_len=seq_len, steps=steps, warmup=args.warmup, lr=1e-4, threads=args.threads)
+            rounds = []
             for round_index in range(args.rounds):
-                # alternate the order each round (A B B A): neither side always runs first
+                # alternate the order each round (A B, B A, ...): neither side always runs first
                 order = peers if round_index % 2 == 0 else peers[::-1]
-                results = {side: in_subprocess(side, job) for side in order}
-                add_rows(lines, shape_name, round_index + 1, results)
+                results = {side: in_subprocess(side, job, args.fixed_mmap_threshold) for side in order}
+                add_rows(lines, shape_name, str(round_index + 1), results)
+                rounds.append(results)
+            if len(rounds) > 1:
+                medians = {side: {key: statistics.median(r[side][key] for r in rounds)
+                                  for key in ("tokens_per_s", "peak_bytes")} for side in peers}
+                medians["bytetune"]["params"] = rounds[0]["bytetune"]["params"]
+                add_rows(lines, shape_name, "median", medians)
     lines.append("")
     lines.append("Ratios are bytetune / HF (tokens/s higher is better, peak lower is better). Peak is the "
                  + ("CUDA allocator's high-water mark." if cuda else
@@ -278,7 +298,7 @@ def main() -> None:
             f.write("\n".join(lines) + "\n")
 
 
-def add_rows(lines: list[str], shape_name: str, round_number: int, results: dict) -> None:
+def add_rows(lines: list[str], shape_name: str, round_name: str, results: dict) -> None:
     ours, peer = results["bytetune"], results.get("hf")
     for side, label in [("bytetune", "bytetune"), ("hf", "HF Trainer + PEFT + bnb")]:
         if side not in results:
@@ -290,12 +310,13 @@ def add_rows(lines: list[str], shape_name: str, round_number: int, results: dict
             ratios = "- | -"
         else:
             ratios = f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x | {ours['peak_bytes'] / peer['peak_bytes']:.2f}x"
-        line = (f"| {shape_name} | {ours['params'] / 1e6:.0f}M | {round_number} | {label} | {r['tokens_per_s']:.0f} | "
+        line = (f"| {shape_name} | {ours['params'] / 1e6:.0f}M | {round_name} | {label} | {r['tokens_per_s']:.0f} | "
                 f"{r['peak_bytes'] / 2**20:.0f} | {ratios} |")
         lines.append(line)
         print(line, flush=True)
-    first = {side: round(results[side]["losses"][0], 4) for side in results}
-    lines.append(f"<!-- {shape_name} round {round_number}, first-step losses: {first} -->")
+    if all("losses" in r for r in results.values()):
+        first = {side: round(results[side]["losses"][0], 4) for side in results}
+        lines.append(f"<!-- {shape_name} round {round_name}, first-step losses: {first} -->")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.int8_config import Int8Config
 from bytetune.quant_layers.int8_embedding import dequantize_embeddings
@@ -78,7 +79,8 @@ def quantize_model(
     pattern, matched as transformers matches ``modules_to_not_convert``: a name prefix ending at
     a module boundary ("transformer.h.0"), a regex with the same boundary ("h\\.[01]\\.mlp"),
     or a suffix ("lm_head", "mlp.dense_4h_to_h"). Each layer's float weight is freed as soon as
-    it is quantized, so the peak is the model plus one layer.
+    it is quantized, so the peak is the model plus one layer; the float tensors left are copied
+    out of the checkpoint's file mapping, if they are in one, so that it is released.
 
     Marks the model 8-bit loaded (PEFT reads it) and, on a transformers model, records an
     Int8Config in ``model.config`` so that ``save_pretrained`` writes an int8 checkpoint that
@@ -103,6 +105,7 @@ def quantize_model(
         setattr(parent, child_name, int8_layer)
         quantized_params += int8_layer.weight.numel()
     if targets:
+        copy_out_of_file_mappings(model)
         mark_kbit_loaded(model)
         if hasattr(getattr(model, "config", None), "to_dict"):
             model.config.quantization_config = Int8Config(threshold, skip_modules=sorted(set(skip) | skipped))

@@ -19,6 +19,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
+
 
 class QuantizeOnLoad(ConversionOps):
     """Checkpoint weight (16/32-bit) -> {weight: codes, weight_scale: float32 scales} of the layer
@@ -74,6 +76,9 @@ class FrozenLinearHfQuantizer(HfQuantizer):
         self._swap_layers(model)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        # The float tensors left (embeddings, norms) are views into the checkpoint's mapping,
+        # which would keep every page quantization read resident.
+        copy_out_of_file_mappings(model)
         self.mark_loaded(model)
         return model
 

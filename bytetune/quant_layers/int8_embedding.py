@@ -18,6 +18,7 @@ from torch import nn
 
 from bytetune.kernels.int8_head import embedding_lookup, int8_matmul_grad_input, quantize_rowwise, weight_only_matmul
 from bytetune.kernels.llm_int8 import INT8_MAX
+from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 
 __all__ = ["Int8Embedding", "Int8Head", "WeightOnlyInt8Matmul", "dequantize_embeddings", "quantize_embeddings"]
@@ -229,6 +230,7 @@ def quantize_embeddings(model: nn.Module) -> dict[str, int]:
             head_bytes = int8_head.weight.numel() + 4 * int8_head.weight_scale.numel()
         model.set_output_embeddings(int8_head)
     del embedding, head  # the float tables go now: peak = float tables + one int8 copy
+    copy_out_of_file_mappings(model)  # and the checkpoint's mapping with them
     return {"embedding_bytes": int8_embedding.weight.numel() + 4 * int8_embedding.weight_scale.numel(),
             "head_bytes": head_bytes}
 

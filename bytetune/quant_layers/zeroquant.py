@@ -16,6 +16,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE
 from bytetune.quant_layers.convert import QuantizationReport, default_skip_names, mark_kbit_loaded, model_bytes
+from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.int8_linear import Int8Linear
 
@@ -81,6 +82,7 @@ def quantize_model_zeroquant(
         model.set_submodule(name, layer)
         quantized_params += layer.in_features * layer.out_features
     if targets:
+        copy_out_of_file_mappings(model)  # lets the float checkpoint's mapping go
         mark_kbit_loaded(model)
     return QuantizationReport(
         bytes_before=bytes_before,
