@@ -203,7 +203,7 @@ FUSED_HIDDEN_BYTES = 4
 
 def fused_loss_phase(batch: int, seq: int, hidden: int, vocab: int, compute: int, int8_head: bool) -> LossPhase:
     """bytetune.kernels.fused_linear_ce over the ``batch * (seq - 1)`` target tokens (bytetune's
-    packed blocks ignore none), in chunks of ``default_chunk_tokens``.
+    packed blocks ignore none), in chunks of ``default_chunk_tokens`` (larger on a CPU).
 
     Saved from its forward to its backward: the gradient w.r.t. the hidden states (tokens x
     hidden). Forward, per chunk: the hidden rows cast to the compute dtype (when it differs), the
@@ -216,12 +216,17 @@ def fused_loss_phase(batch: int, seq: int, hidden: int, vocab: int, compute: int
     n = batch * (seq - 1)
     if n < 1:
         return LossPhase(fused=True, saved=0, forward_cuda=0, forward_cpu=0, backward=0)
-    chunk = default_chunk_tokens(n, hidden, vocab)
     hid = FUSED_HIDDEN_BYTES
-    base = (n * hidden * hid if batch > 1 else 0) + (chunk * hidden * compute if hid != compute else 0)
-    chunk_logits = chunk * vocab * compute
-    grad_rows = chunk * hidden * compute
+
+    def chunk_bytes(chunk: int) -> tuple[int, int, int]:
+        """(shared part, chunk logits, chunk input gradient) of a chunk of that many tokens."""
+        base = (n * hidden * hid if batch > 1 else 0) + (chunk * hidden * compute if hid != compute else 0)
+        return base, chunk * vocab * compute, chunk * hidden * compute
+
+    base, chunk_logits, grad_rows = chunk_bytes(default_chunk_tokens(n, hidden, vocab))
     forward_cuda = base + chunk_logits + grad_rows
+    chunk = default_chunk_tokens(n, hidden, vocab, on_cpu=True)  # larger chunks on a CPU
+    base, chunk_logits, grad_rows = chunk_bytes(chunk)
     ce_reference = chunk * vocab * 4 + (chunk * vocab * 4 if compute < 4 else 0)
     gemm_reference = max(int8_head_reference_scratch(chunk, hidden)) if int8_head else 0
     forward_cpu = base + chunk_logits + max(ce_reference, grad_rows + gemm_reference)

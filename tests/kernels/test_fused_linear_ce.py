@@ -167,6 +167,10 @@ def test_default_chunk_keeps_a_chunk_of_logits_near_the_hidden_states_size():
     assert default_chunk_tokens(2048, 576, 49152) == 32  # 86 chunks of <= 32 tokens (the floor)
     assert default_chunk_tokens(16384, 4096, 128256) == 512
     assert default_chunk_tokens(5, 64, 250880) == 5  # never more than the tokens there are
+    # A CPU's BLAS wants more rows per GEMM: a higher floor there, the same rule above it.
+    assert default_chunk_tokens(2048, 576, 49152, on_cpu=True) == 128
+    assert default_chunk_tokens(16384, 4096, 128256, on_cpu=True) == 512
+    assert default_chunk_tokens(100, 576, 49152, on_cpu=True) == 100
     assert CE_GPU_CONFIG["BLOCK_V"] & (CE_GPU_CONFIG["BLOCK_V"] - 1) == 0
 
 

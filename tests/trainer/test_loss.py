@@ -114,7 +114,7 @@ def test_fused_loss_equals_hf_loss_times_count_with_equal_gradients(kind, tied, 
     from bytetune.kernels import fused_linear_ce
 
     if chunk is not None:  # chunks that do not divide the 35 target tokens
-        monkeypatch.setattr(fused_linear_ce, "default_chunk_tokens", lambda *args: chunk)
+        monkeypatch.setattr(fused_linear_ce, "default_chunk_tokens", lambda *args, **kwargs: chunk)
     model = peft_of(tiny_causal_lm(kind, tied))
     batch = labelled_batch(301)
     hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
