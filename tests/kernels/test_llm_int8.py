@@ -2,6 +2,7 @@
 kernels (interpreter on CPU, compiled on CUDA) against the references."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -85,6 +86,26 @@ def test_rowwise_zero_row_gets_scale_one_and_zero_codes():
     assert scale.tolist() == [1.0, 1.0]
     assert codes[0].eq(0).all()
     assert codes[1].tolist() == [-127, -95, -64, -32, 0, 32, 64, 95, 127]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_codes_stay_within_127_without_a_clamp(dtype):
+    # Rows whose absmax spans subnormal to huge magnitudes, each row's maximum planted at every
+    # position once: 127 * v / absmax must round to at most 127 in magnitude everywhere.
+    gen = _generator(11)
+    finfo = torch.finfo(dtype)
+    lowest, highest = math.log10(finfo.tiny) - 2, min(30.0, math.log10(finfo.max) - 1)  # subnormal .. huge
+    magnitudes = torch.logspace(lowest, highest, 64, dtype=torch.float64).to(dtype).float()
+    assert (magnitudes > 0).all() and torch.isfinite(magnitudes).all()
+    x = torch.rand(64, 64, generator=gen) * 2 - 1
+    x = x * magnitudes[:, None]
+    x[torch.arange(64), torch.arange(64)] = -magnitudes  # the row's absmax, negative
+    x = x.to(dtype)
+    for codes, _ in (quantize_rowwise_reference(x), quantize_tokenwise_reference(x, torch.tensor([1, 5]))):
+        assert codes.abs().max() <= 127
+    codes, scale = quantize_rowwise_reference(x)
+    nonzero = scale > 0
+    assert (codes[nonzero].abs().amax(dim=1) == 127).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
