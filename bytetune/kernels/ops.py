@@ -5,8 +5,9 @@ dispatch mode in the tests steps into).
 Each op is opaque to ``torch.compile`` (a fake implementation gives its output's shape and
 dtype), so a model with these layers traces without graph breaks, and its backward is the
 matching input-gradient op. In eager mode the layers' entry points (:func:`int8_linear`,
-:func:`groupwise_linear`) run the same bodies through a plain autograd.Function instead. Inside, the ops call the public kernel functions, which choose
-between the Triton kernel and the PyTorch reference (``dispatch.use_triton``, nowhere else).
+:func:`groupwise_linear`) run the same bodies through a plain autograd.Function instead. Inside,
+the ops call the public kernel functions, which choose between the Triton kernel and the PyTorch
+reference (``dispatch.use_triton``, nowhere else).
 
 On the GPU nothing in these ops waits for the device: LLM.int8()'s outlier columns are chosen
 with fixed shapes (:func:`bytetune.kernels.llm_int8.select_outlier_columns`), so the forward and
