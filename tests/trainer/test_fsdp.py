@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil  # an accelerate dependency
@@ -26,10 +25,10 @@ import pytest
 import torch
 
 from bytetune.recipe import RecipeError, load_recipe
-from bytetune.trainer.checkpoint import WRITE_DELAY_ENV, list_checkpoints
+from bytetune.trainer.checkpoint import list_checkpoints
 from bytetune.trainer.trainer import Trainer
 
-from .helpers import REPO, as_cli, tiny_overrides
+from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
 COMMON = {"training.max_steps": 4, "training.grad_accum_steps": 2, "checkpoint.every_steps": 2,
@@ -124,6 +123,16 @@ def test_fsdp_llama_from_a_local_checkpoint_loads_shard_by_shard_and_equals_one_
     check_against_single_process(fsdp, single)
 
 
+def kill_launcher_and_ranks(process: subprocess.Popen) -> None:
+    """SIGKILL the accelerate launcher and every rank (torchrun starts each rank in a session of its own)."""
+    launcher = psutil.Process(process.pid)
+    victims = [launcher, *launcher.children(recursive=True)]
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=60)
+    process.wait()
+
+
 @pytest.mark.slow
 def test_fsdp_run_killed_during_a_checkpoint_resumes_through_the_shipped_accelerate_config(tmp_path):
     overrides = tiny_overrides(tmp_path, **COMMON)
@@ -132,23 +141,8 @@ def test_fsdp_run_killed_during_a_checkpoint_resumes_through_the_shipped_acceler
     command = [str(accelerate), "launch", "--config_file", str(REPO / "bytetune" / "recipe" / "accelerate" / "fsdp2.yaml"),
                "--num_processes", "2", "--main_process_port", "29543",
                str(REPO / "train.py"), "recipe=tiny_lora8", *as_cli(overrides)]
-    process = subprocess.Popen(command, cwd=REPO, env={**ENV, WRITE_DELAY_ENV: "4:120"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    half_written = run_dir / "checkpoints" / ".tmp-step-00000004"
-    deadline = time.monotonic() + 240
-    try:
-        while not (half_written / "adapter_model.safetensors").is_file():
-            assert process.poll() is None, "training ended before the step-4 checkpoint write"
-            assert time.monotonic() < deadline, "step-4 checkpoint write never started"
-            time.sleep(0.2)
-    finally:
-        # the launcher and every rank (torchrun starts each rank in a session of its own)
-        launcher = psutil.Process(process.pid)
-        victims = [launcher, *launcher.children(recursive=True)]
-        for victim in victims:
-            victim.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=60)
-        process.wait()
+    process, _ = start_until_checkpoint_write(command, run_dir, ENV, kill=kill_launcher_and_ranks)
+    kill_launcher_and_ranks(process)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002"]
 
     resumed = subprocess.run([*command, "checkpoint.resume=true"], cwd=REPO, env=ENV, capture_output=True, text=True,

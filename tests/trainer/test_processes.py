@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from bytetune.trainer.checkpoint import WRITE_DELAY_ENV, list_checkpoints
+from bytetune.trainer.checkpoint import list_checkpoints
 
-from .helpers import REPO, as_cli, tiny_overrides
+from .helpers import REPO, as_cli, kill_9, start_until_checkpoint_write, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
 FAST = {"training.max_steps": 4, "training.grad_accum_steps": 1, "checkpoint.every_steps": 2,
@@ -26,19 +24,8 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     overrides = tiny_overrides(tmp_path, **FAST)
     run_dir = Path(overrides["output_dir"])
     command = [sys.executable, str(REPO / "train.py"), "recipe=tiny_lora8", *as_cli(overrides)]
-    process = subprocess.Popen(command, cwd=REPO, env={**ENV, WRITE_DELAY_ENV: "4:120"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    half_written = run_dir / "checkpoints" / ".tmp-step-00000004"
-    deadline = time.monotonic() + 240
-    try:
-        while not (half_written / "adapter_model.safetensors").is_file():
-            assert process.poll() is None, "training ended before the step-4 checkpoint write"
-            assert time.monotonic() < deadline, "step-4 checkpoint write never started"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    process, half_written = start_until_checkpoint_write(command, run_dir, ENV)
+    kill_9(process)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002"]
 
     resumed = subprocess.run([*command, "checkpoint.resume=true"], cwd=REPO, env=ENV, capture_output=True, text=True)
