@@ -14,6 +14,15 @@ small tensors cost one launch instead of one each.
 
 The parameter update uses the fp32 states before requantization (as in arXiv 2110.02861).
 
+A state that divides the update (Adam's second moment) never requantizes to code 0 while
+positive: its code book (:meth:`CodeBook.for_denominator`) puts the midpoint between 0 and the
+smallest nonzero code at 0, so a value below half that code (about 1.6e-7 of its block's absmax,
+reached by a gradient under ~4e-4 of the block's largest) takes the smallest code instead of 0.
+Rounded to 0, a later zero gradient (a dead ReLU unit, a token absent from the batch) made the
+update m_hat / eps, thousands of times the 32-bit step; rounded up, the element's next update can
+only be smaller than the 32-bit rule's. The rule lives in the midpoints, so the kernel and the
+reference, which search the same midpoints, apply it alike at no cost.
+
 Non-finite gradients: an element whose gradient is inf or nan gets its optimizer states set to 0
 and its parameter left unchanged (no weight decay either), so it can never poison the absmax and
 hence the codes of the other elements of its block (bitsandbytes' rule).
@@ -103,6 +112,18 @@ class CodeBook:
     @classmethod
     def of(cls, code_map: torch.Tensor) -> CodeBook:
         return cls(code_map, code_midpoints(code_map))
+
+    @classmethod
+    def for_denominator(cls, code_map: torch.Tensor) -> CodeBook:
+        """The book of a non-negative state that divides the update (Adam's v): nearest code,
+        except that no positive value rounds to code 0 (the first midpoint is 0, and a value's
+        code counts the midpoints strictly below it), so the update never divides by eps alone
+        where the fp32 state was positive. Zero, and the zero padding of a ragged block, stay 0."""
+        if float(code_map[0]) != 0.0 or float(code_map[1]) <= 0.0:
+            raise ValueError("a denominator's code map must start at 0 followed by positive codes (the unsigned map)")
+        midpoints = code_midpoints(code_map).clone()
+        midpoints[0] = 0.0
+        return cls(code_map, midpoints)
 
 
 @dataclasses.dataclass(frozen=True)

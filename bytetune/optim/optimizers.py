@@ -119,7 +119,10 @@ class _BlockwiseOptimizer(torch.optim.Optimizer):
     def _code_book(self, device: torch.device, signed: bool) -> CodeBook:
         key = (device, signed)
         if key not in self._books:
-            self._books[key] = CodeBook.of(dynamic_map(signed, device))
+            code_map = dynamic_map(signed, device)
+            # The one unsigned state is Adam's second moment, the update's denominator: a
+            # positive v never rounds to code 0 (see bytetune.kernels.optim_update).
+            self._books[key] = CodeBook.of(code_map) if signed else CodeBook.for_denominator(code_map)
         return self._books[key]
 
     def _state_signedness(self) -> tuple[bool, ...]:

@@ -3,6 +3,7 @@ reference for every optimizer kind, odd sizes, fp32/bf16/fp16 and non-contiguous
 reference's batched pieces against one call per tensor (bit for bit); and the reference against
 an unfused float64 computation of the same step."""
 
+import dataclasses
 import math
 
 import pytest
@@ -254,3 +255,44 @@ def test_dispatch_and_bad_state_shapes_are_rejected(monkeypatch):
         before = launch_count["optimizer_update_8bit"]
         optimizer_update_8bit(UpdateKind.LION, lion, problem.params, problem.grads, state1)
         assert launch_count["optimizer_update_8bit"] - before == launches
+
+
+@pytest.mark.parametrize("numel", [300, 4097])
+def test_positive_second_moment_never_rounds_to_code_zero(numel, device):
+    """Adam's v is a denominator: with its book (``CodeBook.for_denominator``, what the Adam
+    optimizers use) a positive v far below its block's absmax takes the smallest nonzero code,
+    never code 0 (issue 22), in the kernel and the reference alike; a zero v stays 0."""
+    problem = Problem([(numel,)], torch.float32, device, seed=21)
+    problem.books = [problem.books[0], CodeBook.for_denominator(dynamic_map(False, device))]
+    zero_v = torch.zeros(numel)
+    codes, absmax = quantize_blockwise_reference(zero_v, dynamic_map(False))
+    problem.codes[1][0], problem.absmax[1][0] = codes.to(device), absmax.to(device)
+    gen = torch.Generator().manual_seed(22)
+    # Per block: one gradient of 1, the rest spread over 1e-7..1e-2 of it, every 7th exactly 0.
+    grad = 10.0 ** -torch.empty(numel).uniform_(2, 7, generator=gen) * torch.randn(numel, generator=gen).sign()
+    grad[::256] = 1.0
+    grad[3::7] = 0.0
+    problem.grads[0] = grad.to(device)
+    problem.params[0].zero_()  # no L2 term: a zero gradient means a zero v
+    s = _scalars(UpdateKind.ADAM)
+    for impl in (optimizer_update_8bit_triton, optimizer_update_8bit_reference):
+        run = problem.clone()
+        state1, state2 = run.states()
+        impl(UpdateKind.ADAM, dataclasses.replace(s, l2_decay=0.0), run.params, run.grads, state1, state2)
+        v_codes = run.codes[1][0].cpu()
+        positive = grad != 0
+        assert (v_codes[positive] >= 1).all(), f"{impl.__name__}: a positive v rounded to code 0"
+        assert (v_codes[~positive] == 0).all(), f"{impl.__name__}: a zero v moved off code 0"
+        assert (v_codes[positive] == 1).sum() > numel // 4, "the case must reach the smallest code"
+        if impl is optimizer_update_8bit_triton:
+            triton_codes = v_codes
+        else:
+            _assert_codes_close(triton_codes, v_codes)
+
+
+def test_denominator_book_changes_only_the_rounding_to_zero():
+    plain, denominator = CodeBook.of(dynamic_map(False)), CodeBook.for_denominator(dynamic_map(False))
+    assert denominator.midpoints[0] == 0 and plain.midpoints[0] > 0
+    assert torch.equal(plain.midpoints[1:], denominator.midpoints[1:]) and torch.equal(plain.codes, denominator.codes)
+    with pytest.raises(ValueError, match="unsigned"):
+        CodeBook.for_denominator(dynamic_map(True))
