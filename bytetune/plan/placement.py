@@ -291,6 +291,8 @@ class Planner:
         device_map: dict[str, object] = {}
         for device, plan in zip(devices, plans):
             device_map.update({unit: device.accelerate_key for unit in plan.units})
+        if stage_model.cpu_embeddings:
+            device_map[self.embed_unit] = "cpu"  # the first process's host memory
         return MemoryPlan(
             spec=spec,
             devices=plans,
@@ -458,13 +460,16 @@ def _unit_of(units: list[str], name: str) -> str:
 
 
 def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, parallel: str | None = None,
-                nodes: int = 1) -> MemoryPlan:
+                nodes: int = 1, gpu: str | None = None, link: str | None = None,
+                efficiency: float | None = None) -> MemoryPlan:
     """Plan a fine-tune's memory on ``devices`` ('8x24GiB', 'cpu:24GiB' or Device objects).
 
     ``config`` is a recipe (the trainer's config) or a :class:`PlanSpec`. Nothing is loaded: the
-    model is built on the meta device from its config. ``parallel`` ("none" / "fsdp") replaces the
-    spec's; ``nodes``: machines, each with ``devices`` (FSDP2 only: a device map stays in one
-    process, on one machine).
+    model is built on the meta device from its config. ``parallel`` ("none" / "fsdp" /
+    "pipeline") replaces the spec's; ``nodes``: machines, each with ``devices`` (FSDP2 only: a
+    device map stays in one process, on one machine). A pipeline plan, or any plan given ``gpu``
+    (a kind of bytetune.plan.throughput.GPU_KINDS), ``link`` or ``efficiency``, carries the
+    modelled throughput of device_map, pipeline and FSDP2 on those GPUs (``plan.throughput``).
     """
     spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
     if parallel is not None:
@@ -479,10 +484,47 @@ def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, 
         if any(d.kind != "cuda" for d in devices):
             raise ValueError("nodes=N plans GPUs: give gpus=COUNTxSIZE")
         devices = [Device(f"cuda:{i}", d.capacity) for i, d in enumerate(devices * nodes)]
+    modelled = spec.parallel == "pipeline" or gpu is not None or link is not None or efficiency is not None
+    if modelled and any(d.kind != "cuda" for d in devices):
+        if spec.parallel == "pipeline" and (gpu, link, efficiency) == (None, None, None):
+            modelled = False  # a CPU pipeline (tests over gloo): memory only
+        else:
+            raise ValueError("the throughput model (gpu=, link=, efficiency=) is for GPUs: give gpus=COUNTxSIZE")
+    if modelled:  # check the model's arguments before the slow part
+        kind = gpu_kind(gpu or DEFAULT_GPU)
+        link_bandwidth(link or DEFAULT_LINK, kind)
     planner = Planner(spec)
     plan = planner.plan(devices)
     plan.nodes = nodes
     if find_min:
         first = plan.devices[0].device
         plan.min_devices = planner.find_min_devices(first.capacity, first.kind)
+    if modelled:
+        plan.throughput = planner.throughput_model(
+            devices, gpu or DEFAULT_GPU, link or DEFAULT_LINK,
+            DEFAULT_EFFICIENCY if efficiency is None else efficiency,
+            pipeline=plan if spec.parallel == "pipeline" else None)
     return plan
+
+
+def pipeline_stages(config, num_stages: int, devices: str | Sequence[Device] | None = None) -> list[range]:
+    """The blocks of each pipeline stage, as the planner places them: ``num_stages`` contiguous
+    runs of block indices (``model.layers[run]``), stage k on pipeline rank k, every stage at
+    least one block.
+
+    ``config``: a recipe or a :class:`PlanSpec` (its schedule and micro-batches count: they set
+    each stage's activations in flight). ``devices``: the GPUs of the stages ('8x24GiB' or Device
+    objects, one per stage); the split is the fastest (least FLOPs on the busiest stage) of those
+    that fit, with the most headroom among equals, or when none fits the one closest to fitting.
+    None: no memory limit, so the fastest split with the least memory on its fullest stage.
+    """
+    spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
+    spec = dataclasses.replace(spec, parallel="pipeline")
+    if num_stages < 1:
+        raise ValueError(f"num_stages={num_stages}: give 1 or more")
+    if devices is None:
+        devices = [Device(f"cuda:{i}", 2**62) for i in range(num_stages)]  # no limit
+    devices = parse_devices(devices)
+    if len(devices) != num_stages:
+        raise ValueError(f"{len(devices)} devices for {num_stages} stages: give one device per stage")
+    return Planner(spec).plan(devices).stages
