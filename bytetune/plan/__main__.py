@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         if recipe_name is None:
             raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
         recipe = load_recipe(recipe_name, overrides, check_paths=False)  # nothing is loaded
-        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes, **model_args)
+        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes, throughput=None, **model_args)
     except (RecipeError, ValueError, FileNotFoundError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

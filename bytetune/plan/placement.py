@@ -460,16 +460,17 @@ def _unit_of(units: list[str], name: str) -> str:
 
 
 def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, parallel: str | None = None,
-                nodes: int = 1, gpu: str | None = None, link: str | None = None,
+                nodes: int = 1, throughput: bool | None = False, gpu: str | None = None, link: str | None = None,
                 efficiency: float | None = None) -> MemoryPlan:
     """Plan a fine-tune's memory on ``devices`` ('8x24GiB', 'cpu:24GiB' or Device objects).
 
     ``config`` is a recipe (the trainer's config) or a :class:`PlanSpec`. Nothing is loaded: the
     model is built on the meta device from its config. ``parallel`` ("none" / "fsdp" /
     "pipeline") replaces the spec's; ``nodes``: machines, each with ``devices`` (FSDP2 only: a
-    device map stays in one process, on one machine). A pipeline plan, or any plan given ``gpu``
-    (a kind of bytetune.plan.throughput.GPU_KINDS), ``link`` or ``efficiency``, carries the
-    modelled throughput of device_map, pipeline and FSDP2 on those GPUs (``plan.throughput``).
+    device map stays in one process, on one machine). ``throughput``: True adds the modelled
+    throughput of device_map, pipeline and FSDP2 on those GPUs (``plan.throughput``; ``gpu``, a
+    kind of bytetune.plan.throughput.GPU_KINDS, ``link`` and ``efficiency`` set it); None adds it
+    to a pipeline plan on GPUs, or when any of the three is given.
     """
     spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
     if parallel is not None:
@@ -484,9 +485,10 @@ def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, 
         if any(d.kind != "cuda" for d in devices):
             raise ValueError("nodes=N plans GPUs: give gpus=COUNTxSIZE")
         devices = [Device(f"cuda:{i}", d.capacity) for i, d in enumerate(devices * nodes)]
-    modelled = spec.parallel == "pipeline" or gpu is not None or link is not None or efficiency is not None
+    asked = gpu is not None or link is not None or efficiency is not None
+    modelled = bool(throughput) or asked or (throughput is None and spec.parallel == "pipeline")
     if modelled and any(d.kind != "cuda" for d in devices):
-        if spec.parallel == "pipeline" and (gpu, link, efficiency) == (None, None, None):
+        if throughput is None and not asked:
             modelled = False  # a CPU pipeline (tests over gloo): memory only
         else:
             raise ValueError("the throughput model (gpu=, link=, efficiency=) is for GPUs: give gpus=COUNTxSIZE")

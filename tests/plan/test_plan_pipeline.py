@@ -259,10 +259,11 @@ def test_cli_pipeline_json_and_one_line_errors(capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and word in err[0]
 
 
-def test_plan_memory_adds_the_model_for_pipelines_only_on_gpus():
+def test_plan_memory_adds_the_model_when_asked_and_for_pipelines_on_gpus():
     spec = small_spec()
-    plan = plan_memory(spec, "2x1GiB", find_min=False)
+    assert plan_memory(spec, "2x1GiB", find_min=False).throughput is None  # the trainer's check: memory only
+    plan = plan_memory(spec, "2x1GiB", find_min=False, throughput=None)
     assert plan.throughput is not None and plan.throughput.speed("pipeline").gpus_used == 2
-    assert plan_memory(spec, "cpu:4GiB", find_min=False).throughput is None  # a CPU pipeline: memory only
+    assert plan_memory(spec, "cpu:4GiB", find_min=False, throughput=None).throughput is None  # CPU: memory only
     with pytest.raises(ValueError, match="for GPUs"):
         plan_memory(spec, "cpu:4GiB", find_min=False, gpu="a100")
