@@ -267,3 +267,21 @@ def test_plan_memory_adds_the_model_when_asked_and_for_pipelines_on_gpus():
     assert plan_memory(spec, "cpu:4GiB", find_min=False, throughput=None).throughput is None  # CPU: memory only
     with pytest.raises(ValueError, match="for GPUs"):
         plan_memory(spec, "cpu:4GiB", find_min=False, gpu="a100")
+
+
+def test_the_trainer_plans_a_pipeline_over_world_size_gpus(monkeypatch):
+    import types
+
+    import torch
+
+    from bytetune.plan import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=3 * GiB))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    pipeline = load_recipe("tiny_lora8", ["parallel.strategy=pipeline"], check_paths=False)
+    assert runtime.local_devices(pipeline) == [Device(f"cuda:{i}", 3 * GiB) for i in range(4)]
+    one = load_recipe("tiny_lora8", check_paths=False)
+    assert runtime.local_devices(one) == [Device("cuda:0", 3 * GiB)]
