@@ -238,6 +238,12 @@ def plan_advice(plan: MemoryPlan) -> str:
         tips.append("gradient checkpointing (training.gradient_checkpointing=true)")
     if plan.spec.seq_len > 128 or plan.spec.micro_batch > 1:
         tips.append("a shorter sequence or micro-batch (training.seq_len=..., training.micro_batch=...)")
+    if plan.parallel == "pipeline":
+        if plan.spec.micro_batches > len(plan.devices):
+            tips.append("fewer micro-batches per step (parallel.pipeline.micro_batches=...; each adds receive "
+                        "buffers on every stage)")
+        if not plan.spec.pipeline_cpu_embeddings:
+            tips.append("the embedding table in host memory (parallel.pipeline.cpu_embeddings=true)")
     over = [f"{d.device.name} needs {as_gib(d.total)} GiB of {as_gib(d.device.capacity)}" for d in plan.devices if not d.fits]
     if plan.unplaced:
         static = sum(plan.totals[k] for k in ("quantized_weights", "other_weights", "lora_params", "lora_grads",

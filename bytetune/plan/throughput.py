@@ -212,7 +212,8 @@ def device_map_speed(flops_per_token: float, tokens_per_micro_batch: int, micro_
     return compute, comm
 
 
-def pipeline_step(stage_compute: list[float], stage_comm: list[float], micro_batches: int) -> tuple[float, float, float]:
+def pipeline_step(stage_compute: list[float], stage_comm: list[float],
+                  micro_batches: int) -> tuple[float, float, float]:
     """(step, critical-path compute, critical-path comm) seconds of a 1F1B / GPipe step from the
     per-micro-batch time of each stage: the first micro-batch passes every stage, the other m - 1
     follow at the pace of the slowest (for equal stages: (m + p - 1) x one stage's time)."""

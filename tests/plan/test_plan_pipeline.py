@@ -116,7 +116,8 @@ def _brute_force(planner, devices):
     for cuts in itertools.combinations(range(1, n), p - 1):
         bounds = (0, *cuts, n)
         runs = [range(a, b) for a, b in zip(bounds, bounds[1:])]
-        plans = [planner.stage_model.stage_plan(d, k, p, r.start, len(r)) for k, (d, r) in enumerate(zip(devices, runs))]
+        plans = [planner.stage_model.stage_plan(d, k, p, r.start, len(r))
+                 for k, (d, r) in enumerate(zip(devices, runs))]
         if not all(pl.fits for pl in plans):
             continue
         work = max(len(r) * block + (head if k == p - 1 else 0) for k, r in enumerate(runs))
@@ -155,6 +156,13 @@ def test_split_covers_every_block_contiguously_and_is_the_best(small_planner, st
     assert {"transformer.ln_f", "lm_head"} <= set(plan.devices[-1].units)
 
 
+def test_advice_for_a_pipeline_that_does_not_fit(small_planner):
+    plan = small_planner.plan("2x64MiB")
+    assert not plan.fits
+    advice = plan.advice()
+    assert "parallel.pipeline.micro_batches" in advice and "parallel.pipeline.cpu_embeddings=true" in advice
+
+
 def test_more_stages_than_blocks_is_an_error(small_planner):
     with pytest.raises(ValueError, match="at most 7 GPUs"):
         small_planner.plan("8x1GiB")
@@ -178,7 +186,8 @@ def test_tied_head_is_copied_to_the_last_stage_and_cpu_embeddings_free_the_first
     assert last.other_weights - stages.stage_plan(device, 2, 4, 5, 2).other_weights >= table
     cpu = Planner(dataclasses.replace(small_planner.spec, pipeline_cpu_embeddings=True),
                   model=small_planner.model, trace=small_planner.trace).stage_model
-    assert stages.stage_plan(device, 0, 4, 0, 2).other_weights - cpu.stage_plan(device, 0, 4, 0, 2).other_weights == table
+    first, first_cpu = stages.stage_plan(device, 0, 4, 0, 2), cpu.stage_plan(device, 0, 4, 0, 2)
+    assert first.other_weights - first_cpu.other_weights == table
     assert cpu.stage_plan(device, 3, 4, 5, 2).other_weights == last.other_weights
     assert cpu.stage_plan(device, 0, 1, 0, 7).other_weights == alone.other_weights
 
