@@ -1,4 +1,6 @@
-"""usage: python -m bytetune.plan recipe=NAME gpus=8x24GiB [parallel=fsdp] [nodes=N] [key.sub=value ...] [json=PATH]
+"""usage: python -m bytetune.plan recipe=NAME gpus=8x24GiB [parallel=fsdp|pipeline] [nodes=N]
+                                 [gpu=KIND] [link=pcie4|pcie5|nvlink|NGB/s] [efficiency=F]
+                                 [key.sub=value ...] [json=PATH]
        (installed as bytetune-plan)
 
 Prints the memory plan of a recipe on the given devices (a table, or JSON with json=-), its device
@@ -7,7 +9,12 @@ built on the meta device from its bundled config. ``gpus=`` takes COUNTxSIZE (8x
 ``cpu=24GiB`` plans a CPU run. Other arguments override the recipe (training.seq_len=512);
 ``training.micro_batch=N`` is accepted for ``training.micro_batch_size=N``. ``parallel=fsdp``
 plans FSDP2 (one process per GPU, each holding a shard; the recipe's ``parallel.strategy`` otherwise)
-and ``nodes=N`` N machines with the given GPUs each (FSDP2 only).
+and ``nodes=N`` N machines with the given GPUs each (FSDP2 only). ``parallel=pipeline`` plans a
+pipeline (one process per GPU, each a stage of contiguous blocks) and prints, beside its per-stage
+table, the modelled throughput of device_map, pipeline and FSDP2 on those GPUs: ``gpu=`` the kind
+(rtx3090, rtx4090, a10, a100, l40, h100, h100-pcie; default rtx4090), ``link=`` the bandwidth
+between GPUs (default pcie4, 25 GB/s), ``efficiency=`` the fraction of the bf16 peak reached
+(default 0.4); giving any of them adds the comparison to other plans too (docs/parallelism.md).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ def main(argv: list[str]) -> int:
     json_out = None
     parallel = None
     nodes = 1
+    model_args: dict = {}
     rest = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -44,6 +52,17 @@ def main(argv: list[str]) -> int:
             json_out = value
         elif key == "parallel":
             parallel = value
+        elif key in ("gpu", "link"):
+            model_args[key] = value
+        elif key == "efficiency":
+            try:
+                model_args[key] = float(value)
+            except ValueError:
+                model_args[key] = None
+            if model_args[key] is None or not 0 < model_args[key] <= 1:
+                print(f"error: efficiency={value!r}: give the fraction of the GPU's peak reached, e.g. "
+                      "efficiency=0.4", file=sys.stderr)
+                return 2
         elif key == "nodes":
             if not value.isdigit() or int(value) < 1:
                 print(f"error: nodes={value!r}: give the number of machines, e.g. nodes=2", file=sys.stderr)
@@ -59,7 +78,7 @@ def main(argv: list[str]) -> int:
         if recipe_name is None:
             raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
         recipe = load_recipe(recipe_name, overrides, check_paths=False)  # nothing is loaded
-        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes)
+        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes, throughput=None, **model_args)
     except (RecipeError, ValueError, FileNotFoundError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
@@ -68,7 +87,7 @@ def main(argv: list[str]) -> int:
     else:
         print(plan.table())
         if plan.device_map:
-            print("\nDevice map:")
+            print("\nStages (one process per GPU):" if plan.parallel == "pipeline" else "\nDevice map:")
             for device, units in _grouped_map(plan).items():
                 print(f"  {device}: {units}")
         if json_out:

@@ -16,7 +16,10 @@ around them; a tied head beside its embeddings) go to the devices in execution o
 filled while its total (weights, LoRA, states, activations, its temporaries, runtime overhead)
 stays under its capacity less a reserve; the largest reserve with which every unit is placed is
 found by bisection. That balances the devices: the one holding the embeddings and the loss gets
-fewer blocks. FSDP2 (``parallel="fsdp"``, one process per device): see :meth:`Planner.fsdp_plan`.
+fewer blocks. FSDP2 (``parallel="fsdp"``, one process per device): see :meth:`Planner.fsdp_plan`;
+a pipeline (``parallel="pipeline"``, one process per device, each a stage of contiguous blocks):
+:meth:`Planner.pipeline_plan` and bytetune/plan/pipeline.py. :meth:`Planner.throughput_model`
+sets the three side by side on the same GPUs (bytetune/plan/throughput.py).
 """
 
 from __future__ import annotations
@@ -31,18 +34,34 @@ from bytetune.plan.activations import trace_activations
 from bytetune.plan.counting import weight_costs
 from bytetune.plan.devices import CUDA_CONTEXT_BYTES, MiB, Device, parse_devices, runtime_overhead
 from bytetune.plan.meta_model import block_list, build_meta_model, target_linears
+from bytetune.plan.pipeline import StageModel
 from bytetune.plan.report import DevicePlan, MemoryPlan, as_gib
 from bytetune.plan.spec import PlanSpec, spec_from_recipe
+from bytetune.plan.throughput import (
+    DEFAULT_EFFICIENCY,
+    DEFAULT_GPU,
+    DEFAULT_LINK,
+    StrategySpeed,
+    ThroughputModel,
+    device_map_speed,
+    gpu_kind,
+    link_bandwidth,
+    pipeline_step,
+    token_flops,
+)
 
 
 class Planner:
     """Holds the meta model and the activation trace of one spec, so several device sets are cheap."""
 
-    def __init__(self, spec: PlanSpec):
+    def __init__(self, spec: PlanSpec, model: nn.Module | None = None, trace=None):
+        """``model`` (the meta model) and ``trace`` (its activation trace) may come from another
+        planner of the same model and sequence, to spare building them again."""
         self.spec = spec
-        self.model = build_meta_model(spec.model_config, spec.compute_dtype)
+        self.model = model if model is not None else build_meta_model(spec.model_config, spec.compute_dtype)
         self.costs = weight_costs(self.model, spec)
-        self.trace = trace_activations(spec)
+        self.trace = trace if trace is not None else trace_activations(spec)
+        self._stage_model = None
         blocks = block_list(self.model)
         self.block_names = [name for name, _ in blocks]
         self.block_set = set(self.block_names)
@@ -149,6 +168,8 @@ class Planner:
             raise ValueError("no devices given")
         if self.spec.parallel == "fsdp":
             return self.fsdp_plan(devices)
+        if self.spec.parallel == "pipeline":
+            return self.pipeline_plan(devices)
         # The largest reserve (bytes left free on every device) with which every unit is placed:
         # a full fill (reserve 0) that leaves units over does not fit.
         placed, left = self._fill(devices, 0)
@@ -241,6 +262,137 @@ class Planner:
             fused_loss=self.trace.loss.fused,
         )
 
+    @property
+    def stage_model(self) -> StageModel:
+        if self._stage_model is None:
+            self._stage_model = StageModel(self)
+        return self._stage_model
+
+    def pipeline_plan(self, devices: list[Device]) -> MemoryPlan:
+        """A pipeline, one process per device, stage k on device k (bytetune/plan/pipeline.py)."""
+        stage_model = self.stage_model
+        stages = stage_model.balanced_split(devices)
+        plans = [stage_model.stage_plan(d, k, len(devices), run.start, len(run))
+                 for k, (d, run) in enumerate(zip(devices, stages))]
+        spec = self.spec
+        notes = [
+            f"pipeline ({spec.pipeline_schedule}) over {len(devices)} stage(s), one process per device: 'in fl' is "
+            "the micro-batches between their forward and backward on a stage (1F1B: min(m, p-k); GPipe: m), "
+            "each keeping its blocks' inputs under checkpointing; 'bufs' the receive buffers "
+            "torch.distributed.pipelining allocates for every micro-batch (input, output gradient)"
+        ]
+        table = as_gib(stage_model.table_bytes)
+        if stage_model.tied and (len(devices) > 1 or stage_model.cpu_embeddings):
+            notes.append(f"the head is tied to the embeddings: the last stage holds its own copy of the table "
+                         f"({table} GiB, frozen)")
+        if stage_model.cpu_embeddings:
+            notes.append(f"the first stage keeps the embedding table ({table} GiB) in host memory "
+                         "(parallel.pipeline.cpu_embeddings) and sends only the looked-up rows to its GPU")
+        device_map: dict[str, object] = {}
+        for device, plan in zip(devices, plans):
+            device_map.update({unit: device.accelerate_key for unit in plan.units})
+        if stage_model.cpu_embeddings:
+            device_map[self.embed_unit] = "cpu"  # the first process's host memory
+        return MemoryPlan(
+            spec=spec,
+            devices=plans,
+            device_map=device_map,
+            unplaced=[],
+            totals=self.totals(),
+            activations_with_checkpointing=self.activations(True),
+            activations_without_checkpointing=self.activations(False),
+            notes=notes,
+            parallel="pipeline",
+            fused_loss=self.trace.loss.fused,
+            stages=stages,
+        )
+
+    def throughput_model(self, devices: str | Sequence[Device], gpu: str = DEFAULT_GPU, link: str = DEFAULT_LINK,
+                         efficiency: float = DEFAULT_EFFICIENCY, pipeline: MemoryPlan | None = None) -> ThroughputModel:
+        """device_map, pipeline and FSDP2 of this spec on ``devices`` (all of kind ``gpu``), side by
+        side: each one's memory verdict and its modelled step (bytetune/plan/throughput.py).
+
+        Every strategy runs the same sequences per optimizer step: m = spec.micro_batches
+        micro-batches (FSDP2: ceil(m / N) on each of its N ranks)."""
+        devices = parse_devices(devices)
+        if not 0 < efficiency <= 1:
+            raise ValueError(f"efficiency={efficiency}: give the fraction of the peak reached, in (0, 1]")
+        kind = gpu_kind(gpu)
+        bandwidth = link_bandwidth(link, kind)
+        rate = efficiency * kind.bf16_tflops * 1e12
+        spec = self.spec
+        per_block, head = self.stage_model.flops()
+        tokens = spec.micro_batch * spec.seq_len
+        m = spec.micro_batches
+        hidden = self.trace.block_input  # bytes crossing a stage boundary per micro-batch
+        per_token = sum(per_block) + head
+        # The fused loss is off under FSDP2, so its planner traces again; the others share this trace.
+        same = dict(model=self.model, trace=self.trace)
+        speeds = []
+
+        def min_headroom(plan: MemoryPlan) -> int:
+            return min(d.headroom for d in plan.devices)
+
+        # device_map: one process, one GPU at a time
+        dm_plan = self.plan(devices) if spec.parallel == "none" else \
+            Planner(dataclasses.replace(spec, parallel="none"), **same).plan(devices)
+        used = sum(1 for d in dm_plan.devices if d.units)
+        compute, comm = device_map_speed(per_token, tokens, m, max(used - 1, 0), hidden, rate, bandwidth)
+        step = compute + comm
+        speeds.append(StrategySpeed(
+            "device_map", dm_plan.fits, min_headroom(dm_plan), used, m * tokens, compute, comm, step,
+            1 - compute / (len(devices) * step), m * max(used - 1, 0) * 2 * hidden,
+            f"one process; the {used} GPUs run the blocks one after another, each busy 1/{used} of the time"))
+
+        # pipeline: stage k runs its blocks (and the head on the last) on each micro-batch in turn
+        pp_plan = pipeline or (self.plan(devices) if spec.parallel == "pipeline" else
+                               Planner(dataclasses.replace(spec, parallel="pipeline"), **same).plan(devices))
+        p = len(pp_plan.stages)
+        stage_compute = [tokens * (sum(per_block[r.start:r.stop]) + (head if k == p - 1 else 0)) / rate
+                         for k, r in enumerate(pp_plan.stages)]
+        stage_comm = [((k > 0) + (k < p - 1)) * hidden / bandwidth for k in range(p)]
+        step, compute, comm = pipeline_step(stage_compute, stage_comm, m)
+        speeds.append(StrategySpeed(
+            "pipeline", pp_plan.fits, min_headroom(pp_plan), p, m * tokens, compute, comm, step,
+            1 - m * sum(stage_compute) / (p * step), m * 2 * hidden,
+            f"{spec.pipeline_schedule}, {m} micro-batches over {p} stages (idle (p-1)/(m+p-1) = "
+            f"{(p - 1) / (m + p - 1):.0%} when balanced); {as_mib(hidden)} MiB of hidden states per micro-batch "
+            f"and boundary, forward and backward, not overlapped"))
+
+        # FSDP2: every rank runs the whole model on its own micro-batches, gathering the weights
+        fsdp = Planner(dataclasses.replace(spec, parallel="fsdp"), model=self.model)
+        fs_plan = fsdp.plan(devices)
+        world = len(devices)
+        share = (world - 1) / world  # what a rank receives of an all-gather / sends of a reduce-scatter
+
+        def unsharded(cost) -> int:
+            return cost.quantized_weights - cost.quantized_scales + cost.other_weights + cost.lora_params
+
+        block_bytes = sum(unsharded(fsdp.costs[b]) for b in fsdp.block_names)
+        root_bytes = sum(unsharded(c) for key, c in fsdp.costs.items() if key not in fsdp.block_set)
+        lora_grads = sum(c.lora_grads for c in fsdp.costs.values())
+        # With reshard_after_forward each block is gathered for its forward and again for its
+        # backward, where the checkpointed recompute uses that gather (FSDP2's pre-backward hook
+        # unshards; its pre-forward skips during the backward); without it, once.
+        gathers = 2 if spec.reshard_after_forward else 1
+        per_rank = -(-m // world)
+        micro_compute = tokens * per_token / rate
+        micro_comm = gathers * block_bytes * share / bandwidth
+        once = (root_bytes + lora_grads) * share / bandwidth  # root gathered once; gradients reduced once
+        compute = per_rank * micro_compute
+        comm = per_rank * micro_comm + once
+        step = per_rank * max(micro_compute, micro_comm) + once
+        speeds.append(StrategySpeed(
+            "fsdp2", fs_plan.fits, min_headroom(fs_plan), world, per_rank * world * tokens, compute, comm, step,
+            1 - compute / step, int(per_rank * gathers * block_bytes * share + root_bytes * share + lora_grads * share),
+            f"{per_rank} micro-batch(es) per rank; all-gathers {as_gib(block_bytes)} GiB of block weights "
+            f"{gathers}x per micro-batch ({'forward, backward with its recompute' if gathers == 2 else 'once'}), "
+            f"overlapped with compute (the optimistic bound: max of the two)"))
+        sm = self.stage_model  # the first block's terms, for the printed formula
+        flops = token_flops([(sm.block_weights[0], 1)], sm.block_lora[0], spec.seq_len, sm.query_features,
+                            sm.head_shape, spec.gradient_checkpointing)
+        return ThroughputModel(kind, link, bandwidth, efficiency, flops, speeds)
+
     def find_min_devices(self, size: int, kind: str = "cuda", limit: int = 512) -> int | None:
         """Smallest number of devices of ``size`` bytes on which the plan fits (None past ``limit``)."""
         if kind != "cuda":
@@ -251,7 +403,9 @@ class Planner:
         if usable <= 0:
             return None
         n = max(1, math.ceil(everything / usable))
-        if not fsdp:
+        if self.spec.parallel == "pipeline":
+            limit = min(limit, len(self.block_names))  # a stage holds at least one block
+        elif not fsdp:
             # Past one unit per device, more devices cannot help.
             limit = min(limit, len(self.units) + 1)
         if fsdp:
@@ -293,6 +447,10 @@ def placement_units(model: nn.Module, blocks: set[str]) -> list[str]:
     return units
 
 
+def as_mib(n: int) -> str:
+    return f"{n / MiB:.1f}"
+
+
 def _unit_of(units: list[str], name: str) -> str:
     """The placement unit holding module or parameter ``name``."""
     for unit in units:
@@ -302,13 +460,17 @@ def _unit_of(units: list[str], name: str) -> str:
 
 
 def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, parallel: str | None = None,
-                nodes: int = 1) -> MemoryPlan:
+                nodes: int = 1, throughput: bool | None = False, gpu: str | None = None, link: str | None = None,
+                efficiency: float | None = None) -> MemoryPlan:
     """Plan a fine-tune's memory on ``devices`` ('8x24GiB', 'cpu:24GiB' or Device objects).
 
     ``config`` is a recipe (the trainer's config) or a :class:`PlanSpec`. Nothing is loaded: the
-    model is built on the meta device from its config. ``parallel`` ("none" / "fsdp") replaces the
-    spec's; ``nodes``: machines, each with ``devices`` (FSDP2 only: a device map stays in one
-    process, on one machine).
+    model is built on the meta device from its config. ``parallel`` ("none" / "fsdp" /
+    "pipeline") replaces the spec's; ``nodes``: machines, each with ``devices`` (FSDP2 only: a
+    device map stays in one process, on one machine). ``throughput``: True adds the modelled
+    throughput of device_map, pipeline and FSDP2 on those GPUs (``plan.throughput``; ``gpu``, a
+    kind of bytetune.plan.throughput.GPU_KINDS, ``link`` and ``efficiency`` set it); None adds it
+    to a pipeline plan on GPUs, or when any of the three is given.
     """
     spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
     if parallel is not None:
@@ -323,10 +485,48 @@ def plan_memory(config, devices: str | Sequence[Device], find_min: bool = True, 
         if any(d.kind != "cuda" for d in devices):
             raise ValueError("nodes=N plans GPUs: give gpus=COUNTxSIZE")
         devices = [Device(f"cuda:{i}", d.capacity) for i, d in enumerate(devices * nodes)]
+    asked = gpu is not None or link is not None or efficiency is not None
+    modelled = bool(throughput) or asked or (throughput is None and spec.parallel == "pipeline")
+    if modelled and any(d.kind != "cuda" for d in devices):
+        if throughput is None and not asked:
+            modelled = False  # a CPU pipeline (tests over gloo): memory only
+        else:
+            raise ValueError("the throughput model (gpu=, link=, efficiency=) is for GPUs: give gpus=COUNTxSIZE")
+    if modelled:  # check the model's arguments before the slow part
+        kind = gpu_kind(gpu or DEFAULT_GPU)
+        link_bandwidth(link or DEFAULT_LINK, kind)
     planner = Planner(spec)
     plan = planner.plan(devices)
     plan.nodes = nodes
     if find_min:
         first = plan.devices[0].device
         plan.min_devices = planner.find_min_devices(first.capacity, first.kind)
+    if modelled:
+        plan.throughput = planner.throughput_model(
+            devices, gpu or DEFAULT_GPU, link or DEFAULT_LINK,
+            DEFAULT_EFFICIENCY if efficiency is None else efficiency,
+            pipeline=plan if spec.parallel == "pipeline" else None)
     return plan
+
+
+def pipeline_stages(config, num_stages: int, devices: str | Sequence[Device] | None = None) -> list[range]:
+    """The blocks of each pipeline stage, as the planner places them: ``num_stages`` contiguous
+    runs of block indices (``model.layers[run]``), stage k on pipeline rank k, every stage at
+    least one block.
+
+    ``config``: a recipe or a :class:`PlanSpec` (its schedule and micro-batches count: they set
+    each stage's activations in flight). ``devices``: the GPUs of the stages ('8x24GiB' or Device
+    objects, one per stage); the split is the fastest (least FLOPs on the busiest stage) of those
+    that fit, with the most headroom among equals, or when none fits the one closest to fitting.
+    None: no memory limit, so the fastest split with the least memory on its fullest stage.
+    """
+    spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
+    spec = dataclasses.replace(spec, parallel="pipeline")
+    if num_stages < 1:
+        raise ValueError(f"num_stages={num_stages}: give 1 or more")
+    if devices is None:
+        devices = [Device(f"cuda:{i}", 2**62) for i in range(num_stages)]  # no limit
+    devices = parse_devices(devices)
+    if len(devices) != num_stages:
+        raise ValueError(f"{len(devices)} devices for {num_stages} stages: give one device per stage")
+    return Planner(spec).plan(devices).stages

@@ -19,6 +19,8 @@ class DevicePlan:
     lora_grads: int = 0
     optimizer_states: int = 0
     gathered: int = 0  # FSDP2: parameters all-gathered whole (root group, blocks in flight)
+    buffers: int = 0  # pipeline: the stage's receive buffers (one per micro-batch of a step)
+    in_flight: int = 0  # pipeline: micro-batches between their forward and backward, at most
     activations: int = 0
     temporary: int = 0
     overhead: int = 0
@@ -33,6 +35,7 @@ class DevicePlan:
             + self.lora_grads
             + self.optimizer_states
             + self.gathered
+            + self.buffers
             + self.activations
             + self.temporary
         )
@@ -61,6 +64,8 @@ class DevicePlan:
             "lora_grads": self.lora_grads,
             "optimizer_states": self.optimizer_states,
             "gathered": self.gathered,
+            "buffers": self.buffers,
+            "in_flight": self.in_flight,
             "activations": self.activations,
             "temporary": self.temporary,
             "allocated": self.allocated,
@@ -85,6 +90,17 @@ class MemoryPlan:
     parallel: str = "none"  # "fsdp": one process per device, each holding a shard
     nodes: int = 1  # machines the devices are spread over (FSDP2)
     fused_loss: bool = False  # the loss is the trainer's fused linear+CE (else from the full logits)
+    # parallel="pipeline": the blocks of each stage (indices into the model's blocks), one per device
+    stages: list[range] = field(default_factory=list)
+    throughput: object = None  # a bytetune.plan.throughput.ThroughputModel, when modelled
+
+    @property
+    def idle_fraction(self) -> float | None:
+        """The pipeline's bubble, (p - 1) / (m + p - 1) on p stages with m micro-batches per step."""
+        if self.parallel != "pipeline":
+            return None
+        p, m = len(self.stages), self.spec.micro_batches
+        return (p - 1) / (m + p - 1)
 
     @property
     def fits(self) -> bool:
@@ -116,6 +132,13 @@ class MemoryPlan:
             "device_map": {k: str(v) for k, v in self.device_map.items()},
             "overhead_figures": overhead_figures(),
             "notes": self.notes,
+            **({"pipeline": {
+                "schedule": self.spec.pipeline_schedule,
+                "micro_batches": self.spec.micro_batches,
+                "stages": [[r.start, r.stop] for r in self.stages],
+                "idle_fraction": self.idle_fraction,
+            }} if self.parallel == "pipeline" else {}),
+            **({"throughput": self.throughput.as_dict()} if self.throughput is not None else {}),
         }
 
     def table(self) -> str:
@@ -139,7 +162,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"LoRA r={spec.lora_r} ({plan.totals['lora_numel'] / 1e6:.1f}M params, {as_dtype(spec.lora_dtype)}), "
         f"{spec.optimizer}, embeddings/head {'int8' if spec.embeddings == 'int8' else str(as_dtype(spec.compute_dtype)).replace('torch.', '')}, "
         f"loss {'fused linear+CE (token chunks)' if plan.fused_loss else 'from full logits'}"
-        + (f", FSDP2 over {len(plan.devices)} devices ({plan.nodes} node(s))" if plan.parallel == "fsdp" else ""),
+        + (f", FSDP2 over {len(plan.devices)} devices ({plan.nodes} node(s))" if plan.parallel == "fsdp" else "")
+        + (f", pipeline over {len(plan.devices)} stages ({spec.pipeline_schedule}, {spec.micro_batches} "
+           f"micro-batches per step)" if plan.parallel == "pipeline" else ""),
         "",
         "Whole model (GiB):",
     ]
@@ -156,19 +181,29 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"  {'activations kept, no checkpointing':<42} {as_gib(plan.activations_without_checkpointing):>9}")
     lines.append(f"  {'largest temporary (loss or block backward)':<42} {as_gib(max(d.temporary for d in plan.devices)):>9}")
     fsdp = plan.parallel == "fsdp"
-    lines += ["", "Per device (GiB):"]
+    pipe = plan.parallel == "pipeline"
+    lines += ["", "Per pipeline stage (GiB):" if pipe else "Per device (GiB):"]
     header = (
-        f"  {'device':<8} {'blocks':>6} {'quant w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
+        f"  {'device':<8} {'blocks':>6} "
+        + (f"{'range':>7} {'in fl':>5} " if pipe else "")
+        + f"{'quant w':>8} {'other w':>8} {'LoRA':>6} {'grads':>6} {'optim':>6} "
         + (f"{'gather':>7} " if fsdp else "")
+        + (f"{'bufs':>6} " if pipe else "")
         + f"{'activ':>7} {'temp':>6} {'alloc':>7} {'ovhd':>6} {'total':>7} {'cap':>7} {'headroom':>8}  verdict"
     )
     lines.append(header)
-    for d in plan.devices:
+    for index, d in enumerate(plan.devices):
         row = d.as_dict()
+        span = ""
+        if pipe:
+            run = plan.stages[index]
+            span = f"{f'{run.start}-{run.stop - 1}':>7} {d.in_flight:>5} "
         lines.append(
-            f"  {d.device.name:<8} {row['blocks']:>6} {as_gib(d.quantized_weights):>8} {as_gib(d.other_weights):>8} "
+            f"  {d.device.name:<8} {row['blocks']:>6} " + span
+            + f"{as_gib(d.quantized_weights):>8} {as_gib(d.other_weights):>8} "
             f"{as_gib(d.lora_params):>6} {as_gib(d.lora_grads):>6} {as_gib(d.optimizer_states):>6} "
             + (f"{as_gib(d.gathered):>7} " if fsdp else "")
+            + (f"{as_gib(d.buffers):>6} " if pipe else "")
             + f"{as_gib(d.activations):>7} {as_gib(d.temporary):>6} {as_gib(d.allocated):>7} {as_gib(d.overhead):>6} "
             f"{as_gib(d.total):>7} {as_gib(d.device.capacity):>7} {as_gib(d.headroom):>8}  "
             f"{'fits' if d.fits else 'DOES NOT FIT'}"
@@ -176,12 +211,19 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.unplaced:
         lines.append(f"  not placed on any device: {len(plan.unplaced)} units ({', '.join(plan.unplaced[:4])} ...)")
     lines.append("")
-    lines.append(f"Verdict: {'fits' if plan.fits else 'does NOT fit'} on {len(plan.devices)} device(s).")
+    lines.append(f"Verdict: {'fits' if plan.fits else 'does NOT fit'} on {len(plan.devices)} device(s)"
+                 + (f", smallest headroom {as_gib(min(d.headroom for d in plan.devices))} GiB." if pipe else "."))
+    if pipe:
+        p, m = len(plan.stages), spec.micro_batches
+        lines.append(f"Pipeline idle fraction (p-1)/(m+p-1) = {p - 1}/{m + p - 1} = {plan.idle_fraction:.1%} "
+                     f"({p} stages, {m} micro-batches of {spec.micro_batch} x {spec.seq_len} tokens per step)")
     if plan.min_devices is not None:
         size = plan.devices[0].device.capacity
         lines.append(f"Minimum number of {size / GiB:g} GiB devices: {plan.min_devices}")
     lines.append(overhead_figures())
     lines += plan.notes
+    if plan.throughput is not None:
+        lines += ["", plan.throughput.table()]
     return "\n".join(lines)
 
 
@@ -196,6 +238,12 @@ def plan_advice(plan: MemoryPlan) -> str:
         tips.append("gradient checkpointing (training.gradient_checkpointing=true)")
     if plan.spec.seq_len > 128 or plan.spec.micro_batch > 1:
         tips.append("a shorter sequence or micro-batch (training.seq_len=..., training.micro_batch=...)")
+    if plan.parallel == "pipeline":
+        if plan.spec.micro_batches > len(plan.devices):
+            tips.append("fewer micro-batches per step (parallel.pipeline.micro_batches=...; each adds receive "
+                        "buffers on every stage)")
+        if not plan.spec.pipeline_cpu_embeddings:
+            tips.append("the embedding table in host memory (parallel.pipeline.cpu_embeddings=true)")
     over = [f"{d.device.name} needs {as_gib(d.total)} GiB of {as_gib(d.device.capacity)}" for d in plan.devices if not d.fits]
     if plan.unplaced:
         static = sum(plan.totals[k] for k in ("quantized_weights", "other_weights", "lora_params", "lora_grads",

@@ -23,11 +23,18 @@ class DoesNotFitError(RecipeError):
 def local_devices(recipe) -> list[Device]:
     """The devices a run of ``recipe`` trains on here.
 
-    With ``model.device_map: auto`` the model is split over every visible GPU; otherwise each
-    process holds the whole model on one GPU; without CUDA, the CPU with all physical memory.
+    With ``model.device_map: auto`` the model is split over every visible GPU; a pipeline
+    (``parallel.strategy: pipeline``) over one GPU of this size per process (``WORLD_SIZE``, as
+    torchrun sets it); otherwise each process holds the whole model on one GPU; without CUDA, the
+    CPU with all physical memory.
     """
     if torch.cuda.is_available():
         count = torch.cuda.device_count() if recipe.model.device_map == "auto" else 1
+        parallel = recipe.get("parallel")
+        if parallel is not None and parallel.get("strategy") == "pipeline":
+            count = int(os.environ.get("WORLD_SIZE", "1"))
+            size = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            return [Device(f"cuda:{i}", size) for i in range(count)]
         return [Device(f"cuda:{i}", torch.cuda.get_device_properties(i).total_memory) for i in range(count)]
     return [Device("cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
 

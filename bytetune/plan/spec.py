@@ -60,6 +60,15 @@ class PlanSpec:
     parallel: str = "none"
     # FSDP2 frees a block's gathered weights after its forward (True) or keeps them to its backward.
     reshard_after_forward: bool = True
+    # Micro-batches per optimizer step (each ``micro_batch`` sequences): the pipeline's schedule
+    # runs them through the stages together; otherwise the gradient-accumulation steps.
+    micro_batches: int = 1
+    # parallel="pipeline": the torch.distributed.pipelining schedule, "1f1b" (stage k of p keeps at
+    # most p-k micro-batches in flight) or "gpipe" (all m forwards before the backwards).
+    pipeline_schedule: str = "1f1b"
+    # parallel="pipeline": the first stage keeps the (frozen) input embedding table in host memory
+    # and looks the tokens up there; the GPUs hold none of it but a tied head's copy on the last.
+    pipeline_cpu_embeddings: bool = False
     name: str = "model"
 
     def __post_init__(self):
@@ -67,8 +76,12 @@ class PlanSpec:
             raise ValueError(f"quantization={self.quantization!r}: use 'int8', 'zeroquant' or 'none'")
         if self.embeddings not in ("int8", "none"):
             raise ValueError(f"embeddings={self.embeddings!r}: use 'int8' or 'none'")
-        if self.parallel not in ("none", "fsdp"):
-            raise ValueError(f"parallel={self.parallel!r}: use 'none' or 'fsdp'")
+        if self.parallel not in ("none", "fsdp", "pipeline"):
+            raise ValueError(f"parallel={self.parallel!r}: use 'none', 'fsdp' or 'pipeline'")
+        if self.pipeline_schedule not in ("1f1b", "gpipe", "interleaved_1f1b"):
+            raise ValueError(f"pipeline schedule {self.pipeline_schedule!r}: use '1f1b' or 'gpipe'")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches}: must be >= 1")
         if self.optimizer_bits not in (8, 32):
             raise ValueError(f"optimizer_bits={self.optimizer_bits}: use 8 or 32")
         if self.seq_len < 1 or self.micro_batch < 1:
@@ -98,6 +111,8 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
     name = recipe.optimizer.name
     # The recipe's parallel section (FSDP2) exists once the trainer has one; older recipes lack it.
     parallel = recipe.get("parallel")
+    pipeline = parallel.get("pipeline") if parallel is not None else None
+    accumulation = recipe.training.grad_accum_steps
     return PlanSpec(
         model_config=model_config if model_config is not None else model_config_from_recipe(recipe),
         seq_len=recipe.training.seq_len,
@@ -122,5 +137,8 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
         fused_cross_entropy=bool(recipe.training.get("fused_cross_entropy", False)),
         parallel=parallel.get("strategy", "none") if parallel is not None else "none",
         reshard_after_forward=bool(parallel.get("reshard_after_forward", True)) if parallel is not None else True,
+        micro_batches=(pipeline.get("micro_batches") if pipeline is not None else None) or accumulation,
+        pipeline_schedule=pipeline.get("schedule", "1f1b") if pipeline is not None else "1f1b",
+        pipeline_cpu_embeddings=bool(pipeline.get("cpu_embeddings", False)) if pipeline is not None else False,
         name=recipe.name,
     )

@@ -39,7 +39,8 @@ TORCH_DTYPES = {
 }
 OPTIMIZERS = ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
-PARALLEL_STRATEGIES = ("none", "fsdp")
+PARALLEL_STRATEGIES = ("none", "fsdp", "pipeline")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 DATA_FORMATS = ("text", "instruction")
 EMBEDDING_QUANTIZATIONS = ("int8",)
 
@@ -227,6 +228,21 @@ class ExportConfig:
 
 
 @dataclass
+class PipelineConfig:
+    # torch.distributed.pipelining schedule: "1f1b" (Schedule1F1B: stage k keeps at most p-k
+    # micro-batches' activations), "gpipe" (all forwards, then all backwards: m in flight) or
+    # "interleaved_1f1b" (two or more stages per rank).
+    schedule: str = "1f1b"
+    # Micro-batches per optimizer step; null: training.gradient_accumulation_steps. Each one is
+    # training.micro_batch_size sequences. Idle fraction (p-1)/(m+p-1) on p stages.
+    micro_batches: Optional[int] = None
+    # The first stage keeps the frozen input-embedding table in host memory and looks the tokens
+    # up there; only micro_batch x seq_len rows go to its GPU. Frees the table's GPU memory on
+    # stage 0 (BLOOM-176B int8: 3.35 GiB); a tied head keeps its own copy on the last stage.
+    cpu_embeddings: bool = False
+
+
+@dataclass
 class ParallelConfig:
     # "none": one process holds the whole model (model.device_map may split it over its GPUs);
     # several processes are data parallel (DDP). "fsdp": FSDP2, every rank holds 1/N of the int8
@@ -236,6 +252,9 @@ class ParallelConfig:
     # Free each block's gathered weights after its forward (re-gathered for the backward): the
     # least memory. false keeps them until the backward: one all-gather less per block and step.
     reshard_after_forward: bool = True
+    # strategy "pipeline": one process per GPU, each holding its own contiguous blocks
+    # (bytetune/trainer/pipeline.py).
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 @dataclass
@@ -327,6 +346,8 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg.data.format, DATA_FORMATS, "data.format")
     _check_choice(cfg.export.merged_dtype, DTYPES, "export.merged_dtype")
     _check_choice(cfg.parallel.strategy, PARALLEL_STRATEGIES, "parallel.strategy")
+    _check_choice(cfg.parallel.pipeline.schedule, PIPELINE_SCHEDULES, "parallel.pipeline.schedule")
+    _check_positive(cfg.parallel.pipeline.micro_batches, "parallel.pipeline.micro_batches")
     if cfg.optimizer.optim_bits not in (8, 32):
         raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
     if len(cfg.optimizer.betas) != 2:
