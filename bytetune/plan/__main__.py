@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from bytetune.plan.placement import plan_memory
+from bytetune.recipe.bundled import bundled_model_config, seq_len_error
 from bytetune.recipe.schema import RecipeConfig, RecipeError, load_recipe, parse_overrides, sections_help
 
 ALIASES = {"training.micro_batch": "training.micro_batch_size"}
@@ -55,12 +56,18 @@ def main(argv: list[str]) -> int:
         print("error: give the devices: gpus=COUNTxSIZE (e.g. gpus=8x24GiB) or cpu=SIZE", file=sys.stderr)
         return 2
     try:
+        check_json_target(json_out)  # before the plan is computed, not after
         recipe_name, overrides = parse_overrides(rest)
         if recipe_name is None:
             raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
         recipe = load_recipe(recipe_name, overrides, check_paths=False)  # nothing is loaded
+        if recipe.model.config_file:  # the planned model is its bundled config: it bounds seq_len
+            too_long = seq_len_error(bundled_model_config(recipe.model.config_file), recipe.training.seq_len,
+                                     model=f"model.config_file={recipe.model.config_file!r}")
+            if too_long:
+                raise RecipeError(too_long)
         plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes)
-    except (RecipeError, ValueError, FileNotFoundError) as error:
+    except (RecipeError, ValueError, FileNotFoundError, OverflowError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if json_out == "-":
@@ -72,9 +79,29 @@ def main(argv: list[str]) -> int:
             for device, units in _grouped_map(plan).items():
                 print(f"  {device}: {units}")
         if json_out:
-            Path(json_out).write_text(json.dumps(plan.as_dict(), indent=1))
+            try:
+                Path(json_out).write_text(json.dumps(plan.as_dict(), indent=1))
+            except OSError as error:
+                print(f"error: json={json_out}: could not write it ({error.strerror or error}): give a writable path, "
+                      "or json=- to print the JSON", file=sys.stderr)
+                return 2
             print(f"\nJSON written to {json_out}")
     return 0 if plan.fits else 1
+
+
+def check_json_target(json_out: str | None) -> None:
+    """``json=PATH`` names a file that can be written: its folder exists (it is not created, so a
+    mistyped folder is caught) and it is not a folder itself."""
+    if json_out is None or json_out == "-":
+        return
+    if not json_out:
+        raise RecipeError("json= is empty: give json=PATH to write the plan to a file, or json=- to print it")
+    target = Path(json_out).expanduser()
+    if target.is_dir():
+        raise RecipeError(f"json={json_out} is a folder: give a file path inside it, e.g. json={target / 'plan.json'}")
+    if not target.parent.is_dir():
+        raise RecipeError(f"json={json_out}: the folder {str(target.parent)!r} does not exist: create it first "
+                          "(the planner does not), or json=- to print the JSON")
 
 
 def _grouped_map(plan) -> dict[str, str]:

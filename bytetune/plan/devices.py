@@ -3,6 +3,7 @@ slack)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,10 +42,19 @@ _UNITS = {"gib": GiB, "gb": 10**9, "mib": MiB, "mb": 10**6, "tib": 1024**4, "tb"
 
 
 def parse_size(text: str) -> int:
+    """Bytes of a size with its unit (24GiB, 80GB, 512MiB); a device of no memory is an error, not
+    a device on which nothing fits."""
     low = text.strip().lower()
     for unit in sorted(_UNITS, key=len, reverse=True):
         if low.endswith(unit):
-            return int(float(low[: -len(unit)]) * _UNITS[unit])
+            number = low[: -len(unit)].strip()
+            try:
+                value = float(number)
+            except ValueError:
+                raise ValueError(f"size {text!r}: {number!r} is not a number; write e.g. 24GiB, 80GB, 512MiB") from None
+            if not (math.isfinite(value) and value * _UNITS[unit] >= 1):
+                raise ValueError(f"size {text!r}: a device needs a memory size > 0, e.g. 24GiB")
+            return int(value * _UNITS[unit])
     raise ValueError(f"size {text!r} has no unit: write e.g. 24GiB, 80GB, 512MiB")
 
 
@@ -64,6 +74,8 @@ def parse_devices(spec: str | Sequence[Device]) -> list[Device]:
         count, sep, size = part.lower().partition("x")
         if not sep or not count.isdigit():
             raise ValueError(f"device spec {part!r}: write COUNTxSIZE, e.g. 8x24GiB (or cpu:24GiB)")
+        if int(count) == 0:
+            raise ValueError(f"device spec {part!r}: the count must be at least 1, e.g. 1x24GiB")
         start = sum(d.kind == "cuda" for d in devices)
         devices += [Device(f"cuda:{start + i}", parse_size(size)) for i in range(int(count))]
     return devices

@@ -41,7 +41,7 @@ from bytetune.trainer import distributed
 from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
-from bytetune.trainer.models import build_base
+from bytetune.trainer.models import build_base, check_lora_targets
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -76,6 +76,7 @@ def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = F
     )
     # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
     lora = register_zeroquant_lora(lora)
+    check_lora_targets(model, lora, cfg.lora)  # one line naming the modules that exist, not PEFT's traceback
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     peft_model = get_peft_model(model, lora)
     # Saved adapters name their base as the recipe does (a hub id), not as the path it happened to
