@@ -53,7 +53,7 @@ def parse_size(text: str) -> int:
             except ValueError:
                 raise ValueError(f"size {text!r}: {number!r} is not a number; write e.g. 24GiB, 80GB, 512MiB") from None
             if not (math.isfinite(value) and value * _UNITS[unit] >= 1):
-                raise ValueError(f"size {text!r}: a device needs a memory size > 0, e.g. 24GiB")
+                raise ValueError(f"size {text!r}: a device needs a finite memory size > 0, e.g. 24GiB")
             return int(value * _UNITS[unit])
     raise ValueError(f"size {text!r} has no unit: write e.g. 24GiB, 80GB, 512MiB")
 
@@ -76,8 +76,12 @@ def parse_devices(spec: str | Sequence[Device]) -> list[Device]:
             raise ValueError(f"device spec {part!r}: write COUNTxSIZE, e.g. 8x24GiB (or cpu:24GiB)")
         if int(count) == 0:
             raise ValueError(f"device spec {part!r}: the count must be at least 1, e.g. 1x24GiB")
+        try:
+            capacity = parse_size(part[len(count) + 1:])
+        except ValueError as error:
+            raise ValueError(f"device spec {part!r}: {error}") from None
         start = sum(d.kind == "cuda" for d in devices)
-        devices += [Device(f"cuda:{start + i}", parse_size(size)) for i in range(int(count))]
+        devices += [Device(f"cuda:{start + i}", capacity) for i in range(int(count))]
     return devices
 
 

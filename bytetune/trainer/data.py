@@ -200,16 +200,56 @@ def _json_rows(text: str, path: Path, role: str):
             ) from None
 
 
+# The last local files read (path, size, mtime, fields, max_samples) -> rows: check_data_files reads
+# them before the model loads, build_token_blocks then takes the same rows without a second parse.
+_LOCAL_READS: dict[tuple, datasets.Dataset] = {}
+
+
+def check_data_files(data_cfg) -> None:
+    """Read and check every row of the recipe's local data files (train and eval) before any
+    model loads: bad JSON, bad encoding, empty files and missing or non-string fields fail in
+    seconds, not after minutes of model loading. Hub datasets are checked when they are loaded."""
+    for role in ("train", "eval"):
+        source = data_cfg.get(role)
+        if source is None or source == "stdlib":
+            continue
+        path = Path(source).expanduser()
+        if path.suffix in LOCAL_BUILDERS and path.is_file():
+            max_samples = data_cfg.max_train_samples if role == "train" else data_cfg.max_eval_samples
+            rows = _load_rows(source, "train", role, max_samples, _fields(data_cfg))
+            _check_columns(rows, _fields(data_cfg), role, source)
+
+
 def _read_local(path: Path, builder: str, role: str, fields: tuple[str, ...], max_samples: int | None) -> datasets.Dataset:
     """A local file as a ``datasets.Dataset``, every row checked as it is read: the file is UTF-8
     and not empty, each JSON line parses and holds every field the format needs as a string."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, fields, max_samples, builder)
+    if key not in _LOCAL_READS:
+        if len(_LOCAL_READS) >= 2:  # train and eval: no more rows kept than one run reads
+            _LOCAL_READS.pop(next(iter(_LOCAL_READS)))
+        _LOCAL_READS[key] = _read_local_uncached(path, builder, role, fields, max_samples)
+    return _LOCAL_READS[key]
+
+
+def _read_local_uncached(path: Path, builder: str, role: str, fields: tuple[str, ...], max_samples: int | None) -> datasets.Dataset:
     if builder == "parquet":
         if path.stat().st_size == 0:
             raise DataError(f"data.{role} file {str(path)!r} is empty: give a file with at least one row")
+        # read with pyarrow directly: datasets logs a traceback of its own for a broken file
+        import pyarrow.parquet as pq
+
         try:
-            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+            names = pq.read_schema(path).names
         except Exception as error:  # pyarrow's errors for a file that is not parquet
             raise DataError(f"data.{role} file {str(path)!r} could not be read as parquet: {str(error).splitlines()[0]}") from None
+        for name in fields:
+            if name not in names:
+                raise DataError(f"data.{role} file {str(path)!r}: no field {name!r} in {names} (set {_field_key(fields, name)})")
+        table = pq.read_table(path, columns=list(fields))
+        if max_samples is not None:
+            table = table.slice(0, max_samples)
+        return datasets.Dataset(table)
     text = _utf8_text(path, role)
     if builder == "text":
         return datasets.Dataset.from_dict({fields[0]: text.splitlines()})

@@ -38,7 +38,7 @@ from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer import distributed
-from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks
+from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks, check_data_files
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
 from bytetune.trainer.models import build_base, check_lora_targets
@@ -235,6 +235,7 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
+        check_data_files(cfg.data)  # and so do their bad rows
         fsdp = distributed.use_fsdp(cfg)
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
