@@ -55,7 +55,7 @@ def _files(t: Path) -> dict[str, Path]:
     files = {
         # line 7 has no response: trained as the text "None" before issue 18
         "no_response": _write_jsonl(t / "no_response.jsonl", [pair] * 6 + [{"prompt": "Say bye."}] + [pair] * 3),
-        "null_response": _write_jsonl(t / "null_response.jsonl", [pair, pair, {"prompt": "x", "response": None}]),
+        "null_response": _write_jsonl(t / "null_response.jsonl", [pair, pair, {"prompt": "x", "response": None}] + [pair] * 6),
         "number_text": _write_jsonl(t / "number_text.jsonl", [{"text": "fine"}, {"text": 42}]),
         "bad_json": _write_jsonl(t / "bad_json.jsonl", [{"text": "a"}, {"text": "b"}, {"text": "c"}, '{"text": "d",']),
         "list_row": _write_jsonl(t / "list_row.jsonl", [{"text": "a"}, ["not", "an", "object"]]),
@@ -100,7 +100,8 @@ def _prompt_tokens(prompt: str) -> int:
 
 
 def _instr(t, f, name, *extra):
-    return _tiny(t, "data.format=instruction", f"data.train={f[name]}", "data.eval=null", *extra)
+    """Instruction data; seq_len long enough for the template and a short pair to train."""
+    return _tiny(t, "data.format=instruction", f"data.train={f[name]}", "data.eval=null", "training.seq_len=64", *extra)
 
 
 # (entry point, argv from (tmp_path, files), words the error line must contain, fails before any model loads)
@@ -195,6 +196,7 @@ def test_there_are_at_least_twenty_five():
     assert len(BAD_INPUTS) >= 25
 
 
+@pytest.mark.slow
 def test_planner_process_prints_one_line(tmp_path):
     """As a user sees it: python -m bytetune.plan with a json= folder that does not exist."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
