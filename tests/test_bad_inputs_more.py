@@ -121,7 +121,7 @@ BAD_INPUTS = [
     ("train", lambda t, f: _tiny(t, f"data.train={f['null_parquet']}"), ["nulls.parquet", "row 2", "field 'text' is null"], True),
     ("train", lambda t, f: _tiny(t, f"data.train={f['fake_parquet']}"), ["fake.parquet", "could not be read as parquet"], True),
     ("train", lambda t, f: _tiny(t, f"data.eval={f['bad_json']}"), ["data.eval file", "bad_json.jsonl", "line 4"], True),
-    ("train", lambda t, f: _tiny(t, "data.format=instruction", f"data.train={f['pairs']}"), ["data.eval=stdlib", "data.format=text"], True),
+    ("train", lambda t, f: _tiny(t, "data.format=instruction", f"data.train={f['pairs']}"), ["data.eval=stdlib", "data.format=text", "!data.train"], True),
     # the value of seq_len that would fit, not "lower training.seq_len"
     ("train", lambda t, f: _instr(t, f, "long_prompts", "training.seq_len=24"),
      ["training.seq_len=24", f"raise training.seq_len to at least {min(map(_prompt_tokens, LONG_PROMPTS)) + 1}"], False),
@@ -150,6 +150,8 @@ BAD_INPUTS = [
     ("plan", lambda t, f: ["recipe=tiny_lora8", "cpu=8GiB", f"json={f['empty_dir']}"], ["is a folder"], True),
     ("plan", lambda t, f: ["recipe=smollm2_lora8", "gpus=1x80GiB", "training.seq_len=10000"], ["training.seq_len=10000", "max_position_embeddings=8192"], True),
     ("plan", lambda t, f: ["recipe=bloom_lora8", "gpus=8x24GiB", "training.seq_len=1"], ["training.seq_len=1"], True),
+    ("plan", lambda t, f: ["recipe=bloom_lora8", "gpus=1x1B"], ["'1x1B'", "no more than the runtime alone takes"], True),  # was "fits" per device
+    ("plan", lambda t, f: ["recipe=tiny_lora8", "gpus=1x24GiB", "cpu=8GiB"], ["gpus=1x24GiB and cpu=8GiB both given"], True),  # was: the last one won
     # --- python -m bytetune.generate
     ("generate", lambda t, f: _tiny(t), ['prompt="..."'], True),
     ("generate", lambda t, f: _tiny(t, "prompt=hello", "max_new_tokens=0"), ["max_new_tokens must be a positive integer"], True),
@@ -188,8 +190,8 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch, entry, make_
     assert "Traceback" not in err
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, err
-    for word in words:
-        assert word in error_lines[0], error_lines[0]
+    for word in words:  # "!word": the line must not name it
+        assert (word[1:] not in error_lines[0]) if word.startswith("!") else (word in error_lines[0]), error_lines[0]
 
 
 def test_there_are_at_least_twenty_five():

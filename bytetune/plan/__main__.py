@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from bytetune.plan.devices import check_usable, parse_devices
 from bytetune.plan.placement import plan_memory
 from bytetune.recipe.bundled import bundled_model_config, seq_len_error
 from bytetune.recipe.schema import RecipeConfig, RecipeError, load_recipe, parse_overrides, sections_help
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     parallel = None
     nodes = 1
     rest = []
+    seen: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if key in ("-h", "--help"):
@@ -37,6 +39,14 @@ def main(argv: list[str]) -> int:
         if not sep:
             print(f"error: argument {arg!r} is not key=value; see python -m bytetune.plan --help", file=sys.stderr)
             return 2
+        # the planner's own options, given twice, would silently keep the last one
+        option = "gpus/cpu" if key in ("gpus", "cpu") else key
+        if key in ("gpus", "cpu", "json", "parallel", "nodes"):
+            if option in seen:
+                what = "the devices once (gpus=COUNTxSIZE or cpu=SIZE)" if option == "gpus/cpu" else f"{key}= once"
+                print(f"error: {seen[option]} and {arg} both given: give {what}", file=sys.stderr)
+                return 2
+            seen[option] = arg
         if key == "gpus":
             devices = value
         elif key == "cpu":
@@ -66,7 +76,7 @@ def main(argv: list[str]) -> int:
                                      model=f"model.config_file={recipe.model.config_file!r}")
             if too_long:
                 raise RecipeError(too_long)
-        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes)
+        plan = plan_memory(recipe, check_usable(parse_devices(devices), devices), parallel=parallel, nodes=nodes)
     except (RecipeError, ValueError, FileNotFoundError, OverflowError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

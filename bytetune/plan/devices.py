@@ -85,6 +85,18 @@ def parse_devices(spec: str | Sequence[Device]) -> list[Device]:
     return devices
 
 
+def check_usable(devices: list[Device], spec: str) -> list[Device]:
+    """Devices larger than their runtime's own memory: a plan on less places nothing and reads as
+    "fits" per device (1x1B is a typo for 1x1GB, not a device). The planner's command line asks
+    this of what a user typed."""
+    for device in devices:
+        floor = CUDA_CONTEXT_BYTES if device.kind == "cuda" else CPU_RUNTIME_BYTES
+        if device.capacity <= floor:
+            raise ValueError(f"device spec {spec!r}: {device.name} has {device.capacity / GiB:.3g} GiB, no more than the runtime alone "
+                             f"takes ({floor / GiB:.2f} GiB): give the device's memory, e.g. 24GiB")
+    return devices
+
+
 def runtime_overhead(device: Device, static: int, dynamic: int) -> int:
     """Bytes a device needs beyond the tensors counted: runtime + allocator slack."""
     if device.kind == "cuda":

@@ -563,7 +563,10 @@ def _check_model_override(cfg: DictConfig, layer: DictConfig) -> None:
     model fields are not one unit): naming a model while the recipe still builds its bundled config
     with random weights is an error, not a run that trains something else."""
     named = OmegaConf.select(layer, "model.name_or_path", default=None)
-    if named is None or not cfg.model.from_config or OmegaConf.select(layer, "model.from_config", default=None) is not None:
+    if named is None or not cfg.model.from_config:
+        return
+    # overriding from_config or config_file too says which model is meant (the name is a label then)
+    if any(OmegaConf.select(layer, key, default=None) is not None for key in ("model.from_config", "model.config_file")):
         return
     raise RecipeError(
         f"model.name_or_path={named!r} is given but the recipe builds its model from a bundled config with "
