@@ -257,3 +257,16 @@ def test_lora_rank_above_a_layer_width_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # r=16 fits every layer: nothing to say
         check_lora_targets(model, LoraConfig(r=16, target_modules=["query_key_value"]), recipe_lora)
+
+
+def test_name_or_path_of_a_from_config_recipe():
+    """Renaming the model of a from_config recipe is refused unless the override also says how the
+    model is built (from_config / config_file): then the name is the built model's label."""
+    from bytetune.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="add model.from_config=false"):
+        load_recipe("tiny_lora8", {"model.name_or_path": "some-org/some-model"})  # the Python API's form
+    relabelled = load_recipe("tiny_lora8", ["model.name_or_path=tiny-llama", "model.config_file=smollm2-135m"])
+    assert relabelled.model.from_config and relabelled.model.name_or_path == "tiny-llama"
+    kept = load_recipe("tiny_lora8", ["model.name_or_path=my-label", "model.from_config=true"])
+    assert kept.model.config_file == "tiny-bloom" and kept.model.name_or_path == "my-label"

@@ -236,14 +236,12 @@ def check_seq_len(config, seq_len: int, name: str, key: str = "training.seq_len"
         raise RecipeError(too_long)
 
 
-# Module types PEFT's LoRA wraps (besides bytetune's own frozen int8 / ZeroQuant layers).
 def _lora_capable(module: torch.nn.Module) -> bool:
+    """A module type PEFT's LoRA wraps (bytetune's frozen int8 / ZeroQuant layers are nn.Linear)."""
     from transformers.pytorch_utils import Conv1D
 
-    from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
-
     return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
-                               torch.nn.Conv3d, Conv1D, FrozenQuantLinear))
+                               torch.nn.Conv3d, Conv1D))
 
 
 def _width(module: torch.nn.Module) -> tuple[int, int] | None:
@@ -284,9 +282,11 @@ def check_lora_targets(model: torch.nn.Module, lora_config, recipe_lora) -> None
     else:
         targeted = []
         for target in sorted(lora_config.target_modules):
-            matched = [(n, m) for n, m in modules if check_target_module_exists(_one_target(lora_config, target), n)]
+            one = _one_target(lora_config, target)
+            matched = [(n, m) for n, m in modules if check_target_module_exists(one, n)]
+            anywhere = _one_target(lora_config, target, all_layers=True)
             if not matched and lora_config.layers_to_transform is not None and any(
-                check_target_module_exists(_one_target(lora_config, target, all_layers=True), n) for n, _ in modules
+                check_target_module_exists(anywhere, n) for n, _ in modules
             ):
                 raise RecipeError(
                     f"lora.layers={list(recipe_lora.layers)}: no block with those indices has {target!r} "
@@ -294,7 +294,7 @@ def check_lora_targets(model: torch.nn.Module, lora_config, recipe_lora) -> None
                 )
             if not matched:
                 raise RecipeError(
-                    f"lora.target_modules: {target!r} matches no module of the model; its linear layers "
+                    f"lora.target_modules: {target!r} matches no module of the model; the modules LoRA can adapt "
                     f"are named {', '.join(capable)} (or use [all-linear])"
                 )
             wrong = [(n, m) for n, m in matched if not _lora_capable(m)]
@@ -302,7 +302,7 @@ def check_lora_targets(model: torch.nn.Module, lora_config, recipe_lora) -> None
                 name, module = wrong[0]
                 raise RecipeError(
                     f"lora.target_modules: {target!r} matches {name} ({type(module).__name__}), which LoRA cannot "
-                    f"adapt: name linear layers, e.g. {', '.join(capable)} (or use [all-linear])"
+                    f"adapt: name one of {', '.join(capable)} (or use [all-linear])"
                 )
             targeted += matched
     narrow = [(n, w) for n, w in ((n, _width(m)) for n, m in targeted) if w is not None and min(w) < recipe_lora.r]
