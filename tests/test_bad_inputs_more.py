@@ -116,6 +116,7 @@ BAD_INPUTS = [
     ("train", lambda t, f: _tiny(t, f"data.train={f['latin1']}"), ["latin1.txt", "line 2", "not UTF-8"], True),
     ("train", lambda t, f: _tiny(t, f"data.train={f['latin1_jsonl']}"), ["latin1.jsonl", "line 2", "not UTF-8"], True),
     ("train", lambda t, f: _tiny(t, f"data.train={f['empty_txt']}"), ["empty.txt", "is empty"], True),
+    ("train", lambda t, f: _instr(t, f, "latin1"), ["latin1.txt", "is plain text", "data.format=instruction"], True),
     ("train", lambda t, f: _tiny(t, f"data.train={f['blank_jsonl']}"), ["blank.jsonl", "is empty"], True),
     ("train", lambda t, f: _tiny(t, f"data.train={f['int_parquet']}"), ["ints.parquet", "field 'text' holds int64", "data.text_field"], True),
     ("train", lambda t, f: _tiny(t, f"data.train={f['null_parquet']}"), ["nulls.parquet", "row 2", "field 'text' is null"], True),

@@ -250,8 +250,11 @@ def _read_local_uncached(path: Path, builder: str, role: str, fields: tuple[str,
         if max_samples is not None:
             table = table.slice(0, max_samples)
         return datasets.Dataset(table)
+    if builder == "text" and len(fields) > 1:
+        raise DataError(f"data.{role} file {str(path)!r} is plain text but data.format=instruction needs rows with "
+                        f"{fields[0]!r} and {fields[1]!r}: give a .jsonl/.json/.parquet file, or data.format=text")
     text = _utf8_text(path, role)
-    if builder == "text":
+    if builder == "text":  # one document per line, as datasets' text builder reads it
         return datasets.Dataset.from_dict({fields[0]: text.splitlines()})
     columns: dict[str, list[str]] = {name: [] for name in fields}
     for where, row in _json_rows(text, path, role):
