@@ -136,10 +136,11 @@ BAD_INPUTS = [
                                  "model.shrink.num_heads=4", "model.shrink.vocab_size=512", "training.seq_len=9000"),
      ["training.seq_len=9000", "max_position_embeddings=8192"], True),  # was accepted
     ("train", lambda t, f: _tiny(t, "model.from_config=false", f"model.name_or_path={f['model_dir']}"),
-     ["training.seq_len=32", "gpt2_config", "=16"], False),
-    ("train", lambda t, f: _tiny(t, "lora.target_modules=[q_proj]"), ["'q_proj' matches no module", "query_key_value"], False),
-    ("train", lambda t, f: _tiny(t, "lora.target_modules=[input_layernorm]"), ["'input_layernorm'", "LayerNorm", "LoRA cannot adapt"], False),
-    ("train", lambda t, f: _tiny(t, "lora.layers=[5]"), ["lora.layers=[5]", "2 blocks"], False),
+     ["training.seq_len=32", "gpt2_config", "=16"], True),
+    ("train", lambda t, f: _tiny(t, "lora.target_modules=[q_proj]"), ["'q_proj' matches no module", "query_key_value"], True),
+    ("train", lambda t, f: _tiny(t, "lora.target_modules=[input_layernorm]"), ["'input_layernorm'", "LayerNorm", "LoRA cannot adapt"], True),
+    ("train", lambda t, f: _tiny(t, "lora.layers=[5]"), ["lora.layers=[5]", "2 blocks"], True),
+    ("train", lambda t, f: _tiny(t, "lora.target_modules=[dense]", "lora.layers=[0,7]"), ["lora.layers=[0, 7]", "2 blocks"], True),
     ("train", lambda t, f: _tiny(t, f"model.device_map={MISSING_GPU}"), [f"model.device_map='{MISSING_GPU}'"], True),  # was accepted
     ("train", lambda t, f: _tiny(t, "model.device_map=gpu0"), ["model.device_map='gpu0' is not valid"], True),
     # --- the planner

@@ -312,6 +312,41 @@ def check_lora_targets(model: torch.nn.Module, lora_config, recipe_lora) -> None
                       f"({fan_in} in, {fan_out} out): their update cannot have rank above {min(fan_in, fan_out)}")
 
 
+def check_before_loading(cfg) -> None:
+    """What the model's config alone decides, checked before any weight loads: the sequence length
+    against its positions and the LoRA targets against its module names (on an empty, meta-device
+    copy of the architecture). A GGUF model's config is inside the weights file: it is checked once
+    loaded (load_base_model, build_model)."""
+    model_cfg = cfg.model
+    if model_cfg.from_config:
+        config_dict = shrink_model_config(bundled_model_config(model_cfg.config_file), model_cfg.shrink)
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **{k: v for k, v in config_dict.items() if k != "architectures"})
+    elif not model_cfg.gguf_file:
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_dir(model_cfg.name_or_path))
+        except (OSError, ValueError):  # no readable config: load_base_model says so in one line
+            return
+    else:
+        return
+    check_seq_len(config, cfg.training.seq_len, model_cfg.name_or_path)
+    if list(cfg.lora.target_modules) == ["all-linear"] and cfg.lora.layers is None:
+        return  # every linear of the blocks: nothing to resolve
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+
+    with init_empty_weights(include_buffers=True):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    blocks = _block_count(skeleton)
+    if cfg.lora.layers is not None and blocks and max(cfg.lora.layers) >= blocks:
+        raise RecipeError(f"lora.layers={list(cfg.lora.layers)}: the model has {blocks} blocks, 0..{blocks - 1}")
+    if list(cfg.lora.target_modules) != ["all-linear"]:
+        lora = LoraConfig(r=cfg.lora.r, target_modules=list(cfg.lora.target_modules),
+                          layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None)
+        with warnings.catch_warnings():  # the rank warning comes once, from build_model's check
+            warnings.simplefilter("ignore")
+            check_lora_targets(skeleton, lora, cfg.lora)
+
+
 def build_base(cfg, device_map: dict | None = None, empty: bool = False):
     """(base model, tokenizer): loaded as the recipe says, its linear layers frozen in int8 /
     ZeroQuant form when asked, no adapters."""

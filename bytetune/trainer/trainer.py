@@ -41,7 +41,7 @@ from bytetune.trainer import distributed
 from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks, check_data_files
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
-from bytetune.trainer.models import build_base, check_lora_targets
+from bytetune.trainer.models import build_base, check_before_loading, check_lora_targets
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -236,6 +236,7 @@ class Trainer:
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
         check_data_files(cfg.data)  # and so do their bad rows
+        check_before_loading(cfg)  # seq_len and LoRA targets against the model's config
         fsdp = distributed.use_fsdp(cfg)
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
