@@ -127,14 +127,14 @@ BAD_INPUTS = [
     ("train", lambda t, f: _instr(t, f, "long_prompts", "training.seq_len=24"),
      ["training.seq_len=24", f"raise training.seq_len to at least {min(map(_prompt_tokens, LONG_PROMPTS)) + 1}"], False),
     ("train", lambda t, f: _tiny(t, "training.seq_len=1"), ["training.seq_len=1 leaves no target tokens"], True),  # was accepted
-    ("train", lambda t, f: _tiny(t, f"model.tokenizer={f['no_specials_tokenizer']}"), ["neither an eos nor a pad", "model.tokenizer"], False),  # was accepted
+    ("train", lambda t, f: _tiny(t, f"model.tokenizer={f['no_specials_tokenizer']}"), ["neither an eos nor a pad", "model.tokenizer"], False),  # was an IndexError
     # --- the model the recipe builds
     ("train", lambda t, f: _tiny(t, f"model.name_or_path={f['model_dir']}"), ["model.from_config=false", "gpt2_config"], True),  # was accepted
     ("train", lambda t, f: _tiny(t, f"recipe={f['from_config_path']}"),
      ["is a path but model.from_config=true", "model.from_config=false"], True),
     ("train", lambda t, f: _tiny(t, "model.config_file=smollm2-135m", "model.shrink.num_layers=1", "model.shrink.hidden_size=64",
                                  "model.shrink.num_heads=4", "model.shrink.vocab_size=512", "training.seq_len=9000"),
-     ["training.seq_len=9000", "max_position_embeddings=8192"], True),  # was accepted
+     ["training.seq_len=9000", "max_position_embeddings=8192"], True),  # was accepted where it fit in memory
     ("train", lambda t, f: _tiny(t, "model.from_config=false", f"model.name_or_path={f['model_dir']}"),
      ["training.seq_len=32", "gpt2_config", "=16"], True),
     ("train", lambda t, f: _tiny(t, "lora.target_modules=[q_proj]"), ["'q_proj' matches no module", "query_key_value"], True),
