@@ -23,7 +23,9 @@ import json
 import sys
 from pathlib import Path
 
+from bytetune.plan.devices import check_usable, parse_devices
 from bytetune.plan.placement import plan_memory
+from bytetune.recipe.bundled import bundled_model_config, seq_len_error
 from bytetune.recipe.schema import RecipeConfig, RecipeError, load_recipe, parse_overrides, sections_help
 
 ALIASES = {"training.micro_batch": "training.micro_batch_size"}
@@ -36,6 +38,7 @@ def main(argv: list[str]) -> int:
     nodes = 1
     model_args: dict = {}
     rest = []
+    seen: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if key in ("-h", "--help"):
@@ -44,6 +47,14 @@ def main(argv: list[str]) -> int:
         if not sep:
             print(f"error: argument {arg!r} is not key=value; see python -m bytetune.plan --help", file=sys.stderr)
             return 2
+        # the planner's own options, given twice, would silently keep the last one
+        option = "gpus/cpu" if key in ("gpus", "cpu") else key
+        if key in ("gpus", "cpu", "json", "parallel", "nodes"):
+            if option in seen:
+                what = "the devices once (gpus=COUNTxSIZE or cpu=SIZE)" if option == "gpus/cpu" else f"{key}= once"
+                print(f"error: {seen[option]} and {arg} both given: give {what}", file=sys.stderr)
+                return 2
+            seen[option] = arg
         if key == "gpus":
             devices = value
         elif key == "cpu":
@@ -74,12 +85,19 @@ def main(argv: list[str]) -> int:
         print("error: give the devices: gpus=COUNTxSIZE (e.g. gpus=8x24GiB) or cpu=SIZE", file=sys.stderr)
         return 2
     try:
+        check_json_target(json_out)  # before the plan is computed, not after
         recipe_name, overrides = parse_overrides(rest)
         if recipe_name is None:
             raise RecipeError("give recipe=NAME (a file in recipes/) or recipe=path.yaml")
         recipe = load_recipe(recipe_name, overrides, check_paths=False)  # nothing is loaded
-        plan = plan_memory(recipe, devices, parallel=parallel, nodes=nodes, throughput=None, **model_args)
-    except (RecipeError, ValueError, FileNotFoundError) as error:
+        if recipe.model.config_file:  # the planned model is its bundled config: it bounds seq_len
+            too_long = seq_len_error(bundled_model_config(recipe.model.config_file), recipe.training.seq_len,
+                                     model=f"model.config_file={recipe.model.config_file!r}")
+            if too_long:
+                raise RecipeError(too_long)
+        plan = plan_memory(recipe, check_usable(parse_devices(devices), devices), parallel=parallel, nodes=nodes,
+                           throughput=None, **model_args)
+    except (RecipeError, ValueError, FileNotFoundError, OverflowError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if json_out == "-":
@@ -91,9 +109,29 @@ def main(argv: list[str]) -> int:
             for device, units in _grouped_map(plan).items():
                 print(f"  {device}: {units}")
         if json_out:
-            Path(json_out).write_text(json.dumps(plan.as_dict(), indent=1))
+            try:
+                Path(json_out).write_text(json.dumps(plan.as_dict(), indent=1))
+            except OSError as error:
+                print(f"error: json={json_out}: could not write it ({error.strerror or error}): give a writable path, "
+                      "or json=- to print the JSON", file=sys.stderr)
+                return 2
             print(f"\nJSON written to {json_out}")
     return 0 if plan.fits else 1
+
+
+def check_json_target(json_out: str | None) -> None:
+    """``json=PATH`` names a file that can be written: its folder exists (it is not created, so a
+    mistyped folder is caught) and it is not a folder itself."""
+    if json_out is None or json_out == "-":
+        return
+    if not json_out:
+        raise RecipeError("json= is empty: give json=PATH to write the plan to a file, or json=- to print it")
+    target = Path(json_out).expanduser()
+    if target.is_dir():
+        raise RecipeError(f"json={json_out} is a folder: give a file path inside it, e.g. json={target / 'plan.json'}")
+    if not target.parent.is_dir():
+        raise RecipeError(f"json={json_out}: the folder {str(target.parent)!r} does not exist: create it first "
+                          "(the planner does not), or json=- to print the JSON")
 
 
 def _grouped_map(plan) -> dict[str, str]:

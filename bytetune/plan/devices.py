@@ -3,6 +3,7 @@ slack)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,10 +42,19 @@ _UNITS = {"gib": GiB, "gb": 10**9, "mib": MiB, "mb": 10**6, "tib": 1024**4, "tb"
 
 
 def parse_size(text: str) -> int:
+    """Bytes of a size with its unit (24GiB, 80GB, 512MiB); a device of no memory is an error, not
+    a device on which nothing fits."""
     low = text.strip().lower()
     for unit in sorted(_UNITS, key=len, reverse=True):
         if low.endswith(unit):
-            return int(float(low[: -len(unit)]) * _UNITS[unit])
+            number = low[: -len(unit)].strip()
+            try:
+                value = float(number)
+            except ValueError:
+                raise ValueError(f"size {text!r}: {number!r} is not a number; write e.g. 24GiB, 80GB, 512MiB") from None
+            if not (math.isfinite(value) and value * _UNITS[unit] >= 1):
+                raise ValueError(f"size {text!r}: a device needs a finite memory size > 0, e.g. 24GiB")
+            return int(value * _UNITS[unit])
     raise ValueError(f"size {text!r} has no unit: write e.g. 24GiB, 80GB, 512MiB")
 
 
@@ -64,8 +74,26 @@ def parse_devices(spec: str | Sequence[Device]) -> list[Device]:
         count, sep, size = part.lower().partition("x")
         if not sep or not count.isdigit():
             raise ValueError(f"device spec {part!r}: write COUNTxSIZE, e.g. 8x24GiB (or cpu:24GiB)")
+        if int(count) == 0:
+            raise ValueError(f"device spec {part!r}: the count must be at least 1, e.g. 1x24GiB")
+        try:
+            capacity = parse_size(part[len(count) + 1:])
+        except ValueError as error:
+            raise ValueError(f"device spec {part!r}: {error}") from None
         start = sum(d.kind == "cuda" for d in devices)
-        devices += [Device(f"cuda:{start + i}", parse_size(size)) for i in range(int(count))]
+        devices += [Device(f"cuda:{start + i}", capacity) for i in range(int(count))]
+    return devices
+
+
+def check_usable(devices: list[Device], spec: str) -> list[Device]:
+    """Devices larger than their runtime's own memory: a plan on less places nothing and reads as
+    "fits" per device (1x1B is a typo for 1x1GB, not a device). The planner's command line asks
+    this of what a user typed."""
+    for device in devices:
+        floor = CUDA_CONTEXT_BYTES if device.kind == "cuda" else CPU_RUNTIME_BYTES
+        if device.capacity <= floor:
+            raise ValueError(f"device spec {spec!r}: {device.name} has {device.capacity / GiB:.3g} GiB, no more than the runtime alone "
+                             f"takes ({floor / GiB:.2f} GiB): give the device's memory, e.g. 24GiB")
     return devices
 
 

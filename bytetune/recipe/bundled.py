@@ -11,6 +11,9 @@ MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
 # Config keys that set depth / width / heads, per naming family (BLOOM vs Llama-style).
 _LAYER_KEYS = ("n_layer", "num_hidden_layers")
 _HEAD_KEYS = ("n_head", "num_attention_heads")
+# Config keys that bound the positions a model can embed, by naming family (Llama-style, GPT-2,
+# GPT-J/GPT-Neo, ChatGLM...). A model without any (BLOOM: ALiBi) takes any length.
+MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
 
 
 def bundled_model_config(name: str) -> dict:
@@ -51,3 +54,23 @@ def shrink_model_config(config: dict, shrink) -> dict:
             "set model.shrink.num_heads to a divisor"
         )
     return config
+
+
+def max_positions(config) -> tuple[str, int] | None:
+    """(key, value) of the longest sequence a model config allows, or None when it sets no bound;
+    ``config`` is a config dict or a transformers config object."""
+    for key in MAX_POSITION_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
+def seq_len_error(config, seq_len: int, key: str = "training.seq_len", model: str = "the model") -> str | None:
+    """The one-line error when ``seq_len`` is longer than the positions ``config`` allows, else None."""
+    bound = max_positions(config)
+    if bound is None or seq_len <= bound[1]:
+        return None
+    name, value = bound
+    return (f"{key}={seq_len} is longer than {model} allows ({name}={value} in its config): "
+            f"set {key}={value} or lower")

@@ -22,7 +22,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from bytetune.recipe.bundled import MODEL_CONFIGS_DIR
+from bytetune.recipe.bundled import MODEL_CONFIGS_DIR, bundled_model_config, seq_len_error
 
 # Package data: a non-editable install finds its recipes beside this file (recipes/ at the top of
 # the repository is a link to this folder).
@@ -393,8 +393,18 @@ def validate(cfg: DictConfig) -> None:
             f"schedule.warmup_steps={cfg.schedule.warmup_steps} is more than training.max_steps="
             f"{cfg.training.max_steps}: the learning rate would never reach optimizer.lr (lower schedule.warmup_steps)"
         )
-    if cfg.data.format != "text" and "stdlib" in (cfg.data.train, cfg.data.eval):
-        raise RecipeError(f"data.train/eval=stdlib is plain text: use data.format=text, or a file with prompt/response fields")
+    stdlib_roles = [role for role in ("train", "eval") if cfg.data[role] == "stdlib"]
+    if cfg.data.format != "text" and stdlib_roles:
+        named = " and ".join(f"data.{role}" for role in stdlib_roles)
+        raise RecipeError(
+            f"{named}=stdlib is plain text but data.format={cfg.data.format}: use data.format=text, "
+            f"or set {named} to a file with {cfg.data.prompt_field}/{cfg.data.response_field} fields"
+        )
+    if cfg.training.seq_len == 1:
+        raise RecipeError(
+            "training.seq_len=1 leaves no target tokens (each token is predicted from the ones before it): "
+            "set training.seq_len to 2 or more"
+        )
     if cfg.model.from_config and not cfg.model.config_file:
         raise RecipeError("model.from_config=true needs model.config_file (a name in bytetune/recipe/model_configs)")
     if cfg.model.config_file and not (MODEL_CONFIGS_DIR / f"{cfg.model.config_file}.json").is_file():
@@ -402,6 +412,55 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"model.config_file={cfg.model.config_file!r} is not bundled: choose one of {valid}")
     for key in ("num_layers", "hidden_size", "num_heads", "vocab_size"):
         _check_positive(cfg.model.shrink[key], f"model.shrink.{key}")
+    if cfg.model.from_config and is_local_path(cfg.model.name_or_path):
+        raise RecipeError(
+            f"model.name_or_path={cfg.model.name_or_path!r} is a path but model.from_config=true builds "
+            f"{cfg.model.config_file!r} with random weights: add model.from_config=false to load the path"
+        )
+    if cfg.model.from_config:
+        # the bundled config is all there is to read: the sequence length is checked against it now
+        too_long = seq_len_error(bundled_model_config(cfg.model.config_file), cfg.training.seq_len,
+                                 model=f"model.config_file={cfg.model.config_file!r}")
+        if too_long:
+            raise RecipeError(too_long)
+    _check_device_map_syntax(cfg.model.device_map)
+
+
+# model.device_map words accelerate places by itself; anything else is one torch device.
+DEVICE_MAP_WORDS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map_device(value: str) -> torch.device | None:
+    """The torch device a model.device_map names, None for accelerate's placement words."""
+    if value in DEVICE_MAP_WORDS:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError):
+        raise RecipeError(
+            f"model.device_map={value!r} is not valid: use null, {', '.join(DEVICE_MAP_WORDS)}, cpu, cuda or cuda:N"
+        ) from None
+
+
+def _check_device_map_syntax(value: Optional[str]) -> None:
+    if value is not None:
+        _device_map_device(value)
+
+
+def check_device_map(model: DictConfig) -> None:
+    """A model.device_map naming one GPU names one this machine has (before anything loads)."""
+    if model.device_map is None:
+        return
+    device = _device_map_device(model.device_map)
+    if device is None or device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RecipeError(f"model.device_map={model.device_map!r} but torch sees no CUDA device here: "
+                          "use model.device_map=null (or cpu)")
+    if device.index is not None and device.index >= count:
+        raise RecipeError(f"model.device_map={model.device_map!r} but this machine has {count} CUDA device(s), "
+                          f"cuda:0..cuda:{count - 1}: pick one of them, or model.device_map=auto")
 
 
 # A data source that is one of these files, or starts like a path, is a local file; anything else
@@ -419,6 +478,7 @@ def check_local_paths(cfg: DictConfig) -> None:
     """Every value that names a local file or directory exists: the model, its GGUF file and
     tokenizer, the data files, the checkpoint to resume. Runs before any model loads."""
     check_model_paths(cfg.model)
+    check_device_map(cfg.model)
     check_data_paths(cfg.data)
     resume = cfg.checkpoint.resume
     if resume is not None and str(resume).lower() not in RESUME_WORDS and not Path(str(resume)).expanduser().is_dir():
@@ -519,6 +579,23 @@ def merge_checked(schema: DictConfig, base: DictConfig, layer: Any, source: str)
         raise _schema_error(error, schema, source) from None
 
 
+def _check_model_override(cfg: DictConfig, layer: DictConfig) -> None:
+    """An override of model.name_or_path does not switch off the recipe's model.from_config (the
+    model fields are not one unit): naming a model while the recipe still builds its bundled config
+    with random weights is an error, not a run that trains something else."""
+    named = OmegaConf.select(layer, "model.name_or_path", default=None)
+    if named is None or not cfg.model.from_config:
+        return
+    # overriding from_config or config_file too says which model is meant (the name is a label then)
+    if any(OmegaConf.select(layer, key, default=None) is not None for key in ("model.from_config", "model.config_file")):
+        return
+    raise RecipeError(
+        f"model.name_or_path={named!r} is given but the recipe builds its model from a bundled config with "
+        f"random weights (model.from_config=true, model.config_file={cfg.model.config_file!r}): add "
+        "model.from_config=false to load that model (the recipe's other model.* keys still apply)"
+    )
+
+
 def load_recipe(
     name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None, check_paths: bool = True
 ) -> DictConfig:
@@ -530,7 +607,9 @@ def load_recipe(
     path = recipe_path(name_or_path)
     cfg = merge_checked(schema, schema, load_yaml(path), str(path))
     if overrides:
-        cfg = merge_checked(schema, cfg, overrides_config(overrides), "overrides")
+        layer = overrides_config(overrides)
+        cfg = merge_checked(schema, cfg, layer, "overrides")
+        _check_model_override(cfg, layer)
     try:
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))

@@ -153,6 +153,10 @@ def resolve_device(name: str) -> torch.device:
         raise RecipeError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"device={name!r} but torch sees no CUDA device: use device=cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise RecipeError(f"device={name!r} but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}: "
+                          "pick one of them (or device=auto)")
     return device
 
 
@@ -181,10 +185,12 @@ def load_model(run: DictConfig):
     recipe = OmegaConf.merge(
         OmegaConf.structured(RecipeConfig),
         {"name": "lkd", "model": run.model, "quantization": {"int8": False, "zeroquant": False},
-         "training": {"seed": run.seed}},
+         "training": {"seed": run.seed, "seq_len": run.seq_len}},
     )
     try:
-        return load_base_model(recipe)
+        return load_base_model(recipe, seq_len_key="seq_len")
+    except RecipeError:  # already one line naming the key
+        raise
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {run.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
 

