@@ -251,7 +251,8 @@ def int8_matmul_grad_input_reference(
         return torch.zeros(m, k, dtype=grad_y.dtype, device=grad_y.device)
     grad_x = torch.empty(m, k, dtype=torch.float32, device=grad_y.device)
     grad_y32 = grad_y.float()
-    # Dequantized as the Triton kernel does it: code * (absmax / 127).
+    # Dequantized as the Triton kernel does it: code * (absmax / 127). (On a GPU the kernel's fp32
+    # `/` is div.full.f32, within 2 ulp of this IEEE division: the two agree to rounding, not bits.)
     w_step = w_scale[:, None] / INT8_MAX
     rows_per_chunk = max(1, REFERENCE_GRAD_CHUNK_ELEMENTS // k)
     w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
