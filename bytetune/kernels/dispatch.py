@@ -37,6 +37,13 @@ if HAS_TRITON:
     def float_from_bits(bits):
         return bits.to(tl.float32, bitcast=True)
 
+    @triton.jit
+    def maximum_keeping_nan(a, b):
+        """A ``tl.reduce`` combine: PTX ``max.NaN.f32``. Where registers are tight (the optimizer
+        kernel) it costs less than :func:`abs_bits`' integer reduction; the interpreter runs a
+        custom combine element by element, so the other kernels use abs_bits."""
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
 
 def force_triton() -> bool:
     """Whether ``BYTETUNE_FORCE_TRITON`` asks for the Triton kernels on every device (read per call)."""

@@ -53,7 +53,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from bytetune.kernels.blockwise import nearest_code
-    from bytetune.kernels.dispatch import abs_bits, float_from_bits
+    from bytetune.kernels.dispatch import maximum_keeping_nan
 
 
 class UpdateKind(enum.IntEnum):
@@ -396,9 +396,9 @@ if HAS_TRITON:
     @triton.jit
     def _requantize(state, codes_ptr, absmax_ptr, midpoints_ptr, block, offsets, in_bounds):
         # Out-of-bounds lanes hold 0 (zero gradient, zero state), so they never set the absmax.
-        # It keeps NaN (abs_bits): a NaN state (a NaN param under L2 decay) stores a NaN absmax,
+        # It keeps NaN (max.NaN.f32): a NaN state (a NaN param under L2 decay) stores a NaN absmax,
         # as the reference does, instead of a finite one over codes that read back as -absmax.
-        absmax = float_from_bits(tl.max(abs_bits(state), axis=0))
+        absmax = tl.reduce(tl.abs(state), 0, maximum_keeping_nan)
         scale = tl.where(absmax > 0, absmax, 1.0)
         # div_rn: IEEE division, as torch's (fp32 `/` compiles to the approximate div.full.f32).
         code = nearest_code(tl.div_rn(state, scale), midpoints_ptr)
@@ -436,7 +436,12 @@ if HAS_TRITON:
         grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         # NaN fails every comparison, so this is false for inf and nan alike.
         finite = tl.abs(grad) < float("inf")
-        g = grad + l2_decay * param
+        # Only under L2 decay does the param enter the gradient (the reference's rule): 0 * NaN
+        # would put a NaN param's NaN into its block's states.
+        if l2_decay != 0.0:
+            g = grad + l2_decay * param
+        else:
+            g = grad
         s1 = _dequantize(codes1_ptr, absmax1_ptr, map1_ptr, block, offsets, in_bounds)
         if KIND == 0:  # Adam / AdamW
             s2 = _dequantize(codes2_ptr, absmax2_ptr, map2_ptr, block, offsets, in_bounds)
