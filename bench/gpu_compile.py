@@ -516,7 +516,9 @@ def verify_on_device(launches: list[Launch], jobs: int) -> int:
             try:
                 kernel = launch.kernel.warmup(*launch.args, grid=(1,), **kwargs)
                 kernel._init_handles()  # loads it: raises OutOfResources past the card's limits
-                card = (kernel.metadata.shared, kernel.n_regs, kernel.n_spills)
+                # Triton reports the local (spill) memory in 4-byte words (driver.c divides the
+                # driver's CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES by 4); cuobjdump's STACK is bytes.
+                card = (kernel.metadata.shared, kernel.n_regs, kernel.n_spills * 4)
                 verdict = "ok" if card == (gate.shared, gate.registers, gate.spill) else "DIFFERS"
             except Exception as error:  # noqa: BLE001 - a row of the report
                 card, verdict = None, f"FAILS: {type(error).__name__}: {str(error).splitlines()[0][:120]}"

@@ -8,10 +8,28 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def triton_compiles() -> bool:
+    """Whether Triton kernels are compiled for a GPU (TRITON_INTERPRET != 1), not interpreted."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def triton_device() -> torch.device:
+    """Where a test puts the tensors it hands to a Triton kernel: CPU under the interpreter
+    (TRITON_INTERPRET=1, the CI default), CUDA when Triton compiles for real (a compiled kernel
+    cannot read CPU memory: "Pointer argument cannot be accessed from Triton"). Skips the test
+    when Triton compiles but there is no GPU."""
+    if not triton_compiles():
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("TRITON_INTERPRET is not 1 (Triton compiles for a GPU) and no CUDA device is present")
+
+
 @pytest.fixture
 def device():
-    """Where the kernel tests put their tensors: CUDA when present, else CPU (interpreter)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where the kernel tests put their tensors: CUDA when present, else CPU (interpreter; a
+    compiling Triton without a GPU skips)."""
+    return torch.device("cuda") if torch.cuda.is_available() else triton_device()
 
 
 @pytest.fixture

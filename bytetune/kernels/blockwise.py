@@ -13,12 +13,14 @@ import functools
 
 import torch
 
-from bytetune.kernels.dispatch import HAS_TRITON, require_triton, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, use_triton
 from bytetune.kernels.quant_maps import N_CODES, code_midpoints
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
 DEFAULT_BLOCK_SIZE = 256
 SUPPORTED_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -168,9 +170,11 @@ if HAS_TRITON:
         offsets = block.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         in_bounds = offsets < numel
         x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        absmax = tl.max(tl.abs(x), axis=0)
+        # NaN-keeping absmax (abs_bits): a NaN block stores a NaN absmax, as the reference does.
+        absmax = float_from_bits(tl.max(abs_bits(x), axis=0))
         scale = tl.where(absmax > 0, absmax, 1.0)
-        code = nearest_code(x / scale, midpoints_ptr)
+        # div_rn: IEEE division, as torch's (fp32 `/` compiles to the approximate div.full.f32).
+        code = nearest_code(tl.div_rn(x, scale), midpoints_ptr)
         tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=in_bounds)
         tl.store(absmax_ptr + block, absmax)
 
@@ -203,10 +207,11 @@ def quantize_blockwise_triton(
     codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks(numel, block_size), dtype=torch.float32, device=x.device)
     if numel:
-        _quantize_blockwise_kernel[(absmax.numel(),)](
-            flat, codes, absmax, code_midpoints(code_map), numel, BLOCK_SIZE=block_size,
-            num_warps=num_warps_for(block_size),
-        )
+        with launch_device(flat):
+            _quantize_blockwise_kernel[(absmax.numel(),)](
+                flat, codes, absmax, code_midpoints(code_map), numel, BLOCK_SIZE=block_size,
+                num_warps=num_warps_for(block_size),
+            )
     return codes.reshape(x.shape), absmax
 
 
@@ -223,10 +228,11 @@ def dequantize_blockwise_triton(
     flat = codes.contiguous().reshape(-1)
     out = torch.empty(flat.numel(), dtype=dtype, device=codes.device)
     if flat.numel():
-        _dequantize_blockwise_kernel[(absmax.numel(),)](
-            flat, absmax, code_map, out, flat.numel(), BLOCK_SIZE=block_size,
-            num_warps=num_warps_for(block_size),
-        )
+        with launch_device(flat):
+            _dequantize_blockwise_kernel[(absmax.numel(),)](
+                flat, absmax, code_map, out, flat.numel(), BLOCK_SIZE=block_size,
+                num_warps=num_warps_for(block_size),
+            )
     return out.reshape(codes.shape)
 
 

@@ -2,7 +2,9 @@
 w.r.t. ``hidden`` (and ``W`` when it trains), computed over token chunks so that the
 ``[tokens, vocab]`` logits never exist whole (Liger-Kernel's FusedLinearCrossEntropy is the idea).
 
-Per chunk of ``C`` target tokens (ignored tokens are dropped before the first chunk):
+Per chunk of ``C`` target tokens (on the CPU route ignored tokens are dropped before the first
+chunk; on the GPU route they stay, score 0 and get a zero gradient, since dropping them would make
+the host wait for their count):
   1. logits = h_c @ W.T in the compute dtype (the autocast dtype if autocast is on, as HF's head
      would run), through :func:`bytetune.kernels.int8_head.weight_only_matmul` for an int8 head;
   2. per row: loss = logsumexp(logits) - logits[target], and the logits buffer is overwritten in
@@ -35,7 +37,7 @@ import math
 
 import torch
 
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
 from bytetune.kernels.int8_head import int8_matmul_grad_input, weight_only_matmul
 
 if HAS_TRITON:
@@ -86,15 +88,25 @@ def _check_rows(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row CE (float32) of ``logits`` [rows, V] against valid ``targets``; overwrites ``logits``
-    in place with the gradient softmax - onehot (in its own dtype)."""
+    """Per-row CE (float32) of ``logits`` [rows, V] against ``targets``; overwrites ``logits``
+    in place with the gradient softmax - onehot (in its own dtype).
+
+    A negative target marks an ignored row (loss 0, gradient 0); a target >= V is an error the
+    device cannot raise without making the host wait, so its row's loss and gradient are NaN."""
     _check_rows(logits, targets)
+    vocab = logits.shape[1]
     as_float = logits.float()  # the buffer itself when logits are float32
     log_normalizer = torch.logsumexp(as_float, dim=-1)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    loss = log_normalizer - as_float[rows, targets]
+    safe_targets = targets.clamp(0, vocab - 1)
+    loss = log_normalizer - as_float[rows, safe_targets]
     as_float.sub_(log_normalizer[:, None]).exp_()
-    as_float[rows, targets] -= 1.0
+    as_float[rows, safe_targets] -= 1.0
+    ignored, out_of_range = targets < 0, targets >= vocab
+    # On a CPU the check is free and spares two passes over the gradient; a GPU masks always.
+    if logits.is_cuda or bool((ignored | out_of_range).any()):
+        loss = loss.masked_fill(out_of_range, float("nan")).masked_fill(ignored, 0.0)
+        as_float.masked_fill_(out_of_range[:, None], float("nan")).masked_fill_(ignored[:, None], 0.0)
     if as_float.data_ptr() != logits.data_ptr():
         logits.copy_(as_float)
     return loss
@@ -106,9 +118,13 @@ if HAS_TRITON:
     def _cross_entropy_rows_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, V, BLOCK_V: tl.constexpr):
         # Pass 1: online max and sum of exp (one read of the row); pass 2: the gradient, written
         # over the logits (one more read and one write). Everything in float32.
+        # A negative target: an ignored row (loss 0, gradient 0); one >= V: NaN (the reference's rule).
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * stride_row
         target = tl.load(targets_ptr + row).to(tl.int64)
+        ignored = target < 0
+        out_of_range = target >= V
+        target = tl.where(ignored | out_of_range, 0, target)
         running_max = tl.full([], float("-inf"), tl.float32)
         running_sum = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
@@ -119,13 +135,16 @@ if HAS_TRITON:
             running_max = new_max
         log_normalizer = running_max + tl.log(running_sum)
         target_logit = tl.load(row_ptr + target).to(tl.float32)
-        tl.store(loss_ptr + row, log_normalizer - target_logit)
+        loss = tl.where(out_of_range, float("nan"), log_normalizer - target_logit)
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
             grad = tl.exp(x - log_normalizer)
             grad = tl.where(cols == target, grad - 1.0, grad)
+            grad = tl.where(out_of_range, float("nan"), grad)
+            grad = tl.where(ignored, 0.0, grad)
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -137,9 +156,10 @@ def cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor) -> to
     if logits.shape[0] == 0:
         return loss
     config = CE_GPU_CONFIG if logits.is_cuda else CE_INTERPRETER_CONFIG
-    _cross_entropy_rows_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), targets, loss, logits.shape[1], **config
-    )
+    with launch_device(logits):
+        _cross_entropy_rows_kernel[(logits.shape[0],)](
+            logits, logits.stride(0), targets, loss, logits.shape[1], **config
+        )
     return loss
 
 
@@ -159,7 +179,7 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """sum over rows of CE(hidden @ W.T, targets); every target valid (the wrapper drops ignored ones)."""
+    """sum over rows of CE(hidden @ W.T, targets); a negative target scores 0 (cross_entropy_rows)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, w_int8, w_scale, targets, chunk_tokens, compute_dtype, needs_grad):
@@ -217,6 +237,11 @@ def fused_linear_cross_entropy(
     the head is either a float ``weight`` [V, H] or an int8 ``w_int8`` [V, H] with float32 row
     absmax ``w_scale`` [V]. Differentiable in ``hidden`` and in ``weight`` when it requires grad.
     ``chunk_tokens``: tokens per chunk (default :func:`default_chunk_tokens`).
+
+    Nothing here waits for the device on the GPU route (CUDA tensors, or any tensor under
+    ``BYTETUNE_FORCE_TRITON``): ignored rows go through the head and score 0 instead of being
+    dropped (their count is data), and a target outside [0, vocab) makes the loss NaN instead of
+    raising (the non-finite-step guard stops the run); the CPU route drops them and raises.
     """
     if (weight is None) == (w_int8 is None):
         raise ValueError("pass exactly one head: a float `weight` or an int8 `w_int8` with its `w_scale`")
@@ -232,16 +257,21 @@ def fused_linear_cross_entropy(
         raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    valid = targets != ignore_index
-    if not bool(valid.all()):
-        # Ignored tokens cost nothing: their rows never reach the head.
-        hidden, targets = hidden[valid], targets[valid]
+    vocab = head.shape[0]
+    if use_triton(hidden):
+        # The GPU route: the CE op's own marks, -1 = ignored and vocab = out of range (NaN loss).
+        targets = torch.where(targets == ignore_index, -1, torch.where(targets < 0, vocab, targets))
+    else:
+        # On a CPU reading the data costs nothing: ignored tokens never reach the head, and a bad
+        # target is an error at once.
+        valid = targets != ignore_index
+        if not bool(valid.all()):
+            hidden, targets = hidden[valid], targets[valid]
+        if bool(((targets < 0) | (targets >= vocab)).any()):
+            raise ValueError(f"targets must be in [0, {vocab}) or {ignore_index}")
     n_tokens = hidden.shape[0]
     if n_tokens == 0:
         return (hidden.sum() * 0.0).float()  # keeps the graph connected (DDP sees every input used)
-    vocab = head.shape[0]
-    if bool(((targets < 0) | (targets >= vocab)).any()):
-        raise ValueError(f"targets must be in [0, {vocab}) or {ignore_index}")
     chunk = chunk_tokens or default_chunk_tokens(n_tokens, head.shape[1], vocab, on_cpu=hidden.device.type == "cpu")
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or (weight is not None and weight.requires_grad))
     return FusedLinearCrossEntropyFunction.apply(

@@ -26,12 +26,14 @@ import torch
 
 from bytetune.kernels import gpu_arch, llm_int8
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt
-from bytetune.kernels.dispatch import HAS_TRITON, require_triton, round_half_away, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, round_half_away, use_triton
 from bytetune.kernels.gpu_arch import Tile, tile
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
 INT8_MAX = 127
 INT4_MAX = 7
@@ -110,8 +112,9 @@ def _check_activation(x: torch.Tensor, x_scale: torch.Tensor | None, in_features
 
 
 def _reciprocal_scale(absmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, qmax / absmax) in float32; an all-zero group gets scale 1 and codes 0."""
-    nonzero = absmax > 0
+    """(scale, qmax / absmax) in float32; an all-zero group gets scale 1 and codes 0, a NaN
+    group (``!= 0``, not ``> 0``) a NaN scale."""
+    nonzero = absmax != 0
     safe = torch.where(nonzero, absmax, torch.ones_like(absmax))
     qmax_t = torch.full_like(safe, qmax)
     # Tensor / tensor: torch computes `scalar / tensor` as a reciprocal times the scalar, which is
@@ -268,10 +271,11 @@ if HAS_TRITON:
         w_row = w_ptr + row * stride_w
         even = tl.load(w_row + col_even, mask=mask_even, other=0.0).to(tl.float32)
         odd = tl.load(w_row + col_odd, mask=mask_odd, other=0.0).to(tl.float32)
-        absmax = tl.maximum(tl.max(tl.abs(even), axis=0), tl.max(tl.abs(odd), axis=0))
-        safe = tl.where(absmax > 0, absmax, 1.0)
+        # NaN-keeping absmax (abs_bits); `!= 0`, not `> 0`, so that a NaN group gets a NaN scale.
+        absmax = float_from_bits(tl.maximum(tl.max(abs_bits(even), axis=0), tl.max(abs_bits(odd), axis=0)))
+        safe = tl.where(absmax != 0, absmax, 1.0)
         inv = tl.div_rn(tl.full((), QMAX, tl.float32), safe)
-        scale = tl.where(absmax > 0, tl.div_rn(safe, tl.full((), QMAX, tl.float32)), 1.0)
+        scale = tl.where(absmax != 0, tl.div_rn(safe, tl.full((), QMAX, tl.float32)), 1.0)
         tl.store(scales_ptr + row * num_groups + group, scale)
         code_even = tl.minimum(tl.maximum(_round_half_away_tl(even * inv), -QMAX), QMAX)
         code_odd = tl.minimum(tl.maximum(_round_half_away_tl(odd * inv), -QMAX), QMAX)
@@ -490,14 +494,16 @@ if HAS_TRITON:
 
 
 def _launch(kernel, tuned, grid, args, constexprs: dict, on_gpu: bool, block_k: int) -> None:
-    """Autotuned on a GPU (unless BYTETUNE_AUTOTUNE=0), a fixed tile otherwise."""
-    if on_gpu and gpu_arch.autotune_enabled():
-        tuned[grid](*args, **constexprs)
-        return
-    config = (FIXED_GPU_TILES if on_gpu else _INTERPRETER_TILES)[block_k]
-    if on_gpu and constexprs["FP32_DOT"]:
-        config = FIXED_GPU_TILE_FP32
-    kernel[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    """Autotuned on a GPU (unless BYTETUNE_AUTOTUNE=0), a fixed tile otherwise; on the GPU of
+    ``args[0]`` (every tensor of a launch is on one device)."""
+    with launch_device(args[0]):
+        if on_gpu and gpu_arch.autotune_enabled():
+            tuned[grid](*args, **constexprs)
+            return
+        config = (FIXED_GPU_TILES if on_gpu else _INTERPRETER_TILES)[block_k]
+        if on_gpu and constexprs["FP32_DOT"]:
+            config = FIXED_GPU_TILE_FP32
+        kernel[grid(config.kwargs)](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def quantize_groupwise_triton(
@@ -512,11 +518,12 @@ def quantize_groupwise_triton(
     scales = torch.empty((n, groups), dtype=torch.float32, device=weight.device)
     if n == 0 or k == 0:
         return codes, scales
-    _quantize_groupwise_kernel[(n, groups)](
-        weight, codes, scales, k, groups, weight.stride(0), codes.stride(0),
-        QMAX=qmax_for(bits), INT4=bits == 4, GROUP_SIZE=group_size,
-        HALF_BLOCK=triton.next_power_of_2(group_size // 2),
-    )
+    with launch_device(weight):
+        _quantize_groupwise_kernel[(n, groups)](
+            weight, codes, scales, k, groups, weight.stride(0), codes.stride(0),
+            QMAX=qmax_for(bits), INT4=bits == 4, GROUP_SIZE=group_size,
+            HALF_BLOCK=triton.next_power_of_2(group_size // 2),
+        )
     return codes, scales
 
 

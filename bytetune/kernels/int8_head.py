@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from bytetune.kernels import gpu_arch
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
 from bytetune.kernels.llm_int8 import INT8_MAX, int8_matmul_grad_input, quantize_rowwise
 
 if HAS_TRITON:
@@ -172,11 +172,12 @@ def weight_only_matmul_triton(x: torch.Tensor, w_int8: torch.Tensor, w_scale: to
     # fp32 activations get an exact fp32 product (tf32 would cost ~3 digits in the logits). The
     # interpreter multiplies bf16 tiles as raw bits, so there 16-bit tiles go through fp32 too.
     dot_in_fp32 = x.dtype == torch.float32 or not x.is_cuda
-    _weight_only_matmul_kernel[grid](
-        x, w_int8, w_scale, out, m, n, k,
-        x.stride(0), x.stride(1), w_int8.stride(0), w_int8.stride(1), out.stride(0), out.stride(1),
-        DOT_IN_FP32=dot_in_fp32, **config,
-    )
+    with launch_device(x):
+        _weight_only_matmul_kernel[grid](
+            x, w_int8, w_scale, out, m, n, k,
+            x.stride(0), x.stride(1), w_int8.stride(0), w_int8.stride(1), out.stride(0), out.stride(1),
+            DOT_IN_FP32=dot_in_fp32, **config,
+        )
     return out
 
 

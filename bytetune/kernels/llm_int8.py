@@ -18,12 +18,14 @@ import torch
 
 from bytetune.kernels import gpu_arch
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt, int32_matmul_nt_exact
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
 from bytetune.kernels.gpu_arch import Tile, tile
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
 INT8_MAX = 127.0
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -249,7 +251,8 @@ def int8_matmul_grad_input_reference(
         return torch.zeros(m, k, dtype=grad_y.dtype, device=grad_y.device)
     grad_x = torch.empty(m, k, dtype=torch.float32, device=grad_y.device)
     grad_y32 = grad_y.float()
-    # Dequantized as the Triton kernel does it: code * (absmax / 127).
+    # Dequantized as the Triton kernel does it: code * (absmax / 127). (On a GPU the kernel's fp32
+    # `/` is div.full.f32, within 2 ulp of this IEEE division: the two agree to rounding, not bits.)
     w_step = w_scale[:, None] / INT8_MAX
     rows_per_chunk = max(1, REFERENCE_GRAD_CHUNK_ELEMENTS // k)
     w_chunk_buffer = torch.empty(min(rows_per_chunk, n), k, dtype=torch.float32, device=grad_y.device)
@@ -432,26 +435,29 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
     ):
         # One program per row: pass 1 finds the absmax (outlier columns excluded), pass 2 writes
-        # the codes. The second read of the row mostly hits L2.
+        # the codes. The second read of the row mostly hits L2. The absmax keeps NaN (abs_bits):
+        # a NaN activation gives its row a NaN scale, hence NaN outputs, as the reference does.
+        # Its codes are left unspecified.
         row = tl.program_id(0).to(tl.int64)
         x_row_ptr = x_ptr + row * stride_xm
-        block_absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        block_absmax = tl.zeros([BLOCK_K], dtype=tl.int32)
         for k_start in range(0, K, BLOCK_K):
             cols = k_start + tl.arange(0, BLOCK_K)
             in_row = cols < K
-            magnitude = tl.abs(tl.load(x_row_ptr + cols * stride_xk, mask=in_row, other=0.0).to(tl.float32))
+            # int64 column offsets: a column-major x has stride_xk = M, and K * M passes 2^31.
+            magnitude = abs_bits(tl.load(x_row_ptr + cols.to(tl.int64) * stride_xk, mask=in_row, other=0.0).to(tl.float32))
             if HAS_OUTLIERS:
                 is_outlier = tl.load(is_outlier_ptr + cols, mask=in_row, other=0) != 0
-                magnitude = tl.where(is_outlier, 0.0, magnitude)
+                magnitude = tl.where(is_outlier, 0, magnitude)
             block_absmax = tl.maximum(block_absmax, magnitude)
-        scale = tl.max(block_absmax, axis=0)
+        scale = float_from_bits(tl.max(block_absmax, axis=0))
         scale = tl.where(scale == 0.0, 1.0, scale)
         tl.store(scale_ptr + row, scale)
 
         for k_start in range(0, K, BLOCK_K):
             cols = k_start + tl.arange(0, BLOCK_K)
             in_row = cols < K
-            value = tl.load(x_row_ptr + cols * stride_xk, mask=in_row, other=0.0).to(tl.float32)
+            value = tl.load(x_row_ptr + cols.to(tl.int64) * stride_xk, mask=in_row, other=0.0).to(tl.float32)
             # div_rn: IEEE division, so the codes equal torch's bit for bit on the GPU too.
             code = _round_half_to_even(tl.div_rn(value * 127.0, scale))
             code = tl.minimum(tl.maximum(code, -127.0), 127.0)
@@ -474,20 +480,23 @@ if HAS_TRITON:
     ):
         # Grid (column blocks, row chunks): each program reduces ROWS_PER_PROGRAM rows of a
         # column block into one row of partial maxima, so thousands of tokens still fill the GPU.
+        # The maxima keep NaN (abs_bits): a NaN column's absmax is NaN, as in the reference.
         pid_k = tl.program_id(0)
-        pid_rows = tl.program_id(1)
+        pid_rows = tl.program_id(1).to(tl.int64)
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        column_absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        # int64 column offsets: a column-major x has stride_xk = M, and K * M passes 2^31.
+        col_offsets = cols.to(tl.int64) * stride_xk
+        column_absmax = tl.zeros([BLOCK_K], dtype=tl.int32)
         for m_start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
-            rows = (pid_rows * ROWS_PER_PROGRAM + m_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rows = pid_rows * ROWS_PER_PROGRAM + m_start + tl.arange(0, BLOCK_M)
             tile = tl.load(
-                x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                x_ptr + rows[:, None] * stride_xm + col_offsets[None, :],
                 mask=(rows[:, None] < M) & col_ok[None, :],
                 other=0.0,
             )
-            column_absmax = tl.maximum(column_absmax, tl.max(tl.abs(tile.to(tl.float32)), axis=0))
-        tl.store(partial_ptr + pid_rows * K + cols, column_absmax, mask=col_ok)
+            column_absmax = tl.maximum(column_absmax, tl.max(abs_bits(tile.to(tl.float32)), axis=0))
+        tl.store(partial_ptr + pid_rows * K + cols, float_from_bits(column_absmax), mask=col_ok)
 
     @triton.jit
     def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -639,17 +648,18 @@ def _launch_quantize_rows(x: torch.Tensor, is_outlier: torch.Tensor | None):
     if m == 0:
         return codes, scale
     block_k = min(triton.next_power_of_2(max(k, 1)), QUANTIZE_ROWS_BLOCK_K[-1] if x.is_cuda else 128)
-    _quantize_rows_kernel[(m,)](
-        x,
-        codes,
-        scale,
-        is_outlier if is_outlier is not None else codes,  # unread when HAS_OUTLIERS is False
-        k,
-        x.stride(0),
-        x.stride(1),
-        HAS_OUTLIERS=is_outlier is not None,
-        BLOCK_K=block_k,
-    )
+    with launch_device(x):
+        _quantize_rows_kernel[(m,)](
+            x,
+            codes,
+            scale,
+            is_outlier if is_outlier is not None else codes,  # unread when HAS_OUTLIERS is False
+            k,
+            x.stride(0),
+            x.stride(1),
+            HAS_OUTLIERS=is_outlier is not None,
+            BLOCK_K=block_k,
+        )
     return codes, scale
 
 
@@ -667,9 +677,10 @@ def column_absmax_triton(x: torch.Tensor) -> torch.Tensor:
     row_chunks = triton.cdiv(m, tiles["ROWS_PER_PROGRAM"])
     # Every (row chunk, column) entry is written by the kernel: no need to zero it first.
     partial = torch.empty(row_chunks, k, dtype=torch.float32, device=x.device)
-    _column_absmax_kernel[(triton.cdiv(k, tiles["BLOCK_K"]), row_chunks)](
-        x, partial, m, k, x.stride(0), x.stride(1), **_launch_kwargs(tiles)
-    )
+    with launch_device(x):
+        _column_absmax_kernel[(triton.cdiv(k, tiles["BLOCK_K"]), row_chunks)](
+            x, partial, m, k, x.stride(0), x.stride(1), **_launch_kwargs(tiles)
+        )
     return partial.amax(dim=0)
 
 
@@ -732,15 +743,16 @@ def int8_matmul_triton(
         out.stride(0),
         out.stride(1),
     )
-    if x_int8.is_cuda and gpu_arch.autotune_enabled():
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
-        )
-        _int8_matmul_tuned[grid](*args, HAS_BIAS=bias is not None)
-    else:
-        tiles = FIXED_GPU_TILE if x_int8.is_cuda else _INTERPRETER_TILES
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
-        _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **_launch_kwargs(tiles))
+    with launch_device(x_int8):
+        if x_int8.is_cuda and gpu_arch.autotune_enabled():
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+            )
+            _int8_matmul_tuned[grid](*args, HAS_BIAS=bias is not None)
+        else:
+            tiles = FIXED_GPU_TILE if x_int8.is_cuda else _INTERPRETER_TILES
+            grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
+            _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **_launch_kwargs(tiles))
     return out
 
 
@@ -781,19 +793,20 @@ def int8_matmul_grad_input_triton(
         grad_x.stride(0),
         grad_x.stride(1),
     )
-    if grad_y.is_cuda and gpu_arch.autotune_enabled():
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
-        )
-        _int8_grad_input_tuned[grid](*args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision)
-    else:
-        tiles = _INTERPRETER_TILES
-        if grad_y.is_cuda:
-            tiles = FIXED_GPU_TILE_FP32_GRAD if dot_in_fp32 else FIXED_GPU_TILE
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]),)
-        _int8_grad_input_kernel[grid](
-            *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **_launch_kwargs(tiles)
-        )
+    with launch_device(grad_y):
+        if grad_y.is_cuda and gpu_arch.autotune_enabled():
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
+            )
+            _int8_grad_input_tuned[grid](*args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision)
+        else:
+            tiles = _INTERPRETER_TILES
+            if grad_y.is_cuda:
+                tiles = FIXED_GPU_TILE_FP32_GRAD if dot_in_fp32 else FIXED_GPU_TILE
+            grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]),)
+            _int8_grad_input_kernel[grid](
+                *args, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **_launch_kwargs(tiles)
+            )
     return grad_x
 
 

@@ -7,10 +7,11 @@ fp32 states, requantizes them (nearest code) and stores codes, absmax and parame
 states only ever live in registers.
 
 Many tensors, one launch: the update takes lists (the 8-bit params of one param group at one step
-count). One launch per param dtype updates them all: program ``i`` owns block ``i`` of the
-concatenation of the tensors and reads its tensor's addresses from a small per-step table (the
-block -> tensor index depends only on the sizes and is cached), so a LoRA model's hundreds of
-small tensors cost one launch instead of one each.
+count). One launch per device and param dtype updates them all: program ``i`` owns block ``i`` of the
+concatenation of the tensors and reads its tensor's addresses from a small table on the device
+(cached while the tensors keep their addresses; the block -> tensor index depends only on the
+sizes and is cached too), so a LoRA model's hundreds of small tensors cost one launch instead of
+one each, and a step copies nothing to the device.
 
 The parameter update uses the fp32 states before requantization (as in arXiv 2110.02861).
 
@@ -53,7 +54,7 @@ from bytetune.kernels.blockwise import (
     num_warps_for as blockwise_num_warps,
     quantize_blocks_reference,
 )
-from bytetune.kernels.dispatch import require_triton, use_triton
+from bytetune.kernels.dispatch import launch_device, require_triton, use_triton
 from bytetune.kernels.quant_maps import code_midpoints
 
 if HAS_TRITON:
@@ -61,6 +62,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from bytetune.kernels.blockwise import nearest_code
+    from bytetune.kernels.dispatch import maximum_keeping_nan
 
 
 class UpdateKind(enum.IntEnum):
@@ -415,9 +417,12 @@ if HAS_TRITON:
     @triton.jit
     def _requantize(state, codes_ptr, absmax_ptr, midpoints_ptr, block, offsets, in_bounds):
         # Out-of-bounds lanes hold 0 (zero gradient, zero state), so they never set the absmax.
-        absmax = tl.max(tl.abs(state), axis=0)
+        # It keeps NaN (max.NaN.f32): a NaN state (a NaN param under L2 decay) stores a NaN absmax,
+        # as the reference does, instead of a finite one over codes that read back as -absmax.
+        absmax = tl.reduce(tl.abs(state), 0, maximum_keeping_nan)
         scale = tl.where(absmax > 0, absmax, 1.0)
-        code = nearest_code(state / scale, midpoints_ptr)
+        # div_rn: IEEE division, as torch's (fp32 `/` compiles to the approximate div.full.f32).
+        code = nearest_code(tl.div_rn(state, scale), midpoints_ptr)
         tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=in_bounds)
         tl.store(absmax_ptr + block, absmax)
 
@@ -452,7 +457,12 @@ if HAS_TRITON:
         grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         # NaN fails every comparison, so this is false for inf and nan alike.
         finite = tl.abs(grad) < float("inf")
-        g = grad + l2_decay * param
+        # Only under L2 decay does the param enter the gradient (the reference's rule): 0 * NaN
+        # would put a NaN param's NaN into its block's states.
+        if l2_decay != 0.0:
+            g = grad + l2_decay * param
+        else:
+            g = grad
         s1 = _dequantize(codes1_ptr, absmax1_ptr, map1_ptr, block, offsets, in_bounds)
         if KIND == 0:  # Adam / AdamW
             s2 = _dequantize(codes2_ptr, absmax2_ptr, map2_ptr, block, offsets, in_bounds)
@@ -489,6 +499,35 @@ def _block_tensor_table(numels: tuple[int, ...], block_size: int, device: torch.
     return torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
 
 
+# The launches' pointer tables, on their device, keyed by their whole content (every address,
+# numel and first block): a step whose tensors have not moved reuses its table -- no
+# host-to-device copy, nothing for the host to wait on, and the same buffer for a CUDA graph to
+# replay. A table can never be stale: a new address or size is a new key. One entry per
+# (param group, device, dtype) in use; the least recently used goes past the bound.
+POINTER_TABLE_CACHE_SIZE = 64
+_pointer_tables: collections.OrderedDict = collections.OrderedDict()
+
+
+def _build_pointer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        # From pinned memory the copy is asynchronous; from pageable memory the host would wait.
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
+
+
+def _pointer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    key = (device, rows)
+    table = _pointer_tables.get(key)
+    if table is None:
+        table = _pointer_tables[key] = _build_pointer_table(rows, device)
+        if len(_pointer_tables) > POINTER_TABLE_CACHE_SIZE:
+            _pointer_tables.popitem(last=False)
+    else:
+        _pointer_tables.move_to_end(key)
+    return table
+
+
 def num_warps_for(block_size: int, kind: UpdateKind = UpdateKind.ADAM) -> int:
     """Adam's two states over 4096-element blocks take 16 warps (with 8, 16-bit params spilled on
     sm_80 in the compile gate, while the one-state kinds spill on sm_80 with 16)."""
@@ -506,37 +545,40 @@ def optimizer_update_8bit_triton(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """In place, same contract as :func:`optimizer_update_8bit_reference`: one kernel launch per
-    param dtype in the list (a non-contiguous param or grad costs a copy, and one back)."""
+    device and param dtype in the list, under that device (a non-contiguous param or grad costs a
+    copy, and one back, and a new pointer table each step: the copy's address changes)."""
     require_triton()
     _check_update_args(kind, params, grads, state1, state2, block_size)
     if kind != UpdateKind.ADAM:  # one-state optimizers: the second pointers are never read
         state2 = state1
     flats, write_back = _flat_views(params)
     grads = [g.contiguous() for g in grads]
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    # One launch per (device, dtype): a kernel reads the tensors of one GPU, and runs on it.
+    launches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, flat in enumerate(flats):
         if flat.numel():
-            by_dtype.setdefault(flat.dtype, []).append(index)
-    for dtype, indices in by_dtype.items():
+            launches.setdefault((flat.device, flat.dtype), []).append(index)
+    for (device, dtype), indices in launches.items():
         numels = tuple(flats[i].numel() for i in indices)
-        block_tensor = _block_tensor_table(numels, block_size, flats[indices[0]].device)
+        block_tensor = _block_tensor_table(numels, block_size, device)
         rows, first_block = [], 0
         for i, numel in zip(indices, numels):
-            rows.append([
+            rows.append((
                 flats[i].data_ptr(), grads[i].data_ptr(),
                 state1.codes[i].data_ptr(), state1.absmax[i].data_ptr(),
                 state2.codes[i].data_ptr(), state2.absmax[i].data_ptr(),
                 numel, first_block,
-            ])  # fmt: skip
+            ))  # fmt: skip
             first_block += n_blocks(numel, block_size)
-        table = torch.tensor(rows, dtype=torch.int64).to(block_tensor.device)
-        _optimizer_update_8bit_kernel[(first_block,)](
-            table, block_tensor,
-            state1.book.codes, state1.book.midpoints, state2.book.codes, state2.book.midpoints,
-            *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
-            KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size, PARAM_DTYPE=_TL_DTYPES[dtype],
-            num_warps=num_warps_for(block_size, kind),
-        )  # fmt: skip
+        table = _pointer_table(tuple(rows), device)
+        with launch_device(flats[indices[0]]):
+            _optimizer_update_8bit_kernel[(first_block,)](
+                table, block_tensor,
+                state1.book.codes, state1.book.midpoints, state2.book.codes, state2.book.midpoints,
+                *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
+                KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size, PARAM_DTYPE=_TL_DTYPES[dtype],
+                num_warps=num_warps_for(block_size, kind),
+            )  # fmt: skip
         launch_count["optimizer_update_8bit"] += 1
     for param, work in write_back:
         param.copy_(work)

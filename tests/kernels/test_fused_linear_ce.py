@@ -17,6 +17,9 @@ from bytetune.kernels.fused_linear_ce import (
 )
 from bytetune.kernels.int8_head import quantize_rowwise
 
+from ..conftest import triton_device
+from ..quant_layers.conftest import no_host_sync
+
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 VOCABS = [1, 255, 257, 4097]
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -108,17 +111,67 @@ def test_int8_head_equals_the_plain_path_on_its_dequantized_weight(chunk):
 
 
 @needs_triton
-def test_fused_loss_through_the_triton_kernels(monkeypatch):
+@pytest.mark.parametrize("head", ["int8", "float"])
+def test_fused_loss_through_the_triton_kernels_never_waits_for_the_device(monkeypatch, head):
+    """The GPU route (BYTETUNE_FORCE_TRITON: CPU tensors under the interpreter, CUDA ones when
+    Triton compiles) equals the CPU route, and reads nothing back from the device: ignored rows
+    are masked, not dropped (the CPU route drops them, as its check is free there)."""
     hidden, weight, targets = _problem(20, 24, 300, seed=9, ignored_every=5)
     w_int8, w_scale = quantize_rowwise(weight)
-    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-    reference = fused_linear_cross_entropy(h2, targets, w_int8=w_int8, w_scale=w_scale, chunk_tokens=6)
+    h_cpu, w_cpu = hidden.clone().requires_grad_(), weight.clone().requires_grad_(head == "float")
+    heads = dict(weight=w_cpu) if head == "float" else dict(w_int8=w_int8, w_scale=w_scale)
+    reference = fused_linear_cross_entropy(h_cpu, targets, chunk_tokens=6, **heads)
     reference.backward()
     monkeypatch.setenv("BYTETUNE_FORCE_TRITON", "1")
-    forced = fused_linear_cross_entropy(h1, targets, w_int8=w_int8, w_scale=w_scale, chunk_tokens=6)
-    forced.backward()
-    torch.testing.assert_close(forced, reference, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    device = triton_device()
+    h = hidden.to(device).requires_grad_()
+    w = weight.to(device).requires_grad_(head == "float")
+    heads = dict(weight=w) if head == "float" else dict(w_int8=w_int8.to(device), w_scale=w_scale.to(device))
+    with no_host_sync():
+        forced = fused_linear_cross_entropy(h, targets.to(device), chunk_tokens=6, **heads)
+        forced.backward()
+    torch.testing.assert_close(forced.cpu(), reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad.cpu(), h_cpu.grad, rtol=1e-4, atol=1e-6)
+    assert (h.grad[::5] == 0).all()
+    if head == "float":
+        torch.testing.assert_close(w.grad.cpu(), w_cpu.grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
+def test_rows_with_negative_or_out_of_range_targets(device):
+    """A negative target: an ignored row (loss 0, gradient 0); one >= V: NaN, the GPU route's
+    error signal (raising would make the host wait). Kernel and reference agree."""
+    logits, targets = _rows(5, 37, torch.float32, seed=4)
+    targets[1], targets[3] = -1, 37
+    expected = logits.clone()
+    expected_loss = cross_entropy_rows_reference(expected, targets)
+    assert expected_loss[1] == 0 and (expected[1] == 0).all()
+    assert torch.isnan(expected_loss[3]) and torch.isnan(expected[3]).all()
+    valid = torch.tensor([0, 2, 4])
+    torch_loss, torch_grad = _torch_loss_and_grad(logits[valid], targets[valid])
+    torch.testing.assert_close(expected_loss[valid], torch_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected[valid], torch_grad, rtol=1e-5, atol=1e-6)
+    buffer = logits.to(device)
+    loss = cross_entropy_rows_triton(buffer, targets.to(device))
+    torch.testing.assert_close(loss.cpu(), expected_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(buffer.cpu(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@needs_triton
+def test_gpu_route_turns_a_bad_target_into_a_nan_loss_and_all_ignored_into_zero(monkeypatch):
+    hidden, weight, targets = _problem(6, 8, 20, seed=3)
+    with pytest.raises(ValueError, match="targets must be in"):  # the CPU route raises
+        fused_linear_cross_entropy(hidden, targets + 20, weight=weight)
+    monkeypatch.setenv("BYTETUNE_FORCE_TRITON", "1")
+    device = triton_device()
+    hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
+    bad = targets.clone()
+    bad[2] = -7  # neither a token nor the ignore index
+    assert torch.isnan(fused_linear_cross_entropy(hidden, bad, weight=weight))
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, torch.full_like(targets, -100), weight=weight)
+    loss.backward()
+    assert loss.item() == 0.0 and (h.grad == 0).all()
 
 
 def test_bf16_autocast_runs_the_head_in_bf16_like_nn_linear():

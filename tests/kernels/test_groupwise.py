@@ -257,12 +257,12 @@ def test_row_offsets_are_int64_past_2_pow_31(device):
         tl.store(wrapped_ptr + i, (rows * stride).to(tl.int64))  # what an int32 product gives
 
     rows = torch.tensor([0, 1, 37_448, 37_449, 50_000, 2**20, 2**21 - 1, 2**21], dtype=torch.int32, device=device)
-    out = torch.empty(rows.numel(), dtype=torch.int64)
+    out = torch.empty(rows.numel(), dtype=torch.int64, device=device)  # where the kernel can write
     wrapped = torch.empty_like(out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's int32 overflow, in the contrast
         probe[(1,)](rows, out, wrapped, BLOOM_FFN_OUT, N=rows.numel())
-    expected = rows.long() * BLOOM_FFN_OUT
+    expected = rows.long().cpu() * BLOOM_FFN_OUT
     assert expected.max() >= 2**31  # the case the test exists for
-    assert torch.equal(out, expected)
-    assert not torch.equal(wrapped, expected)  # the probe can tell int32 from int64 math
+    assert torch.equal(out.cpu(), expected)
+    assert not torch.equal(wrapped.cpu(), expected)  # the probe can tell int32 from int64 math

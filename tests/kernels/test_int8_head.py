@@ -5,6 +5,7 @@ reference, at odd shapes."""
 import pytest
 import torch
 
+from bytetune.kernels import int8_head
 from bytetune.kernels.dispatch import HAS_TRITON
 from bytetune.kernels.int8_head import (
     GPU_CONFIGS,
@@ -14,6 +15,8 @@ from bytetune.kernels.int8_head import (
     weight_only_matmul_reference,
     weight_only_matmul_triton,
 )
+
+from ..conftest import triton_device
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -70,10 +73,25 @@ def test_triton_kernel_matches_the_reference(m, n, dtype, device):
 @needs_triton
 def test_public_op_dispatches_to_triton_when_forced(monkeypatch):
     x, w_int8, w_scale = _case(4, 33, 40, torch.float32, "cpu")
+    launched = []
+    kernel = int8_head._weight_only_matmul_kernel
+    monkeypatch.setattr(int8_head, "_weight_only_matmul_kernel", _Recording(kernel, launched))
     monkeypatch.setenv("BYTETUNE_FORCE_TRITON", "1")
-    forced = weight_only_matmul(x, w_int8, w_scale)
+    device = triton_device()  # a compiled kernel reads GPU memory only
+    forced = weight_only_matmul(x.to(device), w_int8.to(device), w_scale.to(device)).cpu()
+    assert launched == [1]
     monkeypatch.delenv("BYTETUNE_FORCE_TRITON")
     torch.testing.assert_close(forced, weight_only_matmul(x, w_int8, w_scale), rtol=1e-5, atol=1e-6)
+    assert launched == [1]  # CPU tensors, not forced: the reference
+
+
+class _Recording:
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(1)
+        return self.kernel[grid]
 
 
 def test_gpu_configs_are_an_explicit_small_list():

@@ -31,6 +31,8 @@ from bytetune.kernels.llm_int8 import (
     select_outlier_columns,
 )
 
+from ..conftest import triton_device
+
 KERNEL_MODULE = importlib.import_module("bytetune.kernels.llm_int8")  # for monkeypatching
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -492,3 +494,29 @@ def test_triton_and_reference_agree_on_an_empty_token_batch(device):
         assert ops["int8_matmul"](x_codes, w_codes, x_scale, w_scale).shape == (0, N)
         grad_y = torch.randn(0, N, device=device)
         assert ops["int8_matmul_grad_input"](grad_y, w_codes, w_scale).shape == (0, K)
+
+
+@needs_triton
+def test_column_offsets_are_int64_past_2_pow_31():
+    """A column-major activation [S, K] with S * K >= 2^31 (S = 2^20 + 7 tokens, K = 2056): the
+    row quantizer and the column absmax read column c at c * S elements, past 2^31 from c = 2048
+    on, where an int32 product wraps. Three of its rows are quantized: only their pages are ever
+    written (~8 MB); the rest of the buffer is untouched virtual memory. The view starts 2^31
+    elements into its buffer, so a wrapped (negative) offset still reads mapped memory -- zeros,
+    not the row -- and the test fails instead of crashing."""
+    tokens, k = 2**20 + 7, 2056
+    offset = 2**31
+    try:
+        buffer = torch.empty(offset + k * tokens, dtype=torch.float16, device=triton_device())
+    except (RuntimeError, torch.OutOfMemoryError) as error:  # strict overcommit, a small GPU
+        pytest.skip(f"cannot reserve {2 * (offset + k * tokens) / 2**30:.1f} GiB of address space: {error}")
+    column_major = buffer[offset:].view(k, tokens).t()
+    assert column_major.stride() == (1, tokens) and (k - 1) * tokens >= 2**31
+    x = column_major[:3]
+    x.copy_(torch.randn(3, k, generator=torch.Generator().manual_seed(17)))
+    dense = x.cpu().contiguous()
+    codes, scale = quantize_rowwise_triton(x)
+    expected_codes, expected_scale = quantize_rowwise_reference(dense)
+    assert torch.equal(scale.cpu(), expected_scale)
+    assert torch.equal(codes.cpu(), expected_codes)
+    assert torch.equal(column_absmax_triton(x).cpu(), column_absmax_reference(dense))

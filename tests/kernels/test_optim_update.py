@@ -3,12 +3,14 @@ reference for every optimizer kind, odd sizes, fp32/bf16/fp16 and non-contiguous
 reference's batched pieces against one call per tensor (bit for bit); and the reference against
 an unfused float64 computation of the same step."""
 
+import collections
 import dataclasses
 import math
 
 import pytest
 import torch
 
+from bytetune.kernels import optim_update
 from bytetune.kernels.blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 from bytetune.kernels.optim_update import (
     CodeBook,
@@ -22,6 +24,7 @@ from bytetune.kernels.optim_update import (
     optimizer_update_32bit,
 )
 from bytetune.kernels.quant_maps import dynamic_map
+from tests.conftest import triton_device
 from tests.kernels.triton_rounding import cast_like_triton
 
 # ~1e6 runs only on a GPU: the interpreter needs ~0.1 s per 256-element program (measured ~400 s).
@@ -249,11 +252,14 @@ def test_dispatch_and_bad_state_shapes_are_rejected(monkeypatch):
         optimizer_update_8bit_reference(UpdateKind.LION, lion, problem.params, problem.grads, bad_codes)
     with pytest.raises(ValueError, match="one per param"):
         optimizer_update_8bit_reference(UpdateKind.LION, lion, problem.params * 2, problem.grads, state1)
-    # CPU tensors take the reference unless BYTETUNE_FORCE_TRITON asks for the kernel.
+    # CPU tensors take the reference unless BYTETUNE_FORCE_TRITON asks for the kernel (whose
+    # tensors must be on the GPU when Triton compiles for real).
     for forced, launches in (("0", 0), ("1", 1)):
         monkeypatch.setenv("BYTETUNE_FORCE_TRITON", forced)
+        run = problem if forced == "0" else Problem([(300,)], torch.float32, triton_device())
+        state1, _ = run.states()
         before = launch_count["optimizer_update_8bit"]
-        optimizer_update_8bit(UpdateKind.LION, lion, problem.params, problem.grads, state1)
+        optimizer_update_8bit(UpdateKind.LION, lion, run.params, run.grads, state1)
         assert launch_count["optimizer_update_8bit"] - before == launches
 
 
@@ -296,3 +302,26 @@ def test_denominator_book_changes_only_the_rounding_to_zero():
     assert torch.equal(plain.midpoints[1:], denominator.midpoints[1:]) and torch.equal(plain.codes, denominator.codes)
     with pytest.raises(ValueError, match="unsigned"):
         CodeBook.for_denominator(dynamic_map(True))
+
+
+def test_pointer_table_is_built_once_and_again_only_when_a_tensor_moves(monkeypatch):
+    """Steps over the same tensors reuse their device table (no host-to-device copy per step, a
+    fixed buffer for CUDA graphs); a param at a new address gets a new table, never a stale one."""
+    built = []
+    build = optim_update._build_pointer_table
+    monkeypatch.setattr(optim_update, "_build_pointer_table", lambda rows, device: built.append(rows) or build(rows, device))
+    monkeypatch.setattr(optim_update, "_pointer_tables", collections.OrderedDict())
+    problem = Problem([(300,), (37, 9), (5,)], torch.float32, triton_device(), seed=12)
+    for _ in range(3):
+        problem.run(optimizer_update_8bit_triton, UpdateKind.ADAM, False)
+    assert len(built) == 1
+    old = problem.params[1]
+    problem.params[1] = old.clone()  # what load_state_dict or a re-materialised param does
+    before = old.clone()
+    reference = problem.clone().run(optimizer_update_8bit_reference, UpdateKind.ADAM, False)
+    problem.run(optimizer_update_8bit_triton, UpdateKind.ADAM, False)
+    assert len(built) == 2 and problem.params[1].data_ptr() in built[1][1]
+    assert torch.equal(old, before)  # the stale address was not written
+    torch.testing.assert_close(problem.params[1], reference.params[1], rtol=1e-6, atol=1e-7)
+    problem.run(optimizer_update_8bit_triton, UpdateKind.ADAM, False)
+    assert len(built) == 2

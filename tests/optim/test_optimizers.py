@@ -10,6 +10,7 @@ import torch
 
 import bytetune
 from bytetune.optim import Adam8bit, AdamW8bit, Lion8bit, SGD8bit, StableEmbedding, state_bytes_per_param
+from tests.conftest import triton_device
 
 TORCH_PEERS = [
     (Adam8bit, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
@@ -272,15 +273,16 @@ def test_clear_errors():
         state_bytes_per_param(Adam8bit([torch.nn.Parameter(torch.randn(3))]))
 
 
-def _strided_params(dtype):
+def _strided_params(dtype, device="cpu"):
     """Small params of every layout the GPU path must handle: contiguous with a ragged last block,
-    transposed, a strided slice, and one under min_8bit_size (fp32 states)."""
+    transposed, a strided slice, and one under min_8bit_size (fp32 states); same values and
+    layouts on every device."""
     gen = torch.Generator().manual_seed(21)
     tensors = [
-        torch.randn(300, generator=gen),
-        torch.randn(37, 9, generator=gen).t(),
-        torch.randn(6, 120, generator=gen)[:, ::2],
-        torch.randn(5, generator=gen),
+        torch.randn(300, generator=gen).to(device),
+        torch.randn(37, 9, generator=gen).to(device).t(),
+        torch.randn(6, 120, generator=gen).to(device)[:, ::2],
+        torch.randn(5, generator=gen).to(device),
     ]
     return [torch.nn.Parameter(t.to(dtype) if dtype != torch.float32 else t) for t in tensors]
 
@@ -288,20 +290,21 @@ def _strided_params(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("opt_cls,kwargs", ALL, ids=IDS)
 def test_triton_path_matches_reference_path(opt_cls, kwargs, dtype, monkeypatch):
-    """BYTETUNE_FORCE_TRITON sends these CPU params through the multi-tensor Triton kernel (in the
-    interpreter); the result must match the reference path's, layouts preserved."""
+    """BYTETUNE_FORCE_TRITON sends these params through the multi-tensor Triton kernel (CPU ones
+    in the interpreter, CUDA ones when Triton compiles); the result must match the reference
+    path's on CPU params, layouts preserved."""
     if dtype == torch.bfloat16:
         # A step must move a param by many bf16 ulps for the comparison to mean anything.
         kwargs = {**kwargs, "lr": 0.1}
     runs = {}
     for forced in ("1", "0"):
         monkeypatch.setenv("BYTETUNE_FORCE_TRITON", forced)
-        params = _strided_params(dtype)
+        params = _strided_params(dtype, triton_device() if forced == "1" else "cpu")
         opt = opt_cls(params, min_8bit_size=64, **kwargs)
         gen = torch.Generator().manual_seed(22)
         for step in range(4):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(p.device)
             if step == 2:
                 params[0].grad[7] = float("nan")
             opt.step()
@@ -310,6 +313,7 @@ def test_triton_path_matches_reference_path(opt_cls, kwargs, dtype, monkeypatch)
     initial = _strided_params(dtype)
     for t, r, p0 in zip(p_t, p_r, initial):
         assert t.stride() == p0.stride(), "the update must keep the param's layout"
+        t = t.cpu()
         moved = (r.float() - p0.float()).abs().mean()
         assert moved > 0
         # fp32: rounding of x / absmax may flip a code; bf16: the interpreter truncates stores
@@ -317,7 +321,7 @@ def test_triton_path_matches_reference_path(opt_cls, kwargs, dtype, monkeypatch)
         tolerance = 1e-3 if dtype == torch.float32 else 0.1
         assert (t.float() - r.float()).abs().mean() <= tolerance * moved
     for t, r in zip(p_t, p_r):
-        s_t, s_r = opt_t.state[t], opt_r.state[r]
+        s_t, s_r = {k: v.cpu() if torch.is_tensor(v) else v for k, v in opt_t.state[t].items()}, opt_r.state[r]
         assert s_t["step"] == s_r["step"] == 4
         assert s_t["state1"].dtype == s_r["state1"].dtype
         if s_t["state1"].dtype == torch.uint8:

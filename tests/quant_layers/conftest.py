@@ -3,9 +3,12 @@ import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
-from bytetune.kernels import groupwise, llm_int8, ops
+from bytetune.kernels import groupwise, int8_head, llm_int8, ops
 from bytetune.kernels.dispatch import HAS_TRITON
+
+from ..conftest import triton_compiles, triton_device
 
 # The functions through which the layers reach a Triton kernel.
 TRITON_ENTRY_POINTS = [
@@ -20,17 +23,28 @@ TRITON_ENTRY_POINTS = [
 ] + [
     (groupwise, name)
     for name in ("quantize_groupwise_triton", "groupwise_matmul_triton", "groupwise_matmul_grad_input_triton")
-]
+] + [(int8_head, "weight_only_matmul_triton")]
+
+
+def _moved(tree, device):
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
 @pytest.fixture(params=["reference", "triton"])
 def kernel_path(request, monkeypatch):
     """Runs a test on CPU tensors through the PyTorch references, then through the Triton kernels
     (BYTETUNE_FORCE_TRITON=1, interpreted: conftest sets TRITON_INTERPRET=1 before triton is
-    imported), and checks afterwards that the path asked for is the one that ran."""
+    imported), and checks afterwards that the path asked for is the one that ran.
+
+    When Triton compiles for real (TRITON_INTERPRET=0, bench/gpu_check.sh) a kernel cannot read
+    CPU memory: each Triton entry point then gets its tensor arguments on the GPU and hands its
+    results back on the caller's device, so the test itself is unchanged (no GPU: a skip)."""
+    gpu = None
     if request.param == "triton":
         if not HAS_TRITON:
             pytest.skip("triton is not installed")
+        if triton_compiles():
+            gpu = triton_device()
         monkeypatch.setenv("BYTETUNE_FORCE_TRITON", "1")
     else:
         monkeypatch.delenv("BYTETUNE_FORCE_TRITON", raising=False)
@@ -40,7 +54,10 @@ def kernel_path(request, monkeypatch):
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls.append(_name)
-            return _original(*args, **kwargs)
+            if gpu is None:
+                return _original(*args, **kwargs)
+            home = next(t.device for t in args if isinstance(t, torch.Tensor))
+            return _moved(_original(*_moved(args, gpu), **_moved(kwargs, gpu)), home)
 
         monkeypatch.setattr(module, name, counted)
     yield request.param
