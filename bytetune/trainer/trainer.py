@@ -472,6 +472,13 @@ class Trainer:
                 final = ckpt.final_dir(self.output_dir, self.step)
                 if main:
                     ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+                    if getattr(self, "_set_aside_newer", None) is not None:
+                        moved = ckpt.set_aside_newer(self.output_dir, final)
+                        if moved:
+                            warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
+                                          f"{', '.join(moved)} belonged to the continuation given up on and were "
+                                          "renamed superseded-<name>")
+                        self._set_aside_newer = None
         except BaseException:
             if main:  # nothing half-written stays behind (the rename never happened)
                 ckpt.remove_temporaries(self.output_dir)
@@ -632,11 +639,9 @@ class Trainer:
             ckpt.clear_run(self.output_dir)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            if main:
-                moved = ckpt.set_aside_newer(self.output_dir, resume_from)
-                if moved:
-                    warnings.warn(f"resuming from {resume_from.name}: the newer checkpoints {', '.join(moved)} belong to "
-                                  "the continuation given up on and were renamed superseded-<name>")
+            # checkpoints newer than this one belong to a continuation given up on: set aside
+            # once this session has written its first checkpoint (save_checkpoint)
+            self._set_aside_newer = resume_from
             self._truncate_log()
         if main:
             with ckpt.guarded("creating output_dir", self.output_dir):
