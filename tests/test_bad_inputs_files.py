@@ -365,3 +365,22 @@ def test_ctrl_c_mid_checkpoint_write_leaves_nothing_half_written_and_resumes_bit
     resumed = subprocess.run([*command, "checkpoint.resume=latest"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert digest(run) == finished["digest"]
+
+
+# ------------------------------------------------------------------------------ quick values
+@pytest.mark.parametrize("extra, words", [
+    (["training.threads=0"], ["training.threads must be >= 1"]),
+    (["checkpoint.resume=previous_intact"], ["checkpoint.resume=previous_intact: no checkpoint in"]),
+], ids=["threads-0", "previous-intact-without-checkpoints"])
+def test_quick_bad_values(tmp_path, finished, capsys, extra, words):
+    code, err = run_cli(capsys, tiny(tmp_path / "run", finished["cache"], *extra))
+    line = one_error_line(err)
+    assert code == 2 and all(word in line for word in words), line
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_run_records_its_thread_count(finished):
+    summary = json.loads((finished["run"] / "summary.json").read_text())
+    assert summary["threads"]["threads"] == 1  # this module runs at one thread: the rule never raises it
+    state = ckpt.read_state(ckpt.list_checkpoints(finished["run"])[-1])
+    assert state["threads"] == 1 and len(state["recipe"]["hash"]) == 16
