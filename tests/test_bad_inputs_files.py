@@ -197,6 +197,38 @@ def test_no_space_during_a_checkpoint_keeps_the_previous_one_and_resumes_bitwise
     assert digest(run) == finished["digest"]
 
 
+def _pages(path: Path) -> int:
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in path.rglob("*") if p.is_file())
+
+
+def test_a_really_full_disk_mid_run_keeps_the_previous_checkpoint(tmp_path, finished, capsys):
+    """A real tmpfs with room for the run's small files and one and a half checkpoints: the
+    step-4 checkpoint cannot be written (safetensors and torch.save both write through the OS).
+    Needs root (mount); the in-process ENOSPC test above covers the rest everywhere."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    step = ckpt.list_checkpoints(finished["run"])[0]
+    size = 8 * 4096 + _pages(step) * 3 // 2  # recipe.yaml, run.json, log.jsonl and folders, then 1.5 checkpoints
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mount is not allowed here")
+    try:
+        run = disk / "run"
+        code, err = run_cli(capsys, tiny(run, finished["cache"]))
+        line = one_error_line(err)
+        assert code == 2 and "no space left on the device" in line and "step-00000002 is intact" in line
+        assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
+        assert ckpt.verify(run / "checkpoints" / "step-00000002") is None
+        assert not list((run / "checkpoints").glob(".tmp-*"))
+        kept = tmp_path / "kept"
+        shutil.copytree(run, kept)  # to a disk with room, and resumed there
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert train_main(tiny(kept, finished["cache"], "checkpoint.resume=latest")) == 0
+    assert digest(kept) == finished["digest"]
+
+
 def test_no_space_writing_the_adapter_keeps_the_old_adapter(used, capsys, monkeypatch):
     import peft.peft_model
 

@@ -81,13 +81,46 @@ def describe_os_error(error: OSError, doing: str, path: str | Path) -> str:
     return f"{doing} {where} failed: {error.strerror or error}"
 
 
+def _library_write_errors() -> tuple[type[BaseException], ...]:
+    # torch.save reports a full disk as RuntimeError ("iostream error", "unexpected pos"), the
+    # safetensors writer as its own SafetensorError: neither is an OSError
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (RuntimeError,)
+    return (RuntimeError, SafetensorError)
+
+
+def _as_os_error(error: BaseException, path: str | Path) -> OSError:
+    """The OSError a library's write error stands for (a full disk, a read-only one), from its
+    text or, failing that, from the free space left where ``path`` is."""
+    text = str(error)
+    if "No space left" in text or "os error 28" in text or "StorageFull" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if "Read-only" in text or "os error 30" in text:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS))
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if os.statvfs(existing).f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        pass
+    return OSError(errno.EIO, _first_line(error))
+
+
 @contextlib.contextmanager
-def guarded(doing: str, path: str | Path, after: str = ""):
+def guarded(doing: str, path: str | Path, after: str = "", library_errors: bool = False):
     """Turn an OSError inside the block into one RunFileError line; ``after`` is appended (e.g.
-    what is still intact)."""
+    what is still intact). ``library_errors``: also the errors torch.save and safetensors raise
+    for a failed write (for blocks that only write files)."""
+    catch = (OSError, *_library_write_errors()) if library_errors else OSError
     try:
         yield
-    except OSError as error:
+    except catch as error:
+        if not isinstance(error, OSError):
+            error = _as_os_error(error, path)
         raise RunFileError(describe_os_error(error, doing, path) + (f"; {after}" if after else "")) from None
 
 

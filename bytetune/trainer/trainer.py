@@ -458,7 +458,7 @@ class Trainer:
         previous = ckpt.list_checkpoints(self.output_dir)
         intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint was written"
         try:
-            with ckpt.guarded(f"writing the checkpoint of step {self.step} in", temporary, after=intact):
+            with ckpt.guarded(f"writing the checkpoint of step {self.step} in", temporary, after=intact, library_errors=True):
                 if main:
                     ckpt.begin(self.output_dir, self.step)
                 self.accelerator.wait_for_everyone()
@@ -531,7 +531,8 @@ class Trainer:
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
         temporary = directory.with_name(f".tmp-{directory.name}")
         main = self.accelerator.is_main_process
-        with ckpt.guarded("writing the adapter", directory, after="the checkpoints are intact"), _removed_on_failure(temporary, main):
+        with ckpt.guarded("writing the adapter", directory, after="the checkpoints are intact", library_errors=True), \
+                _removed_on_failure(temporary, main):
             if main and temporary.exists():
                 shutil.rmtree(temporary)
             if self.fsdp:
@@ -779,7 +780,8 @@ class Trainer:
         temporary = directory.with_name(".tmp-merged")
         dtype = torch_dtype(self.cfg.export.merged_dtype)
         main = self.accelerator.is_main_process
-        with ckpt.guarded("exporting the merged model to", directory, after="the adapter and checkpoints are intact"), \
+        with ckpt.guarded("exporting the merged model to", directory, after="the adapter and checkpoints are intact",
+                          library_errors=True), \
                 _removed_on_failure(temporary, main):
             if main:
                 if temporary.exists():
