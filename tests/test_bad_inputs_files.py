@@ -164,7 +164,7 @@ def read_only_dir(tmp_path):
         yield folder
     finally:
         if mounted:
-            subprocess.run(["umount", str(folder)], check=False)
+            subprocess.run(["umount", str(folder)], check=True)
         else:
             folder.chmod(0o755)
 
@@ -224,7 +224,10 @@ def test_a_really_full_disk_mid_run_keeps_the_previous_checkpoint(tmp_path, fini
         kept = tmp_path / "kept"
         shutil.copytree(run, kept)  # to a disk with room, and resumed there
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        unmounted = subprocess.run(["umount", str(disk)], capture_output=True, text=True)
+        if unmounted.returncode:  # never leave the mount behind, even when the test fails
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert unmounted.returncode == 0, f"the failed run left a file open on its disk: {unmounted.stderr}"
     assert train_main(tiny(kept, finished["cache"], "checkpoint.resume=latest")) == 0
     assert digest(kept) == finished["digest"]
 

@@ -611,6 +611,9 @@ class Trainer:
             return self._train(stop_after_step)
         except KeyboardInterrupt:
             raise self._interrupted() from None
+        except BaseException:
+            self._close_logs()  # a failed run holds no file open in its folder
+            raise
 
     def _interrupted(self) -> TrainingInterrupted:
         self._close_logs()
