@@ -406,7 +406,8 @@ def test_ctrl_c_mid_checkpoint_write_leaves_nothing_half_written_and_resumes_bit
 @pytest.mark.parametrize("extra, words", [
     (["training.threads=0"], ["training.threads must be >= 1"]),
     (["checkpoint.resume=previous_intact"], ["checkpoint.resume=previous_intact: no checkpoint in"]),
-], ids=["threads-0", "previous-intact-without-checkpoints"])
+    (["checkpoint.resume=latest", "checkpoint.overwrite=true"], ["contradict each other"]),
+], ids=["threads-0", "previous-intact-without-checkpoints", "resume-and-overwrite"])
 def test_quick_bad_values(tmp_path, finished, capsys, extra, words):
     code, err = run_cli(capsys, tiny(tmp_path / "run", finished["cache"], *extra))
     line = one_error_line(err)

@@ -359,7 +359,11 @@ def check_run_dir(output_dir: str | Path, resume, overwrite: bool, identity: dic
     """A fresh run (no resume) needs an output_dir that holds no other run, unless ``overwrite``;
     a resumed one needs checkpoints of the same recipe (checked when the checkpoint is read)."""
     check_output_dir(output_dir)
-    if overwrite or not (resume is None or str(resume).lower() in FRESH_WORDS):
+    resuming = not (resume is None or str(resume).lower() in FRESH_WORDS)
+    if overwrite and resuming:
+        raise CheckpointError(f"checkpoint.overwrite=true and checkpoint.resume={resume} contradict each other: "
+                              "drop overwrite to continue the run, or resume to start over")
+    if overwrite or resuming:
         return
     path = Path(output_dir).expanduser()
     present = [name for name in RUN_ARTIFACTS if (path / name).exists()]
