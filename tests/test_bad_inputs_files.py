@@ -394,7 +394,7 @@ def test_ctrl_c_mid_checkpoint_write_leaves_nothing_half_written_and_resumes_bit
             process.wait()
     assert process.returncode == 130, err[-3000:]
     line = one_error_line(err)
-    assert "interrupted (Ctrl-C) at step 4" in line and "resume from step-00000002 with checkpoint.resume=latest" in line
+    assert "interrupted (Ctrl-C) after step 4 of 4" in line and "resume from step-00000002 with checkpoint.resume=latest" in line
     assert not half_written.exists()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
     resumed = subprocess.run([*command, "checkpoint.resume=latest"], cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -420,3 +420,36 @@ def test_the_run_records_its_thread_count(finished):
     assert summary["threads"]["threads"] == 1  # this module runs at one thread: the rule never raises it
     state = ckpt.read_state(ckpt.list_checkpoints(finished["run"])[-1])
     assert state["threads"] == 1 and len(state["recipe"]["hash"]) == 16
+
+
+def test_ctrl_c_while_the_model_loads(tmp_path, finished, capsys, monkeypatch):
+    import bytetune.trainer.trainer as trainer_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "build_model", interrupted)
+    code, err = run_cli(capsys, tiny(tmp_path / "run", finished["cache"]))
+    assert code == 130 and "before training started: nothing was written" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_between_steps_in_process(tmp_path, finished, capsys, monkeypatch):
+    """The in-process twin of the SIGINT test: Ctrl-C at step 3, one line, then the resume."""
+    import bytetune.trainer.trainer as trainer_module
+
+    real_step = trainer_module.Trainer._train_step
+
+    def interrupted_at_step_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", interrupted_at_step_3)
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, tiny(run, finished["cache"]))
+    line = one_error_line(err)
+    assert code == 130 and "after step 2 of 4" in line and "resume from step-00000002 with checkpoint.resume=latest" in line
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", real_step)
+    assert train_main(tiny(run, finished["cache"], "checkpoint.resume=latest")) == 0
+    assert digest(run) == finished["digest"]

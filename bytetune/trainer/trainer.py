@@ -626,7 +626,7 @@ class Trainer:
             how = f"resume from {found[-1].name} with checkpoint.resume=latest (the same command otherwise)"
         else:
             how = "no checkpoint was written yet: start over with checkpoint.overwrite=true"
-        return TrainingInterrupted(f"interrupted (Ctrl-C) at step {self.step} of {self.total_steps}, "
+        return TrainingInterrupted(f"interrupted (Ctrl-C) after step {self.step} of {self.total_steps}, "
                                    f"nothing half-written left: {how}")
 
     def _start_run_dir(self) -> Path | None:
