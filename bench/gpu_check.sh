@@ -45,7 +45,7 @@ timeout 40 "$PYTHON" bench/group_gemm.py 2>&1 | quiet | tee -a "$RESULTS"
 # The bloom7b recipe shrunk to 2 layers with random weights: int8 base through the Triton
 # kernels, bf16 autocast, gradient checkpointing, AdamW8bit, a checkpoint.
 section "trainer: shrunken bloom7b_lora8 on CUDA (4 steps)"
-timeout 40 "$PYTHON" train.py recipe=bloom7b_lora8 output_dir=/tmp/bytetune_gpu_check_trainer \
+timeout 40 "$PYTHON" train.py recipe=bloom7b_lora8 output_dir=/tmp/bytetune_gpu_check_trainer checkpoint.overwrite=true \
     model.from_config=true model.shrink.num_layers=2 model.shrink.hidden_size=256 model.shrink.num_heads=4 \
     model.shrink.vocab_size=512 model.tokenizer=bytes data.max_train_chars=200000 data.max_eval_chars=20000 \
     training.max_steps=4 schedule.warmup_steps=0 training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false \

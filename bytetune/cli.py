@@ -31,11 +31,14 @@ checked before the model loads. --print-config prints the resolved recipe and ex
 """
 
 
-def error_exit(error: BaseException) -> int:
+INTERRUPTED_STATUS = 130  # 128 + SIGINT: what shells report for a process ended by Ctrl-C
+
+
+def error_exit(error: BaseException, status: int = 2) -> int:
     """One ``error:`` line on stderr and the exit status of a user error."""
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -58,10 +61,15 @@ def train_main(argv: list[str] | None = None) -> int:
         try:
             trainer = Trainer.from_config(cfg)
             summary = trainer.train()
-        except TrainingError as error:
-            return error_exit(error)
+        except TrainingError as error:  # TrainingInterrupted (Ctrl-C during training) exits 130
+            return error_exit(error, error.exit_status)
     except RecipeError as error:  # DataError and CheckpointError are RecipeErrors too
         return error_exit(error)
+    except KeyboardInterrupt:  # before training started: nothing of the run was written yet
+        return error_exit(RuntimeError("interrupted (Ctrl-C) before training started: nothing was written"),
+                          INTERRUPTED_STATUS)
+    except OSError as error:  # a read or write the trainer does not wrap itself (one line all the same)
+        return error_exit(RuntimeError(f"{error.filename or 'a file'}: {error.strerror or error}"))
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=1))
         sample = summary.get("held_out_sample")

@@ -139,11 +139,26 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return model
 
 
-def dequantized_linear(layer: FrozenQuantLinear, dtype: torch.dtype) -> nn.Linear:
-    """An nn.Linear (frozen, same device and train mode) with ``layer``'s dequantized weight."""
+def dequantized_linear(layer: FrozenQuantLinear, dtype: torch.dtype, weight: torch.Tensor | None = None) -> nn.Module:
+    """An nn.Linear (frozen, same device and train mode) with ``layer``'s dequantized weight, or
+    ``weight`` ([out, in]) instead. A layer quantized from transformers' Conv1D (GPT-2) becomes a
+    Conv1D again, weight stored [in, out]: saved, it has the original checkpoint's layout."""
     device = layer.weight.device
+    weight = layer.dequantized_weight(dtype) if weight is None else weight
+    weight = weight.to(device, dtype)
+    if getattr(layer, "source_is_conv1d", False):
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            float_layer = Conv1D(layer.out_features, layer.in_features)
+        float_layer.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        float_layer.bias = nn.Parameter(
+            torch.zeros(layer.out_features, device=device, dtype=dtype) if layer.bias is None else
+            layer.bias.detach().to(device, dtype), requires_grad=False)
+        float_layer.train(layer.training)
+        return float_layer
     float_layer = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
-    float_layer.weight = nn.Parameter(layer.dequantized_weight(dtype).to(device), requires_grad=False)
+    float_layer.weight = nn.Parameter(weight, requires_grad=False)
     if layer.bias is not None:
         float_layer.bias = nn.Parameter(layer.bias.detach().to(device, dtype), requires_grad=False)
     float_layer.train(layer.training)

@@ -104,6 +104,8 @@ class Int8Linear(FrozenQuantLinear):
         layer.set_weight(weight)
         if bias is not None:
             layer.bias.copy_(bias)
+        # dequantizing gives the Conv1D back, so that an export loads into the same architecture
+        layer.source_is_conv1d = is_conv1d(linear)
         return layer
 
     @torch.no_grad()

@@ -172,8 +172,8 @@ def merged_16bit_model(peft_model: PeftModel, dtype: torch.dtype = torch.bfloat1
             weight += layer.get_delta_weight(adapter).float().to(weight.device)
             if layer.lora_bias[adapter]:
                 bias = bias + (layer.lora_B[adapter].bias * layer.scaling[adapter]).float()
-        float_layer = dequantized_linear(base, dtype)
-        float_layer.weight.data = weight.to(dtype)
+        # an nn.Linear, or a Conv1D (weight [in, out]) where the base was quantized from one
+        float_layer = dequantized_linear(base, dtype, weight=weight)
         if bias is not None:
             float_layer.bias.data = bias.to(dtype)
         # The LoRA wrapper goes away with unload(); its base layer is what gets replaced.

@@ -187,6 +187,9 @@ class TrainingConfig:
     # Loss and its gradient from the last hidden states in token chunks: the [tokens, vocab]
     # float32 logits never exist (false: the plain path through the model's full logits).
     fused_cross_entropy: bool = True
+    # Intra-op CPU threads; null = chosen when the run starts (OMP_NUM_THREADS when set, a resumed
+    # checkpoint's count, else the idle cores this process may use: bytetune/trainer/threads.py).
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -205,8 +208,12 @@ class CheckpointConfig:
 
     every_steps: int = 0  # 0 = only at the end
     keep_last: int = 2
-    # null/"false": start fresh; "true"/"latest": the newest checkpoint in output_dir; or a path.
+    # null/"false": start fresh; "true"/"latest": the newest checkpoint in output_dir, which must
+    # be intact; "previous_intact": the newest one that is intact (skips damaged newer ones); or a path.
     resume: Optional[str] = None
+    # A fresh run into an output_dir that holds another run is an error unless this is true; then
+    # that run's checkpoints, adapter, logs and exports are removed when training starts.
+    overwrite: bool = False
 
 
 @dataclass
@@ -530,7 +537,7 @@ def check_data_paths(data: DictConfig) -> None:
 
 
 # checkpoint.resume values that are not paths (fresh start, or the newest checkpoint)
-RESUME_WORDS = ("false", "no", "0", "", "true", "latest", "yes", "1")
+RESUME_WORDS = ("false", "no", "0", "", "true", "latest", "yes", "1", "previous_intact", "latest_intact")
 
 
 def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:

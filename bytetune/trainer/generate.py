@@ -39,33 +39,49 @@ def load_adapter_for(model, adapter_dir: str | Path) -> PeftModel:
         ) from None
 
 
+def prompt_input_ids(tokenizer, prompt: str, data_cfg=None) -> list[int]:
+    """The token ids a prompt is given to the model as. With the ``data`` section of a run that
+    trained on instruction data, the prompt takes the form training gave its prompts: the
+    tokenizer's chat template (a user turn and the assistant's opening) when it has one and
+    data.chat_template is on, else data.template; otherwise the plain text."""
+    if data_cfg is not None and data_cfg.format == "instruction":
+        if data_cfg.chat_template and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            return list(ids)
+        return list(tokenizer(data_cfg.template.format(prompt=prompt), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 @torch.no_grad()
-def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, stream: bool = False) -> str:
+def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, stream: bool = False, data_cfg=None) -> str:
     """The greedy continuation of ``prompt`` (new text only); printed as it is generated when
-    ``stream``."""
+    ``stream``. ``data_cfg``: the run's ``data`` section, to prompt as training did
+    (:func:`prompt_input_ids`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    input_ids = torch.tensor([prompt_input_ids(tokenizer, prompt, data_cfg)], device=device)
     streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
     output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        do_sample=False, streamer=streamer, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
     if was_training:
         model.train()
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def before_and_after(peft_model: PeftModel, tokenizer, prompt: str, max_new_tokens: int = 32, stream: bool = False) -> dict:
+def before_and_after(peft_model: PeftModel, tokenizer, prompt: str, max_new_tokens: int = 32, stream: bool = False,
+                     data_cfg=None) -> dict:
     """{"before": the base's completion, "after": the adapted model's} for one prompt."""
     if stream:
         print("--- base model:", flush=True)
     with peft_model.disable_adapter():
-        before = complete(peft_model, tokenizer, prompt, max_new_tokens, stream)
+        before = complete(peft_model, tokenizer, prompt, max_new_tokens, stream, data_cfg)
     if stream:
         print("--- with the adapter:", flush=True)
-    after = complete(peft_model, tokenizer, prompt, max_new_tokens, stream)
+    after = complete(peft_model, tokenizer, prompt, max_new_tokens, stream, data_cfg)
     return {"prompt": prompt, "before": before, "after": after}
 
 
@@ -101,9 +117,11 @@ def main(argv: list[str]) -> int:
         model, tokenizer = build_base(cfg)
         max_new = int(options["max_new_tokens"])
         if adapter == "none":
-            complete(model, tokenizer, options["prompt"], max_new, stream=True)
+            complete(model, tokenizer, options["prompt"], max_new, stream=True, data_cfg=cfg.data)
             return 0
-        before_and_after(load_adapter_for(model, adapter), tokenizer, options["prompt"], max_new, stream=True)
+        # an instruction fine-tune is prompted as its training prompts were (chat template)
+        before_and_after(load_adapter_for(model, adapter), tokenizer, options["prompt"], max_new, stream=True,
+                         data_cfg=cfg.data)
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks
 from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
 from bytetune.trainer.models import build_base, check_before_loading, check_lora_targets
+from bytetune.trainer.threads import apply_threads
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -53,6 +55,14 @@ SAMPLE_NEW_TOKENS = 24
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite losses)."""
+
+    exit_status = 2
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C: the run stopped with nothing half-written; the message says how to resume."""
+
+    exit_status = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 
 def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = False):
@@ -134,6 +144,30 @@ def _accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def _choose_threads(cfg: DictConfig) -> dict:
+    """Set this process's intra-op thread count for the run (bytetune/trainer/threads.py); a
+    resumed run takes the count its checkpoint recorded, so it ends bitwise where an uninterrupted
+    one would. Reads the checkpoint to resume, so a damaged or foreign one fails here, early."""
+    recorded = None
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+    if resume_from is not None:
+        state = ckpt.read_state(resume_from)
+        ckpt.check_recipe_matches(resume_from, state, ckpt.recipe_identity(cfg))
+        recorded = state.get("threads")
+    return apply_threads(cfg.training.threads, recorded)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(temporary: Path, main: bool):
+    """Remove the temporary folder of a write that failed or was interrupted."""
+    try:
+        yield
+    except BaseException:
+        if main:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def _as_recipe(config: Any) -> DictConfig:
     """A validated DictConfig from a DictConfig, a RecipeConfig or a plain nested dict."""
     schema = OmegaConf.structured(RecipeConfig)
@@ -159,7 +193,7 @@ class Trainer:
     :class:`RecipeConfig`, or a nested dict over the schema's defaults).
     """
 
-    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto"):
+    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto", threads=None):
 
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
@@ -174,6 +208,8 @@ class Trainer:
             memory_plan = None  # the planner does not model FSDP yet
         if OmegaConf.is_missing(self.cfg.model, "name_or_path"):  # a model built by hand
             self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
+        # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
+        self.threads = threads if threads is not None else _choose_threads(self.cfg)
         # The planner's prediction, recorded beside the measured peaks ("auto": plan the model given).
         if memory_plan == "auto":
             memory_plan = plan_for_run(self.cfg, model_config=model.get_base_model().config)
@@ -232,8 +268,11 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Trainer":
-        # Everything that can fail cheaply fails before the model loads.
-        ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+        # Everything that can fail cheaply fails before the model loads: the run folder (another
+        # run in it, a file in its place, read-only), the checkpoint to resume (damaged, another
+        # run's), the paths the recipe names.
+        ckpt.check_run_dir(cfg.output_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, ckpt.recipe_identity(cfg))
+        threads = _choose_threads(cfg)
         check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
         check_data_files(cfg.data)  # and so do their bad rows
         check_before_loading(cfg)  # seq_len and LoRA targets against the model's config
@@ -250,23 +289,27 @@ class Trainer:
         model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None, empty=empty)
         train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
         eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
-        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan)
+        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan, threads=threads)
 
     # ---------------------------------------------------------------------------------- helpers
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, adapter: bool = True, stream: bool = False) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 32, adapter: bool = True, stream: bool = False,
+                 raw: bool = False) -> str:
         """The greedy completion of ``prompt`` by the model as it is now, or by its base alone
-        (``adapter=False``)."""
+        (``adapter=False``). When the run trained on instruction data, the prompt is put in the
+        form training gave prompts (the tokenizer's chat template, or data.template) unless
+        ``raw``: an instruction fine-tune answers what it was taught to answer."""
         if self.fsdp:
             raise TrainingError("generate() needs the whole model in one process: under FSDP run "
                                 "`python -m bytetune.generate recipe=... adapter=DIR` on the saved adapter")
+        data_cfg = None if raw else self.cfg.data
         if not adapter:
             with self.unwrapped.disable_adapter():
-                return complete(self.unwrapped, self.tokenizer, prompt, max_new_tokens, stream)
-        return complete(self.unwrapped, self.tokenizer, prompt, max_new_tokens, stream)
+                return complete(self.unwrapped, self.tokenizer, prompt, max_new_tokens, stream, data_cfg)
+        return complete(self.unwrapped, self.tokenizer, prompt, max_new_tokens, stream, data_cfg)
 
     def held_out_sample(self, prompt_tokens: int = SAMPLE_PROMPT_TOKENS, max_new_tokens: int = SAMPLE_NEW_TOKENS) -> dict | None:
         """The base's and the adapted model's completions of the start of the first held-out
@@ -312,16 +355,29 @@ class Trainer:
         return digest.hexdigest()
 
     def _truncate_log(self) -> None:
-        """Drop log records past the resumed step: an interrupted run logged steps it now redoes."""
+        """Drop log records past the resumed step: an interrupted run logged steps it now redoes
+        (and a kill mid-line leaves a last line that does not parse: dropped too)."""
         path = self.output_dir / "log.jsonl"
         if not self.accelerator.is_main_process or not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        with ckpt.guarded("reading the log", path):
+            lines = path.read_text(errors="replace").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
+        with ckpt.guarded("writing the log", self.output_dir / "log.jsonl"):
+            self._write_log(record)
+
+    def _write_log(self, record: dict) -> None:
         if self._log_file is None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.output_dir / "log.jsonl", "a")
@@ -389,24 +445,47 @@ class Trainer:
             "history": self.history,
             "eval_history": self.eval_history,
             "fingerprint": self.model_fingerprint(),
+            "recipe": {"hash": ckpt.recipe_hash(self._identity()), "identity": self._identity()},
+            "threads": torch.get_num_threads(),
         }
 
+    def _identity(self) -> dict:
+        return ckpt.recipe_identity(self.cfg)
+
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step atomically (all ranks must call this)."""
+        """Write the checkpoint of the current step atomically (all ranks must call this). A
+        failed write (no space, read-only, Ctrl-C) leaves no partial folder and the previous
+        checkpoint as the latest one."""
         temporary = ckpt.temporary_dir(self.output_dir, self.step)
-        if self.accelerator.is_main_process:
-            ckpt.begin(self.output_dir, self.step)
-        self.accelerator.wait_for_everyone()
-        ckpt.write_rank_rng(temporary, self.accelerator.process_index)
-        if self.fsdp:
-            distributed.write_checkpoint(temporary, self.unwrapped, self.optimizer.optimizer, self.scheduler,
-                                         self._trainer_state(), self.accelerator.is_main_process)
-        elif self.accelerator.is_main_process:
-            ckpt.write_main(temporary, self.unwrapped, self.optimizer, self.scheduler, self._trainer_state())
-        self.accelerator.wait_for_everyone()
-        final = ckpt.final_dir(self.output_dir, self.step)
-        if self.accelerator.is_main_process:
-            ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+        main = self.accelerator.is_main_process
+        previous = ckpt.list_checkpoints(self.output_dir)
+        intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint was written"
+        try:
+            with ckpt.guarded(f"writing the checkpoint of step {self.step} in", temporary, after=intact, library_errors=True):
+                if main:
+                    ckpt.begin(self.output_dir, self.step)
+                self.accelerator.wait_for_everyone()
+                ckpt.write_rank_rng(temporary, self.accelerator.process_index)
+                if self.fsdp:
+                    distributed.write_checkpoint(temporary, self.unwrapped, self.optimizer.optimizer, self.scheduler,
+                                                 self._trainer_state(), main)
+                elif main:
+                    ckpt.write_main(temporary, self.unwrapped, self.optimizer, self.scheduler, self._trainer_state())
+                self.accelerator.wait_for_everyone()
+                final = ckpt.final_dir(self.output_dir, self.step)
+                if main:
+                    ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+                    if getattr(self, "_set_aside_newer", None) is not None:
+                        moved = ckpt.set_aside_newer(self.output_dir, final)
+                        if moved:
+                            warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
+                                          f"{', '.join(moved)} belonged to the continuation given up on and were "
+                                          "renamed superseded-<name>")
+                        self._set_aside_newer = None
+        except BaseException:
+            if main:  # nothing half-written stays behind (the rename never happened)
+                ckpt.remove_temporaries(self.output_dir)
+            raise
         self.accelerator.wait_for_everyone()
         return final
 
@@ -425,18 +504,23 @@ class Trainer:
                 f"checkpoint {checkpoint} was written by {state['world_size']} processes, this run has {self.world}: "
                 "resume with the same number of processes"
             )
+        ckpt.check_recipe_matches(checkpoint, state, self._identity())
         if self.fsdp:
-            distributed.read_sharded(checkpoint, self.unwrapped, self.optimizer.optimizer)
+            ckpt.read_checked(checkpoint, distributed.SHARDED_DIR, lambda _: distributed.read_sharded(
+                checkpoint, self.unwrapped, self.optimizer.optimizer))
         else:
             if not (checkpoint / "optimizer.pt").is_file():
                 raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no optimizer.pt: it was written by an FSDP run; "
                                            "resume it with FSDP and the same number of processes")
-            weights = load_peft_weights(str(checkpoint), device=str(self.accelerator.device))
+            weights = ckpt.read_checked(checkpoint, "adapter_model.safetensors", lambda _: load_peft_weights(
+                str(checkpoint), device=str(self.accelerator.device)))
             result = set_peft_model_state_dict(self.unwrapped, weights)
             if getattr(result, "unexpected_keys", None):
                 raise ckpt.CheckpointError(f"checkpoint {checkpoint} has adapter weights this model lacks: {result.unexpected_keys[:3]}")
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+            optimizer_state = ckpt.read_checked(checkpoint, "optimizer.pt", lambda path: torch.load(path, weights_only=False))
+            ckpt.read_checked(checkpoint, "optimizer.pt", lambda _: self.optimizer.load_state_dict(optimizer_state))
+        scheduler_state = ckpt.read_checked(checkpoint, "scheduler.pt", lambda path: torch.load(path, weights_only=False))
+        self.scheduler.load_state_dict(scheduler_state)
         ckpt.load_rank_rng(checkpoint, self.accelerator.process_index)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
@@ -445,16 +529,26 @@ class Trainer:
         self.eval_history = state["eval_history"]
 
     def save_adapter(self, directory: str | Path | None = None) -> Path:
-        """The adapters in PEFT format (``PeftModel.from_pretrained`` loads them); main process writes."""
+        """The adapters in PEFT format (``PeftModel.from_pretrained`` loads them); main process
+        writes, into a temporary folder renamed into place (an old adapter stays whole until then)."""
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
-        if self.fsdp:
-            distributed.save_adapter(self.unwrapped, directory, self.accelerator.is_main_process, self.tokenizer)
-        elif self.accelerator.is_main_process:
-            # no embedding layers: bytetune never resizes them, and PEFT's "auto" would ask the hub
-            # whether the base named in the adapter config has another vocabulary
-            self.unwrapped.save_pretrained(directory, save_embedding_layers=False)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(directory)
+        temporary = directory.with_name(f".tmp-{directory.name}")
+        main = self.accelerator.is_main_process
+        with ckpt.guarded("writing the adapter", directory, after="the checkpoints are intact", library_errors=True), \
+                _removed_on_failure(temporary, main):
+            if main and temporary.exists():
+                shutil.rmtree(temporary)
+            if self.fsdp:
+                distributed.save_adapter(self.unwrapped, temporary, main, self.tokenizer)
+            elif main:
+                # no embedding layers: bytetune never resizes them, and PEFT's "auto" would ask the hub
+                # whether the base named in the adapter config has another vocabulary
+                self.unwrapped.save_pretrained(temporary, save_embedding_layers=False)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(temporary)
+            self.accelerator.wait_for_everyone()
+            if main:
+                ckpt.replace_dir(temporary, directory)
         self.accelerator.wait_for_everyone()
         return directory
 
@@ -512,14 +606,61 @@ class Trainer:
         return mean_loss, tokens
 
     def train(self, stop_after_step: int | None = None) -> dict:
-        """Train to the recipe's last step (or stop, with a checkpoint, after ``stop_after_step``)."""
-        resume_from = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
+        """Train to the recipe's last step (or stop, with a checkpoint, after ``stop_after_step``).
+
+        Ctrl-C ends it with :class:`TrainingInterrupted` (one line saying how to resume): nothing
+        half-written is left, the last checkpoint stays the latest."""
+        try:
+            return self._train(stop_after_step)
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+        except BaseException:
+            self._close_logs()  # a failed run holds no file open in its folder
+            raise
+
+    def _interrupted(self) -> TrainingInterrupted:
+        self._close_logs()
+        if self.accelerator.is_main_process:
+            ckpt.remove_temporaries(self.output_dir)
+            for name in ("adapter", "merged"):
+                shutil.rmtree(self.output_dir / f".tmp-{name}", ignore_errors=True)
+        found = ckpt.list_checkpoints(self.output_dir)
+        if found:
+            how = f"resume from {found[-1].name} with checkpoint.resume=latest (the same command otherwise)"
+        else:
+            how = "no checkpoint was written yet: start over with checkpoint.overwrite=true"
+        return TrainingInterrupted(f"interrupted (Ctrl-C) after step {self.step} of {self.total_steps}, "
+                                   f"nothing half-written left: {how}")
+
+    def _start_run_dir(self) -> Path | None:
+        """The checkpoint to resume (None: a fresh run, into a folder that holds no other run, or
+        over one with checkpoint.overwrite), then the run's own files: recipe.yaml, run.json."""
+        checkpoint_cfg = self.cfg.checkpoint
+        resume_from = ckpt.resolve_resume(checkpoint_cfg.resume, self.output_dir)
+        fresh = resume_from is None and self.step == 0
+        if fresh:
+            ckpt.check_run_dir(self.output_dir, None, checkpoint_cfg.overwrite, self._identity())
+        self.accelerator.wait_for_everyone()  # every rank has looked before the main one writes
+        main = self.accelerator.is_main_process
+        if fresh and checkpoint_cfg.overwrite and main:
+            ckpt.clear_run(self.output_dir)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            # checkpoints newer than this one belong to a continuation given up on: set aside
+            # once this session has written its first checkpoint (save_checkpoint)
+            self._set_aside_newer = resume_from
             self._truncate_log()
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        if main:
+            with ckpt.guarded("creating output_dir", self.output_dir):
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.output_dir / "recipe.yaml", OmegaConf.to_yaml(self.cfg))
+            if fresh or not (self.output_dir / ckpt.RUN_FILE).is_file():
+                ckpt.write_run_file(self.output_dir, self._identity())
+        self.accelerator.wait_for_everyone()
+        return resume_from
+
+    def _train(self, stop_after_step: int | None) -> dict:
+        self._start_run_dir()
         start_step = self.step
         if self.step == 0 and self.eval_data is not None and self.cfg.eval.at_start:
             self._run_eval()
@@ -598,19 +739,25 @@ class Trainer:
         # to `python -m bytetune.generate` on its saved adapter.
         if self.accelerator.is_main_process and not self.fsdp:
             summary["held_out_sample"] = self.held_out_sample()
+        summary["threads"] = self.threads
         if self.cfg.export.merged:
             summary["merged_dir"] = str(self._export_merged())
         if self.accelerator.is_main_process:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            ckpt.atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=1))
             if self.cfg.logging.plot:
-                self._plot()
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
-            if self._tensorboard is not None:
-                self._tensorboard.close()
+                with ckpt.guarded("writing the loss plot", self.output_dir / "loss_curve.png"):
+                    self._plot()
+            self._close_logs()
         self.accelerator.wait_for_everyone()
         return summary
+
+    def _close_logs(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def _plot(self) -> None:
         try:
@@ -635,21 +782,30 @@ class Trainer:
     def _export_merged(self) -> Path:
         """Base with the adapters merged in, in export.merged_dtype (int8 bases are dequantized)."""
         directory = self.output_dir / "merged"
+        # written beside, then renamed into place: a failed export leaves no half a model
+        temporary = directory.with_name(".tmp-merged")
         dtype = torch_dtype(self.cfg.export.merged_dtype)
-        if self.accelerator.is_main_process:
-            # Both paths merge the trainer's own model in place (no copy of a large base): this
-            # runs last, after the adapters and the final checkpoint are written.
-            if self.cfg.quantization.int8:
-                export_merged(self.unwrapped, directory, dtype)
-            elif self.cfg.quantization.zeroquant:
-                # Dequantize the bases under the adapters, then merge in float: no requantization.
-                dequantize_model(self.unwrapped, dtype=torch.float32)
-                merged = self.unwrapped.merge_and_unload().to(dtype)
-                forget_quantization(merged)
-                merged.save_pretrained(directory)
-            else:
-                self.unwrapped.merge_and_unload().to(dtype).save_pretrained(directory)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(directory)
+        main = self.accelerator.is_main_process
+        with ckpt.guarded("exporting the merged model to", directory, after="the adapter and checkpoints are intact",
+                          library_errors=True), \
+                _removed_on_failure(temporary, main):
+            if main:
+                if temporary.exists():
+                    shutil.rmtree(temporary)
+                # Both paths merge the trainer's own model in place (no copy of a large base): this
+                # runs last, after the adapters and the final checkpoint are written.
+                if self.cfg.quantization.int8:
+                    export_merged(self.unwrapped, temporary, dtype)
+                elif self.cfg.quantization.zeroquant:
+                    # Dequantize the bases under the adapters, then merge in float: no requantization.
+                    dequantize_model(self.unwrapped, dtype=torch.float32)
+                    merged = self.unwrapped.merge_and_unload().to(dtype)
+                    forget_quantization(merged)
+                    merged.save_pretrained(temporary)
+                else:
+                    self.unwrapped.merge_and_unload().to(dtype).save_pretrained(temporary)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(temporary)
+                ckpt.replace_dir(temporary, directory)
         self.accelerator.wait_for_everyone()
         return directory

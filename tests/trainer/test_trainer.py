@@ -126,12 +126,11 @@ def test_errors_that_need_a_run(tmp_path, capsys):
                                                                         "model.name_or_path": "./no/such/model"}))
     with pytest.raises(RecipeError, match="data.eval file .* does not exist"):
         Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"data.eval": str(tmp_path / "gone.jsonl")}))
-    # a checkpoint from another model: same recipe with a wider LoRA
+    # a checkpoint of another run: same recipe with a wider LoRA, refused before the model loads
     small = {"training.max_steps": 1, "schedule.warmup_steps": 0, "training.grad_accum_steps": 1, "eval.at_start": False}
     Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small)).train()
-    other = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small, **{"lora.r": 8, "checkpoint.resume": "latest"}))
-    with pytest.raises(CheckpointError, match="from a different model"):
-        other.train()
+    with pytest.raises(CheckpointError, match=r"belongs to another run: its recipe differs in lora.r \(4 there, 8 here\)"):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **small, **{"lora.r": 8, "checkpoint.resume": "latest"}))
 
 
 def test_trainer_on_a_model_built_by_hand(tmp_path):
@@ -157,3 +156,24 @@ def test_lora_layers_limits_adapters_to_chosen_blocks(tmp_path):
     trainer = Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"lora.layers": [1]}))
     names = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad]
     assert names and all(".h.1." in n for n in names)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_built_by_hand(tmp_path):
+    """The same config over another hand-built model: the recipe hash matches, the model
+    fingerprint (adapter names and shapes) does not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BloomConfig, BloomForCausalLM
+
+    def model(rank: int):
+        torch.manual_seed(0)
+        base = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+        return get_peft_model(base, LoraConfig(r=rank, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+
+    rows = [{"input_ids": torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))} for i in range(8)]
+    config = {"output_dir": str(tmp_path / "run"), "training": {"max_steps": 2, "micro_batch_size": 4},
+              "logging": {"progress_bar": False, "plot": False}, "optimizer": {"name": "adamw", "lr": 1e-2}}
+    Trainer(model(2), None, rows, config, memory_plan=None).train()
+    config["checkpoint"] = {"resume": "latest"}
+    other = Trainer(model(4), None, rows, config, memory_plan=None)
+    with pytest.raises(CheckpointError, match="from a different model"):
+        other.train()
