@@ -115,6 +115,24 @@ class Int8Linear(FrozenQuantLinear):
         self.weight_scale = w_scale.to(self.weight.device, torch.float32)
 
     @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
+        """Quantize a float weight read from a checkpoint into this layer's allocated storage:
+        the codes of the rows this rank holds (all of them, unless FSDP2 sharded ``weight``) and
+        the scales of every row (a row's codes depend on that row alone). ``weight`` is laid out
+        as the layer's source was ([in, out] for a Conv1D)."""
+        from bytetune.quant_layers.loading import local_rows, local_tensor
+
+        if self.source_is_conv1d:
+            weight = weight.t()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects "
+                             f"[{self.out_features}, {self.in_features}]")
+        codes, scales = quantize_rowwise(weight.to(self.weight_scale.device).contiguous())
+        start, end = local_rows(self.weight)
+        local_tensor(self.weight).copy_(codes[start:end])
+        self.weight_scale.copy_(scales)
+
+    @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float [out, in] weight the int8 weight stands for."""
         return dequantize_rowwise(self.weight, self.weight_scale, dtype=dtype)
