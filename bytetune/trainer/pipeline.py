@@ -423,9 +423,7 @@ class PipelineTrainer(Trainer):
     # ------------------------------------------------------------------------ training
     def _micro_batch_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         summed = self.stage_module.summed_loss(hidden, labels, self.cfg.training.fused_cross_entropy)
-        # the schedule's first step also calls this on meta tensors, to infer shapes: not a loss
-        if summed.device.type != "meta":
-            self._summed.append(summed.detach().float())
+        self._summed.append(summed.detach().float())
         return summed / self._normalizer.to(summed.device)
 
     def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -444,10 +442,14 @@ class PipelineTrainer(Trainer):
         target = whole["labels"] if self.last else None
         with self.accelerator.autocast():
             self.schedule.step(*args, target=target, attention_mask=whole["attention_mask"], return_outputs=False)
-        if self.last and len(self._summed) != self.micro_batches:
+        # The schedule's first step also runs the loss once on placeholder tensors before the
+        # micro-batches (metadata inference: shapes and dtypes of the gradients to receive), so
+        # the step's own losses are the last ones recorded.
+        if self.last and len(self._summed) not in (self.micro_batches, self.micro_batches + 1):
             raise TrainingError(f"the pipeline schedule computed {len(self._summed)} micro-batch losses, "
                                 f"expected {self.micro_batches}")
-        loss_sum = torch.stack(self._summed).sum() if self.last else torch.zeros((), device=device)
+        summed = self._summed[-self.micro_batches:]
+        loss_sum = torch.stack(summed).sum() if self.last else torch.zeros((), device=device)
         loss_sum = self._all_sum(loss_sum.reshape(1).float())
         tokens = int(whole["attention_mask"].sum())
         mean_loss = (loss_sum.sum() / step_targets.clamp_min(1)).item()
