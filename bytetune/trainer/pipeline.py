@@ -541,12 +541,26 @@ class PipelineTrainer(Trainer):
         state["pipeline"] = self.layout()
         return state
 
-    def _write_peft_adapter(self, directory: Path, state: dict | None, with_tokenizer: bool) -> None:
-        if self.rank == 0:
-            # no embedding layers: bytetune never resizes them (see Trainer.save_adapter)
-            self.model.save_pretrained(str(directory), state_dict=state, save_embedding_layers=False)
-            if with_tokenizer and self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(directory))
+    def _write_peft_adapter(self, directory: Path, with_tokenizer: bool) -> None:
+        """One ordinary PEFT adapter of the whole model (collective; rank 0 writes). Every stage
+        converts its own adapters to PEFT's file keys (PEFT reads them off the modules it has),
+        rank 0 writes the config and the union of the weights."""
+        from peft import get_peft_model_state_dict
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import save_file
+
+        mine = {k: v.detach().cpu().contiguous() for k, v in
+                get_peft_model_state_dict(self.model, save_embedding_layers=False).items()}
+        parts = [None] * self.stages if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if self.rank != 0:
+            return
+        weights = {k: v for part in parts for k, v in part.items()}
+        # no embedding layers: bytetune never resizes them (see Trainer.save_adapter)
+        self.model.save_pretrained(str(directory), save_embedding_layers=False)
+        save_file(weights, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        if with_tokenizer and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
 
     def save_checkpoint(self) -> Path:
         temporary = ckpt.temporary_dir(self.output_dir, self.step)
@@ -554,8 +568,7 @@ class PipelineTrainer(Trainer):
             ckpt.begin(self.output_dir, self.step)
         dist.barrier()
         ckpt.write_rank_rng(temporary, self.rank)
-        full = self.full_adapter_state()
-        self._write_peft_adapter(temporary, full, with_tokenizer=False)
+        self._write_peft_adapter(temporary, with_tokenizer=False)
         if self.rank == 0:
             ckpt.write_delay_hook(self.step)
         torch.save({"adapter": self.stage_state(), "optimizer": self.optimizer.state_dict()},
@@ -605,6 +618,6 @@ class PipelineTrainer(Trainer):
     def save_adapter(self, directory: str | Path | None = None) -> Path:
         """The whole model's adapters as one ordinary PEFT adapter, written by rank 0."""
         directory = Path(directory) if directory is not None else self.output_dir / "adapter"
-        self._write_peft_adapter(directory, self.full_adapter_state(), with_tokenizer=True)
+        self._write_peft_adapter(directory, with_tokenizer=True)
         dist.barrier()
         return directory
