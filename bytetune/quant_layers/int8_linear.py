@@ -26,6 +26,7 @@ from torch import nn
 from bytetune.kernels.llm_int8 import INT8_MAX, quantize_rowwise
 from bytetune.kernels.ops import int8_linear
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
+from bytetune.quant_layers.shards import local_rows, local_tensor
 
 DEFAULT_THRESHOLD = 6.0
 # At most this fraction of the input columns take the 16-bit path per forward by default, and
@@ -120,8 +121,6 @@ class Int8Linear(FrozenQuantLinear):
         the codes of the rows this rank holds (all of them, unless FSDP2 sharded ``weight``) and
         the scales of every row (a row's codes depend on that row alone). ``weight`` is laid out
         as the layer's source was ([in, out] for a Conv1D)."""
-        from bytetune.quant_layers.loading import local_rows, local_tensor
-
         if self.source_is_conv1d:
             weight = weight.t()
         if tuple(weight.shape) != (self.out_features, self.in_features):

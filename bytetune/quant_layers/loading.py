@@ -16,29 +16,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from bytetune.quant_layers.int8_linear import Int8Linear
+from bytetune.quant_layers.shards import local_rows, local_tensor
 
 
 def named_tensors(model: nn.Module):
     """Parameters, then buffers (each tensor once, under the first name it has)."""
     yield from model.named_parameters()
     yield from model.named_buffers()
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (possibly FSDP2-sharded) tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
-    """Rows [start, end) of dim 0 this rank holds (FSDP2 splits dim 0 as torch.chunk does)."""
-    if not isinstance(tensor, DTensor):
-        return 0, tensor.shape[0]
-    per_rank = -(-tensor.shape[0] // tensor.device_mesh.size())
-    start = min(tensor.shape[0], tensor.device_mesh.get_local_rank() * per_rank)
-    return start, min(tensor.shape[0], start + per_rank)
 
 
 class SafetensorsCheckpoint:
@@ -74,6 +60,28 @@ class SafetensorsCheckpoint:
         return tensor
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Name -> the first name of the same tensor, for tensors a module shares with another
+    (tied embeddings and head); transformers saves such a tensor once, under its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Point every alias back at its canonical tensor (to_empty allocates each module's anew)."""
+    present = dict(model.named_parameters(remove_duplicate=False))
+    present.update(model.named_buffers(remove_duplicate=False))
+    for name, canonical in tied.items():
+        if name in present and canonical in present and present[name] is not present[canonical]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, present[canonical])
+
+
 @torch.no_grad()
 def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.device,
                           aliases: dict[str, str] | None = None) -> SafetensorsCheckpoint:
@@ -84,16 +92,18 @@ def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.devic
     of ``model`` to the name it had in the whole model, for tensors that were tied to one the
     model no longer holds (a pipeline's last stage keeps the head tied to embeddings it dropped).
     Returns the checkpoint reader (its ``bytes_read`` says how much was read)."""
-    # to_empty allocates every tensor anew: keep what is real already.
+    # to_empty allocates every tensor anew: keep what is real already, and which tensors are shared.
     kept = {name: local_tensor(tensor).clone() for name, tensor in named_tensors(model) if tensor.device.type != "meta"}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = tied_aliases(base)
     model.to_empty(device=device)
+    _retie(base, tied)
     for name, tensor in named_tensors(model):
         if name in kept:
             local_tensor(tensor).copy_(kept[name])
     checkpoint = SafetensorsCheckpoint(directory)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = base.base_model_prefix
-    aliases = aliases or {}
+    aliases = {**tied, **(aliases or {})}
     filled = {id(tensor) for name, tensor in named_tensors(model) if name in kept}
 
     def checkpoint_key(name: str) -> str:

@@ -43,7 +43,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from bytetune.quant_layers.loading import load_float_checkpoint
-from bytetune.quant_layers.loading import local_tensor as _local
+from bytetune.quant_layers.shards import local_tensor as _local
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.models import resolve_model_dir

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bytetune.quant_layers.loading import load_float_checkpoint
+from bytetune.quant_layers.loading import load_float_checkpoint, tied_aliases
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import DataError, build_token_blocks
@@ -198,17 +198,6 @@ def _parts(peft_model):
 def num_blocks_of(peft_model) -> int:
     inner, backbone, _ = _parts(peft_model)
     return len(_blocks_list(backbone, set(inner._no_split_modules or []))[1])
-
-
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Name -> the name the same tensor has first (transformers saves a tied tensor once)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        canonical = first.setdefault(id(tensor), name)
-        if canonical != name:
-            aliases[name] = canonical
-    return aliases
 
 
 def prune_to_stage(peft_model, blocks: range, first: bool, last: bool) -> None:

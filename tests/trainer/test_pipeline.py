@@ -75,6 +75,7 @@ def single_process(tmp_path: Path, overrides: dict) -> dict:
             "params": [(n, p.numel(), p.requires_grad, p.dtype) for n, p in trainer.unwrapped.named_parameters()],
             "tensor_bytes": sum(t.numel() * t.element_size()
                                 for t in [*trainer.unwrapped.parameters(), *trainer.unwrapped.buffers()]),
+            "table_bytes": (lambda w: w.numel() * w.element_size())(trainer.unwrapped.get_input_embeddings().weight),
         }
     return _SINGLE[key]
 
@@ -114,9 +115,11 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
                     if (m := re.search(BLOCK_INDEX, name)) and int(m.group(1)) in blocks]
         assert facts["trainable"] == sum(numel for numel, trainable, _ in in_stage if trainable)
         assert facts["int8"] == sum(numel for numel, _, dtype in in_stage if dtype == torch.int8)
-        # what the process allocated for tensors and read from the checkpoint: about its share
-        assert facts["tensor_bytes"] < 1.6 / stages * single["tensor_bytes"], (rank, facts, single["tensor_bytes"])
-        assert 0 < facts["bytes_read"] < 1.6 / stages * checkpoint_bytes, (rank, facts, checkpoint_bytes)
+        # what the process allocated for tensors and read from the checkpoint: its share of the
+        # blocks plus at most one vocabulary table (the first stage's embeddings, the last's head)
+        table = single["table_bytes"]
+        assert facts["tensor_bytes"] <= single["tensor_bytes"] / stages + table, (rank, facts, single["tensor_bytes"])
+        assert 0 < facts["bytes_read"] <= checkpoint_bytes / stages + table, (rank, facts, checkpoint_bytes)
     # and together they read the whole checkpoint (the tied table twice: embeddings and head)
     assert sum(f["bytes_read"] for f in result["ranks"]) >= checkpoint_bytes - 4096
 
@@ -132,14 +135,12 @@ def safetensors_bytes(directory: Path) -> int:
     return total
 
 
-def test_two_stages_bloom_and_llama_under_1f1b_and_gpipe_equal_one_process(tmp_path, checkpoints):
+def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_and_save_plain_peft(tmp_path, checkpoints):
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=2)
     results = run_pipeline(tmp_path, 2, [case("bloom_1f1b", bloom, "1f1b", resume_check=True),
-                                         case("bloom_gpipe", bloom, "gpipe"),
-                                         case("llama_1f1b", llama, "1f1b")], port=29571)
-    for name, overrides, model in (("bloom_1f1b", bloom, "bloom"), ("bloom_gpipe", bloom, "bloom"),
-                                   ("llama_1f1b", llama, "llama")):
+                                         case("llama_gpipe", llama, "gpipe")], port=29571)
+    for name, overrides, model in (("bloom_1f1b", bloom, "bloom"), ("llama_gpipe", llama, "llama")):
         check_against_single_process(results[name], single_process(tmp_path, overrides), 2,
                                      safetensors_bytes(checkpoints[model]))
     # stopped after the step-2 checkpoint and resumed by new trainers: bit for bit
@@ -152,21 +153,21 @@ def test_two_stages_bloom_and_llama_under_1f1b_and_gpipe_equal_one_process(tmp_p
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
-    loaded = PeftModel.from_pretrained(base, results["llama_1f1b"]["adapter_dir"])
+    loaded = PeftModel.from_pretrained(base, results["llama_gpipe"]["adapter_dir"])
     weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-    assert weights.keys() == results["llama_1f1b"]["adapter"].keys()
+    assert weights.keys() == results["llama_gpipe"]["adapter"].keys()
     for name, weight in weights.items():
-        assert torch.equal(weight.detach(), torch.tensor(results["llama_1f1b"]["adapter"][name])), name
+        assert torch.equal(weight.detach(), torch.tensor(results["llama_gpipe"]["adapter"][name])), name
 
 
-def test_four_stages_bloom_and_llama_equal_one_process(tmp_path, checkpoints):
+def test_four_stages_bloom_gpipe_and_llama_1f1b_equal_one_process(tmp_path, checkpoints):
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=4)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=4)
-    results = run_pipeline(tmp_path, 4, [case("bloom_1f1b", bloom, "1f1b"), case("llama_gpipe", llama, "gpipe")],
+    results = run_pipeline(tmp_path, 4, [case("bloom_gpipe", bloom, "gpipe"), case("llama_1f1b", llama, "1f1b")],
                            port=29572)
-    check_against_single_process(results["bloom_1f1b"], single_process(tmp_path, bloom), 4,
+    check_against_single_process(results["bloom_gpipe"], single_process(tmp_path, bloom), 4,
                                  safetensors_bytes(checkpoints["bloom"]))
-    check_against_single_process(results["llama_gpipe"], single_process(tmp_path, llama), 4,
+    check_against_single_process(results["llama_1f1b"], single_process(tmp_path, llama), 4,
                                  safetensors_bytes(checkpoints["llama"]))
 
 
