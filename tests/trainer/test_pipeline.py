@@ -96,6 +96,13 @@ def case(name: str, overrides: dict, schedule: str, resume_check: bool = False) 
                           "output_dir": str(Path(overrides["output_dir"]) / name)}}
 
 
+def assert_close_to_magnitude(got: torch.Tensor, want: torch.Tensor, name: str, rel: float = 1e-5) -> None:
+    """Equal to ``rel`` of the tensor's size (an element of a LoRA B near 0 may round apart by
+    more than ``rel`` of itself when the sums are ordered differently)."""
+    error = (got.double() - want.double()).norm()
+    assert error <= rel * want.double().norm(), (name, float(error), float(want.double().norm()))
+
+
 def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int) -> None:
     import re
 
@@ -104,7 +111,7 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
     assert result["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert result["adapter"].keys() == single["adapter"].keys()
     for name, weight in single["adapter"].items():
-        torch.testing.assert_close(torch.tensor(result["adapter"][name]), weight, rtol=1e-5, atol=1e-7)
+        assert_close_to_magnitude(torch.tensor(result["adapter"][name]), weight, name)
 
     # each rank holds its own blocks only: the split's blocks, their adapters and int8 codes
     ranges = split_blocks(4, stages)
@@ -208,7 +215,7 @@ def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, 
     mine = {k.replace(".default", ""): v for k, v in single["adapter"].items()}
     assert set(saved) == set(mine)
     for name, weight in saved.items():
-        torch.testing.assert_close(weight, mine[name], rtol=1e-5, atol=1e-7)
+        assert_close_to_magnitude(weight, mine[name], name)
 
 
 # ------------------------------------------------------------------------- no processes needed
