@@ -142,6 +142,7 @@ def safetensors_bytes(directory: Path) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_and_save_plain_peft(tmp_path, checkpoints):
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=2)
@@ -167,6 +168,7 @@ def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_
         assert torch.equal(weight.detach(), torch.tensor(results["llama_gpipe"]["adapter"][name])), name
 
 
+@pytest.mark.slow
 def test_four_stages_bloom_gpipe_and_llama_1f1b_equal_one_process(tmp_path, checkpoints):
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=4)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=4)
@@ -188,6 +190,7 @@ def kill_launcher_and_ranks(process: subprocess.Popen) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, checkpoints):
     overrides = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
     run_dir = Path(overrides["output_dir"])
