@@ -124,7 +124,7 @@ def main() -> None:
         rows = []
         pipeline_overrides = json.dumps(recipe_overrides(args, tmp / "model", tmp / "pipeline"))
         pipeline = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591",
-                        *me, "--worker", "pipeline", "--threads", "1", "--overrides", pipeline_overrides, *common], 1)
+                        me[1], "--worker", "pipeline", "--threads", "1", "--overrides", pipeline_overrides, *common], 1)
         rows.append(("pipeline, 2 stages (2 processes x 1 thread, 1F1B)", pipeline))
         for threads in (1, 2):
             overrides = json.dumps(recipe_overrides(args, tmp / "model", tmp / f"single{threads}"))
