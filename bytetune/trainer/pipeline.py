@@ -379,8 +379,8 @@ class PipelineTrainer(Trainer):
                 "schedule": self.cfg.parallel.pipeline.schedule, "micro_batches": self.micro_batches}
 
     def stage_state(self) -> dict[str, torch.Tensor]:
-        """This stage's trainable tensors by their whole-model names, on CPU."""
-        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        """A copy of this stage's trainable tensors by their whole-model names, on CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def full_adapter_state(self) -> dict[str, torch.Tensor] | None:
         """Every stage's trainable tensors, on rank 0 (None elsewhere); collective."""

@@ -2,7 +2,7 @@
 
 argv: OUT_JSON CASES_JSON. CASES_JSON is a list of cases, run one after another by the same
 processes (starting processes is what costs on 2 cores): {"name", "recipe", "overrides",
-"resume_check"}. Each case trains straight through, then (with resume_check) again stopped after
+"resume_check"} or, for the non-finite guard, {"name", "recipe", "overrides", "poisoned_step"}. Each case trains straight through, then (with resume_check) again stopped after
 step 2 and resumed by a new PipelineTrainer from its checkpoint. Rank 0 writes per case what the
 test compares: losses, eval loss, the whole adapter, and per rank the blocks, parameter counts and
 checkpoint bytes read.
@@ -50,11 +50,39 @@ def rank_facts(trainer: PipelineTrainer) -> dict:
     }
 
 
+def poisoned_run(recipe: str, overrides: dict, poisoned_step: int) -> dict:
+    """Three steps by hand; the last stage's loss of step ``poisoned_step`` (1-based) is NaN. Per
+    rank: whether each step changed this stage's adapters, and the non-finite step count."""
+    trainer = PipelineTrainer.from_recipe(recipe, **overrides)
+    if trainer.last:
+        original = trainer.stage_module.summed_loss
+
+        def summed_loss(hidden, labels, fused):
+            value = original(hidden, labels, fused)
+            return value * float("nan") if trainer.step + 1 == poisoned_step else value
+
+        trainer.stage_module.summed_loss = summed_loss
+    trainer.model.train()
+    changed, losses = [], []
+    for _ in range(3):
+        before = trainer.stage_state()
+        loss_value, _ = trainer._train_step()
+        trainer.step += 1
+        losses.append(loss_value)
+        changed.append(any(not torch.equal(before[k], v) for k, v in trainer.stage_state().items()))
+    return {"changed": changed, "nonfinite_steps": trainer.nonfinite_steps, "losses": losses}
+
+
 def main() -> None:
     out, cases = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     results = {}
     for case in cases:
         overrides = dict(case["overrides"])
+        if "poisoned_step" in case:
+            facts = [None] * dist.get_world_size()
+            dist.all_gather_object(facts, poisoned_run(case["recipe"], overrides, case["poisoned_step"]))
+            results[case["name"]] = {"ranks": facts}
+            continue
         straight = run(case["recipe"], {**overrides, "output_dir": str(Path(overrides["output_dir"]) / "straight")})
         facts = [None] * straight.stages
         dist.all_gather_object(facts, rank_facts(straight))

@@ -12,6 +12,7 @@ step are the reference's accumulation steps (same rows), dropout is off, the 8-b
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -143,11 +144,16 @@ def safetensors_bytes(directory: Path) -> int:
 
 
 @pytest.mark.slow
-def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_and_save_plain_peft(tmp_path, checkpoints):
+def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_skip_together_save_plain_peft(tmp_path, checkpoints):
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=2)
+    poisoned = {**case("bloom_poisoned", {**bloom, "schedule.warmup_steps": 0}, "1f1b"), "poisoned_step": 2}
     results = run_pipeline(tmp_path, 2, [case("bloom_1f1b", bloom, "1f1b", resume_check=True),
-                                         case("llama_gpipe", llama, "gpipe")], port=29571)
+                                         case("llama_gpipe", llama, "gpipe"), poisoned], port=29571)
+    # a NaN loss on the last stage at step 2: every stage skips that update, and only that one
+    for facts in results["bloom_poisoned"]["ranks"]:
+        assert facts["changed"] == [True, False, True] and facts["nonfinite_steps"] == 1, facts
+        assert math.isnan(facts["losses"][1]) and math.isfinite(facts["losses"][2]), facts
     for name, overrides, model in (("bloom_1f1b", bloom, "bloom"), ("llama_gpipe", llama, "llama")):
         check_against_single_process(results[name], single_process(tmp_path, overrides), 2,
                                      safetensors_bytes(checkpoints[model]))
