@@ -28,7 +28,7 @@ EOF
     PP_ARGS=(train.py recipe=bloom7b_lora8 parallel.strategy=pipeline output_dir=/tmp/bytetune_gpu_check_pp
         model.from_config=false model.name_or_path=$PP_MODEL model.tokenizer=bytes model.device_map=null quantization.embeddings=null
         data.max_train_chars=200000 data.max_eval_chars=20000 training.seq_len=256 training.micro_batch_size=1
-        training.grad_accum_steps=4 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false)
+        training.grad_accum_steps=4 schedule.warmup_steps=0 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false)
     timeout 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 2 --master_port 29562 "${PP_ARGS[@]}" \
         training.max_steps=2 2>&1 \
         | grep -E '"(steps|parallel|tokens_per_s|peak_memory_bytes|final_train_loss)"|^error|Error' | tee -a "$RESULTS"
