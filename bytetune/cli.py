@@ -56,10 +56,12 @@ def train_main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         # The trainer pulls in accelerate, peft and datasets: a bad recipe fails before that.
+        from bytetune.trainer import pipeline
         from bytetune.trainer.trainer import Trainer, TrainingError
 
         try:
-            trainer = Trainer.from_config(cfg)
+            # one pipeline stage per process (bytetune/trainer/pipeline.py), else the one trainer
+            trainer = (pipeline.PipelineTrainer if pipeline.use_pipeline(cfg) else Trainer).from_config(cfg)
             summary = trainer.train()
         except TrainingError as error:  # TrainingInterrupted (Ctrl-C during training) exits 130
             return error_exit(error, error.exit_status)

@@ -26,6 +26,7 @@ from torch import nn
 from bytetune.kernels.llm_int8 import INT8_MAX, quantize_rowwise
 from bytetune.kernels.ops import int8_linear
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
+from bytetune.quant_layers.shards import local_rows, local_tensor
 
 DEFAULT_THRESHOLD = 6.0
 # At most this fraction of the input columns take the 16-bit path per forward by default, and
@@ -115,6 +116,22 @@ class Int8Linear(FrozenQuantLinear):
         w_int8, w_scale = quantize_rowwise(weight.float())
         self.weight.data = w_int8.to(self.weight.device)
         self.weight_scale = w_scale.to(self.weight.device, torch.float32)
+
+    @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
+        """Quantize a float weight read from a checkpoint into this layer's allocated storage:
+        the codes of the rows this rank holds (all of them, unless FSDP2 sharded ``weight``) and
+        the scales of every row (a row's codes depend on that row alone). ``weight`` is laid out
+        as the layer's source was ([in, out] for a Conv1D)."""
+        if self.source_is_conv1d:
+            weight = weight.t()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects "
+                             f"[{self.out_features}, {self.in_features}]")
+        codes, scales = quantize_rowwise(weight.to(self.weight_scale.device).contiguous())
+        start, end = local_rows(self.weight)
+        local_tensor(self.weight).copy_(codes[start:end])
+        self.weight_scale.copy_(scales)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -42,8 +42,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from bytetune.kernels.llm_int8 import quantize_rowwise
-from bytetune.quant_layers import Int8Linear
+from bytetune.quant_layers.loading import load_float_checkpoint
+from bytetune.quant_layers.shards import local_tensor as _local
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.models import resolve_model_dir
@@ -146,103 +146,13 @@ def shard_model(model: nn.Module, device: torch.device, cfg) -> nn.Module:
     return model
 
 
-def _named_tensors(model: nn.Module):
-    yield from model.named_parameters()
-    yield from model.named_buffers()
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _row_range(tensor: torch.Tensor) -> tuple[int, int]:
-    """Rows [start, end) of dim 0 this rank holds (FSDP2 splits dim 0 as torch.chunk does)."""
-    if not isinstance(tensor, DTensor):
-        return 0, tensor.shape[0]
-    per_rank = -(-tensor.shape[0] // tensor.device_mesh.size())
-    start = min(tensor.shape[0], tensor.device_mesh.get_local_rank() * per_rank)
-    return start, min(tensor.shape[0], start + per_rank)
-
-
-class _Safetensors:
-    """The tensors of a checkpoint directory (one model.safetensors or an index over shards),
-    read one at a time, or only some of their rows."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        self._open = safe_open
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {key: directory / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            self.files = {}
-            for path in sorted(directory.glob("*.safetensors")):
-                with safe_open(str(path), "pt") as handle:
-                    self.files.update({key: path for key in handle.keys()})
-
-    def key_for(self, name: str, prefix: str) -> str | None:
-        """The checkpoint key of a model tensor name (checkpoints of the bare model lack the prefix)."""
-        for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
-            if key in self.files:
-                return key
-        return None
-
-    def rows(self, key: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
-        with self._open(str(self.files[key]), "pt") as handle:
-            if start is None:
-                return handle.get_tensor(key)
-            return handle.get_slice(key)[start:end]
-
-
-@torch.no_grad()
 def load_shards(model: nn.Module, directory: Path, device: torch.device) -> None:
     """Fill a sharded model whose base is still on the meta device from a safetensors checkpoint:
     each rank allocates only its shards, reads only its rows of unquantized tensors, and
     quantizes one linear weight at a time (a row's int8 codes depend on that row alone; the
-    scales of all rows are kept, as FSDP2 does not shard buffers)."""
-    # to_empty allocates every tensor anew: keep what is real already (the adapters' initial
-    # weights, buffers such as rotary frequencies).
-    kept = {name: _local(tensor).clone() for name, tensor in _named_tensors(model) if tensor.device.type != "meta"}
-    model.to_empty(device=device)
-    for name, tensor in _named_tensors(model):
-        if name in kept:
-            _local(tensor).copy_(kept[name])
-    checkpoint = _Safetensors(directory)
-    base = model.get_base_model()
-    prefix = base.base_model_prefix
-    filled = {id(tensor) for name, tensor in _named_tensors(model) if name in kept}
-
-    def checkpoint_key(name: str) -> str:
-        key = checkpoint.key_for(name.replace(".base_layer", ""), prefix)  # PEFT's wrapper
-        if key is None:
-            raise FileNotFoundError(f"{directory} has no tensor for {name}: is it this model's checkpoint?")
-        return key
-
-    for name, module in base.named_modules():
-        # the adapters' initial weights, kept aside while their layer was on the meta device
-        for param_name, initial in module.__dict__.pop("initial_adapter_weights", {}).items():
-            param = module.get_parameter(param_name)
-            start, end = _row_range(param)
-            _local(param).copy_(initial[start:end])
-            filled.add(id(param))
-        if isinstance(module, Int8Linear):
-            weight = checkpoint.rows(checkpoint_key(f"{name}.weight")).to(device)
-            if weight.shape != (module.out_features, module.in_features):
-                raise ValueError(f"{name}.weight in {directory} has shape {tuple(weight.shape)}, the model "
-                                 f"expects [{module.out_features}, {module.in_features}]")
-            codes, scales = quantize_rowwise(weight.contiguous())
-            start, end = _row_range(module.weight)
-            _local(module.weight).copy_(codes[start:end])
-            module.weight_scale.copy_(scales)
-            filled.update({id(module.weight), id(module.weight_scale)})
-            del weight, codes
-    for name, tensor in _named_tensors(base):
-        if id(tensor) in filled:
-            continue
-        start, end = _row_range(tensor)
-        _local(tensor).copy_(checkpoint.rows(checkpoint_key(name), start, end))
-        filled.add(id(tensor))
+    scales of all rows are kept, as FSDP2 does not shard buffers). The protocol is the layers'
+    (bytetune.quant_layers.loading), shared with the pipeline stages."""
+    load_float_checkpoint(model, directory, device)
 
 
 class no_gradient_sync:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -184,6 +185,13 @@ def _as_recipe(config: Any) -> DictConfig:
     return cfg
 
 
+def _refuse_pipeline_processes(cfg) -> None:
+    if cfg.parallel.strategy == "pipeline" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one stage per process is bytetune/trainer/pipeline.py's PipelineTrainer
+        raise RecipeError("parallel.strategy=pipeline under several processes: build the trainer with "
+                          "bytetune.trainer.pipeline.PipelineTrainer (train.py does)")
+
+
 class Trainer:
     """Fine-tune the adapters of a PEFT model.
 
@@ -206,6 +214,10 @@ class Trainer:
         if self.fsdp:
             distributed.check_fsdp_recipe(self.cfg)
             memory_plan = None  # the planner does not model FSDP yet
+        if self.cfg.parallel.strategy == "pipeline":
+            _refuse_pipeline_processes(self.cfg)
+            warnings.warn("a pipeline was asked for but this is the only process: one stage, training unsplit "
+                          "(launch one process per GPU: torchrun --nproc_per_node N train.py ...)")
         if OmegaConf.is_missing(self.cfg.model, "name_or_path"):  # a model built by hand
             self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
         # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
@@ -270,7 +282,8 @@ class Trainer:
     def from_config(cls, cfg: DictConfig) -> "Trainer":
         # Everything that can fail cheaply fails before the model loads: the run folder (another
         # run in it, a file in its place, read-only), the checkpoint to resume (damaged, another
-        # run's), the paths the recipe names.
+        # run's), the paths the recipe names; a pipeline recipe reaching the plain Trainer.
+        _refuse_pipeline_processes(cfg)
         ckpt.check_run_dir(cfg.output_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, ckpt.recipe_identity(cfg))
         threads = _choose_threads(cfg)
         check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
@@ -326,9 +339,18 @@ class Trainer:
             generator = torch.Generator().manual_seed(self.cfg.training.seed * 1_000_003 + epoch)
             self._permutation = (epoch, torch.randperm(len(self.train_data), generator=generator))
         size = self.cfg.training.micro_batch_size
-        start = position * self.global_batch + (micro * self.world + self.accelerator.process_index) * size
+        start = position * self.global_batch + (micro * self.world + self.data_rank) * size
         rows = self.train_data.batch(self._permutation[1][start : start + size])
         return {key: value.to(self.accelerator.device) for key, value in rows.items()}
+
+    @property
+    def data_rank(self) -> int:
+        """This process's place among the data-parallel replicas (pipeline stages share one)."""
+        return self.accelerator.process_index
+
+    @property
+    def parallel_mode(self) -> str:
+        return "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "none")
 
     def model_fingerprint(self) -> dict:
         """What a checkpoint must match: the base model and the adapters' names and shapes."""
@@ -720,7 +742,7 @@ class Trainer:
             "recipe": self.cfg.name,
             "steps": self.step,
             "steps_this_session": self.step - start_step,
-            "parallel": "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "none"),
+            "parallel": self.parallel_mode,
             "tokens": self.tokens_seen,
             "tokens_per_s": session_tokens / max(wall, 1e-9),
             "train_wall_s": wall,

@@ -1,0 +1,612 @@
+"""Pipeline-parallel LoRA training over a frozen int8 base (``parallel.strategy: pipeline``).
+
+One process per GPU (or CPU rank over gloo), started by ``torchrun`` or ``accelerate launch``.
+Process k is pipeline stage k: it holds a contiguous range of decoder blocks, the embeddings too
+when it is the first stage, the final norm, the head and the loss when it is the last. Each stage
+is built on the meta device from the checkpoint's config, pruned to its own modules, then filled
+from the local safetensors checkpoint tensor by tensor (bytetune.quant_layers.loading, the loader
+FSDP uses): no process reads, let alone holds, another stage's weights. Only activations (and
+their gradients) cross between processes, through torch.distributed.pipelining's
+``PipelineStage`` and a ``Schedule1F1B`` / ``ScheduleGPipe``.
+
+What makes a pipeline step equal the single-process step (to float rounding):
+
+- the same rows: the micro-batches of step s are the single-process trainer's micro-batches of
+  that step (one data-parallel replica: every stage reads the same rows);
+- the same LoRA initial weights: every stage builds the adapters of the whole (meta) model under
+  the run's seed before pruning, so a block's adapters are the ones one process draws;
+- the same loss: each micro-batch's summed cross-entropy is divided by the step's total target
+  tokens (the token-weighted loss of trainer.py's ``_train_step``), schedules run with
+  ``scale_grads=False`` so nothing else rescales the gradients;
+- the same clipping: the global gradient norm is the square root of the all-reduced sum of every
+  stage's squared norms;
+- the same non-finite guard: the loss sum is all-reduced, so every stage skips the same steps.
+
+Evaluation runs forward only through the stages (point-to-point sends of the hidden states).
+A checkpoint holds, per stage, that stage's adapters and optimizer states (``stage<k>.pt``, and
+``rng_rank<k>.pt``), written into the shared temporary directory and renamed into place by rank 0
+after every stage wrote (trainer/checkpoint.py's protocol), plus one ordinary PEFT adapter of the
+whole model gathered to rank 0. The final adapter is the same single PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bytetune.quant_layers.loading import load_float_checkpoint, tied_aliases
+from bytetune.recipe import RecipeError
+from bytetune.trainer import checkpoint as ckpt
+from bytetune.trainer.data import DataError, build_token_blocks
+from bytetune.trainer.loss import _head_loss, _summed_ce_of_logits, target_token_count
+from bytetune.trainer.models import resolve_model_dir
+from bytetune.trainer.trainer import (
+    PRECISION_TO_ACCELERATE,
+    Trainer,
+    TrainingError,
+    _accelerator,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
+
+STRATEGY_PIPELINE = "pipeline"
+SCHEDULES = ("1f1b", "gpipe")  # the recipe schema also names interleaved_1f1b (not run yet)
+STAGE_FILE = "stage{}.pt"  # a stage's adapters and optimizer states, inside a checkpoint
+
+# Per model type: (modules of the backbone only the first stage runs and later stages drop,
+# modules the first stage runs right after the embeddings and later stages replace by identity,
+# final modules only the last stage runs). The blocks are found as _no_split_modules.
+ARCHITECTURES = {
+    "bloom": (("word_embeddings",), ("word_embeddings_layernorm",), ("ln_f",)),
+    "llama": (("embed_tokens",), (), ("norm",)),
+    "mistral": (("embed_tokens",), (), ("norm",)),
+    "qwen2": (("embed_tokens",), (), ("norm",)),
+    "qwen3": (("embed_tokens",), (), ("norm",)),
+}
+
+
+# --------------------------------------------------------------------------------- recipe checks
+def pipeline_requested(cfg) -> bool:
+    return cfg.parallel.strategy == STRATEGY_PIPELINE
+
+
+def use_pipeline(cfg) -> bool:
+    """Pipeline asked for and several processes to put stages on (torchrun sets WORLD_SIZE)."""
+    return pipeline_requested(cfg) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def micro_batches(cfg) -> int:
+    """Micro-batches per optimizer step: parallel.pipeline.micro_batches, else the accumulation steps."""
+    return cfg.parallel.pipeline.micro_batches or cfg.training.grad_accum_steps
+
+
+def can_load_stage_only(cfg) -> bool:
+    """A local directory of safetensors files: each stage reads its own tensors of it."""
+    if cfg.model.from_config or cfg.model.gguf_file:
+        return False
+    try:
+        directory = Path(resolve_model_dir(cfg.model.name_or_path))
+    except FileNotFoundError:
+        return False
+    return directory.is_dir() and any(directory.glob("*.safetensors"))
+
+
+def check_pipeline_recipe(cfg, stages: int) -> None:
+    """What a pipeline run cannot do, named before the model loads."""
+    schedule = cfg.parallel.pipeline.schedule
+    if schedule not in SCHEDULES:
+        raise RecipeError(f"parallel.pipeline.schedule={schedule} is not supported yet (one stage per process): "
+                          f"use one of {', '.join(SCHEDULES)}")
+    if cfg.model.device_map is not None:
+        raise RecipeError(f"model.device_map={cfg.model.device_map!r} splits one model inside one process; the pipeline "
+                          "puts each stage in its own process: set model.device_map=null with parallel.strategy=pipeline")
+    if not (cfg.model.from_config or can_load_stage_only(cfg)):
+        raise RecipeError(
+            f"model.name_or_path={cfg.model.name_or_path!r}: a pipeline stage reads only its own tensors from a local "
+            "directory of safetensors files; download the model (huggingface-cli download NAME --local-dir DIR, "
+            "or save a GGUF-converted model with save_pretrained) and set model.name_or_path=DIR"
+        )
+    if cfg.training.precision == "fp16":
+        raise RecipeError("training.precision=fp16 needs a gradient scaler, which the pipeline path does not run: use bf16")
+    if cfg.quantization.zeroquant:
+        raise RecipeError("quantization.zeroquant is not supported by the pipeline yet (untested): use quantization.int8")
+    if cfg.quantization.embeddings is not None:
+        raise RecipeError("quantization.embeddings=int8 ties an int8 head to the first stage's table, which the pipeline "
+                          "does not split yet: set quantization.embeddings=null")
+    if cfg.export.merged:
+        raise RecipeError("export.merged is not available under the pipeline (no process holds the whole base): train, "
+                          "then merge the saved adapter in one process (bytetune.quant_layers.lora.export_merged)")
+    if cfg.lora.dropout:
+        # Every stage draws its own masks: a run is reproducible, but not the one-process run.
+        warnings.warn("lora.dropout > 0 under the pipeline: each stage draws its own dropout masks")
+    m = micro_batches(cfg)
+    if m < stages:
+        raise RecipeError(f"parallel.pipeline.micro_batches={m} is fewer than the {stages} stages: every stage would idle "
+                          f"most of the step (and 1F1B needs at least one micro-batch per stage); use >= {stages}")
+
+
+# ------------------------------------------------------------------------------------ the split
+def split_blocks(num_blocks: int, stages: int) -> list[range]:
+    """Contiguous block ranges, one per stage, as even as the count allows; the first and last
+    stages (which also hold the embeddings and the head with the loss) get the shorter ranges.
+    The planner's placement can be passed to :func:`build_stage` instead."""
+    if not 1 <= stages <= num_blocks:
+        raise RecipeError(f"{stages} pipeline stages for {num_blocks} decoder blocks: use between 1 and {num_blocks} "
+                          "processes")
+    sizes = [num_blocks // stages] * stages
+    middle_first = sorted(range(stages), key=lambda k: (k in (0, stages - 1), abs(k - (stages - 1) / 2)))
+    for k in middle_first[: num_blocks % stages]:
+        sizes[k] += 1
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def check_ranges(ranges: list[range], num_blocks: int) -> None:
+    """The ranges cover blocks 0..num_blocks-1 in order, each stage at least one block."""
+    flat = [index for r in ranges for index in r]
+    if flat != list(range(num_blocks)) or any(len(r) == 0 for r in ranges):
+        raise RecipeError(f"pipeline stage ranges {[(r.start, r.stop) for r in ranges]} must cover the {num_blocks} "
+                          "blocks in order, at least one block per stage")
+
+
+class StageBlocks(nn.ModuleList):
+    """Some of a model's blocks, registered under their indices in the whole model, so that
+    parameter names (and so checkpoint keys and PEFT adapter keys) are those of the whole model.
+    Iteration and slicing are positional, which is what the transformers forwards use."""
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__()
+        for index, block in blocks.items():
+            self.add_module(str(index), block)
+
+    def __getitem__(self, index):
+        modules = list(self._modules.values())
+        if isinstance(index, slice):
+            return nn.ModuleList(modules[index])
+        return modules[index]
+
+
+def _blocks_list(backbone: nn.Module, block_classes: set[str]) -> tuple[str, nn.ModuleList]:
+    for name, child in backbone.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in block_classes:
+            return name, child
+    raise RecipeError(f"{type(backbone).__name__} has no list of decoder blocks: the pipeline cannot split it")
+
+
+def _parts(peft_model):
+    """(causal LM, backbone, architecture entry)."""
+    inner = peft_model.get_base_model()
+    model_type = inner.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise RecipeError(f"model type {model_type!r} is not supported by the pipeline yet (supported: "
+                          f"{', '.join(sorted(ARCHITECTURES))})")
+    return inner, getattr(inner, inner.base_model_prefix), ARCHITECTURES[model_type]
+
+
+def num_blocks_of(peft_model) -> int:
+    inner, backbone, _ = _parts(peft_model)
+    return len(_blocks_list(backbone, set(inner._no_split_modules or []))[1])
+
+
+def prune_to_stage(peft_model, blocks: range, first: bool, last: bool) -> None:
+    """Drop every module stage (blocks, first, last) does not run, in place."""
+    inner, backbone, (embeddings, after_embeddings, final) = _parts(peft_model)
+    list_name, all_blocks = _blocks_list(backbone, set(inner._no_split_modules or []))
+    setattr(backbone, list_name, StageBlocks({index: all_blocks[index] for index in blocks}))
+    if not first:
+        for name in embeddings:
+            setattr(backbone, name, None)
+        for name in after_embeddings:
+            setattr(backbone, name, nn.Identity())
+    if not last:
+        for name in final:
+            setattr(backbone, name, nn.Identity())
+        head_name = next(name for name, child in inner.named_children() if child is inner.get_output_embeddings())
+        setattr(inner, head_name, None)
+
+
+class StageModule(nn.Module):
+    """One stage's forward: token ids (first stage) or the previous stage's hidden states in,
+    hidden states out (after the final norm on the last stage). The transformers backbone runs
+    as it does in one process, over the blocks this stage kept."""
+
+    def __init__(self, peft_model, first: bool, last: bool):
+        super().__init__()
+        self.peft_model = peft_model
+        self.first, self.last = first, last
+
+    @property
+    def backbone(self) -> nn.Module:
+        inner = self.peft_model.get_base_model()
+        return getattr(inner, inner.base_model_prefix)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}
+        out = self.backbone(**inputs, attention_mask=attention_mask, use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def summed_loss(self, hidden: torch.Tensor, labels: torch.Tensor, fused: bool) -> torch.Tensor:
+        """Last stage: the summed next-token cross-entropy of the hidden states (trainer/loss.py's
+        fused or plain path, as one process computes it)."""
+        head = self.peft_model.get_base_model().get_output_embeddings()
+        if fused and isinstance(head, nn.Linear) and head.bias is None:
+            return _head_loss(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1))
+        return _summed_ce_of_logits(head(hidden), labels)
+
+
+def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list[range] | None = None):
+    """(StageModule, tokenizer, info) for pipeline stage ``stage`` of ``stages``.
+
+    ``ranges``: block ranges per stage (the planner's placement); default :func:`split_blocks`.
+    ``info``: "ranges", "fingerprint_shapes" (trainable names and shapes of the whole model),
+    "bytes_read" (checkpoint bytes this stage read; None when built from a config)."""
+    local = can_load_stage_only(cfg)
+    # the whole model on the meta device (a from_config model is drawn whole: its random init is
+    # the seed's), LoRA of every block drawn in the one-process order
+    model, tokenizer = build_model(cfg, empty=local)
+    total = num_blocks_of(model)
+    ranges = list(ranges) if ranges is not None else split_blocks(total, stages)
+    check_ranges(ranges, total)
+    if len(ranges) != stages:
+        raise RecipeError(f"{len(ranges)} stage ranges for {stages} pipeline processes")
+    shapes = sorted((n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
+    aliases = tied_aliases(model.get_base_model())
+    if cfg.training.gradient_checkpointing:
+        # before pruning: transformers reaches for the input embeddings, which later stages drop
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    first, last = stage == 0, stage == stages - 1
+    prune_to_stage(model, ranges[stage], first, last)
+    bytes_read = None
+    if local:
+        reader = load_float_checkpoint(model, Path(model.get_base_model().bytetune_checkpoint), device, aliases)
+        bytes_read = reader.bytes_read
+    else:
+        model.to(device)
+    info = {"ranges": ranges, "fingerprint_shapes": shapes, "bytes_read": bytes_read}
+    return StageModule(model, first, last), tokenizer, info
+
+
+# --------------------------------------------------------------------------------- the trainer
+class PipelineTrainer(Trainer):
+    """The Trainer's loop (train(), logging, summary) over one pipeline stage per process."""
+
+    def __init__(self, cfg, ranges: list[range] | None = None):
+        from accelerate.utils import set_seed
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.cfg = cfg
+        self.fsdp = False
+        self.memory_plan = None  # the planner's pipeline model is `python -m bytetune.plan ... parallel=pipeline`
+        self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[cfg.training.precision])
+        if not dist.is_initialized():
+            raise RecipeError("parallel.strategy=pipeline needs a process group: start with torchrun "
+                              "--nproc_per_node N train.py ... (or accelerate launch --num_processes N)")
+        self.rank, self.stages = dist.get_rank(), dist.get_world_size()
+        check_pipeline_recipe(cfg, self.stages)
+        device = self.accelerator.device
+        self.stage_module, self.tokenizer, info = build_stage(cfg, self.rank, self.stages, device, ranges)
+        self.ranges = info["ranges"]
+        self.bytes_read = info["bytes_read"]
+        self._fingerprint_shapes = info["fingerprint_shapes"]
+        self.first, self.last = self.stage_module.first, self.stage_module.last
+        self.model = self.stage_module.peft_model
+        self.train_data = build_token_blocks(cfg.data, self.tokenizer, cfg.training.seq_len, "train")
+        self.eval_data = build_token_blocks(cfg.data, self.tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
+        self.output_dir = Path(cfg.output_dir)
+        # device_specific: each stage draws its own dropout masks, reproducibly
+        set_seed(cfg.training.seed, device_specific=True)
+
+        training = cfg.training
+        self.world = 1  # data-parallel replicas: every stage reads the same rows
+        self.micro_batches = micro_batches(cfg)
+        self.global_batch = training.micro_batch_size * self.micro_batches
+        self.steps_per_epoch = len(self.train_data) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the training split has {len(self.train_data)} sequences, fewer than one global batch "
+                f"(micro_batch_size {training.micro_batch_size} x {self.micro_batches} pipeline micro-batches): "
+                "add data or lower the batch size"
+            )
+        self.total_steps = training.max_steps or max(1, math.ceil(training.epochs * self.steps_per_epoch))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise RecipeError(f"pipeline stage {self.rank} (blocks {self.ranges[self.rank].start}-"
+                              f"{self.ranges[self.rank].stop - 1}) has no trainable parameters: check lora.target_modules "
+                              "and lora.layers")
+        self.trainable = trainable
+        self.optimizer = build_optimizer(trainable, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
+        self.pipeline_stage = PipelineStage(self.stage_module, self.rank, self.stages, device)
+        schedule_class = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.parallel.pipeline.schedule]
+        self.schedule = schedule_class(self.pipeline_stage, n_microbatches=self.micro_batches,
+                                       loss_fn=self._micro_batch_loss, scale_grads=False)
+        self._normalizer = torch.ones((), device=device)
+        self._summed: list[torch.Tensor] = []
+        self.step = 0
+        self.tokens_seen = 0
+        self.nonfinite_steps = 0
+        self.history = []
+        self.eval_history = []
+        self._permutation = None
+        self._log_file = None
+        self._tensorboard = None
+
+    @classmethod
+    def from_recipe(cls, name_or_path, ranges: list[range] | None = None, **overrides) -> "PipelineTrainer":
+        from bytetune.recipe import load_recipe
+
+        return cls.from_config(load_recipe(name_or_path, overrides), ranges)
+
+    @classmethod
+    def from_config(cls, cfg, ranges: list[range] | None = None) -> "PipelineTrainer":
+        # Everything that can fail cheaply fails before the model loads.
+        from bytetune.recipe import check_local_paths
+
+        ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+        check_local_paths(cfg)
+        check_pipeline_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        return cls(cfg, ranges)
+
+    # ------------------------------------------------------------------------ identity
+    parallel_mode = STRATEGY_PIPELINE
+    data_rank = 0
+
+    def model_fingerprint(self) -> dict:
+        config = self.model.get_base_model().config
+        return {
+            "base": self.cfg.model.name_or_path,
+            "model_type": config.model_type,
+            "vocab_size": config.vocab_size,
+            "hidden_size": getattr(config, "hidden_size", None),
+            "adapters": hashlib.sha256(repr(self._fingerprint_shapes).encode()).hexdigest()[:16],
+        }
+
+    def layout(self) -> dict:
+        return {"stages": self.stages, "blocks": [[r.start, r.stop] for r in self.ranges],
+                "schedule": self.cfg.parallel.pipeline.schedule, "micro_batches": self.micro_batches}
+
+    def stage_state(self) -> dict[str, torch.Tensor]:
+        """A copy of this stage's trainable tensors by their whole-model names, on CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def full_adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """Every stage's trainable tensors, on rank 0 (None elsewhere); collective."""
+        parts = [None] * self.stages if self.rank == 0 else None
+        dist.gather_object(self.stage_state(), parts, dst=0)
+        if self.rank != 0:
+            return None
+        return {name: tensor for part in parts for name, tensor in part.items()}
+
+    def adapter_digest(self) -> str:
+        state = self.full_adapter_state()
+        digest = [None]
+        if self.rank == 0:
+            sha = hashlib.sha256()
+            for name, weight in sorted(state.items()):
+                sha.update(name.encode())
+                sha.update(weight.float().numpy().tobytes())
+            digest = [sha.hexdigest()]
+        dist.broadcast_object_list(digest, src=0)
+        return digest[0]
+
+    def generate(self, *args, **kwargs):
+        raise TrainingError("generate() needs the whole model in one process: under the pipeline run "
+                            "`python -m bytetune.generate recipe=... adapter=DIR` on the saved adapter")
+
+    def held_out_sample(self, *args, **kwargs):
+        return None
+
+    # ------------------------------------------------------------------------ training
+    def _micro_batch_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        summed = self.stage_module.summed_loss(hidden, labels, self.cfg.training.fused_cross_entropy)
+        self._summed.append(summed.detach().float())
+        return summed / self._normalizer.to(summed.device)
+
+    def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def _train_step(self) -> tuple[float, int]:
+        device = self.accelerator.device
+        batches = [self._micro_batch(self.step, micro) for micro in range(self.micro_batches)]
+        step_targets = sum(target_token_count(batch["labels"]) for batch in batches).to(device)
+        # every stage reads the same rows, so every stage knows the step's normalizer
+        self._normalizer = step_targets.clamp_min(1).float()
+        self._summed = []
+        whole = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+        args = (whole["input_ids"],) if self.first else ()
+        target = whole["labels"] if self.last else None
+        with self.accelerator.autocast():
+            self.schedule.step(*args, target=target, attention_mask=whole["attention_mask"], return_outputs=False)
+        # The schedule's first step also runs the loss once on placeholder tensors before the
+        # micro-batches (metadata inference: shapes and dtypes of the gradients to receive), so
+        # the step's own losses are the last ones recorded.
+        if self.last and len(self._summed) not in (self.micro_batches, self.micro_batches + 1):
+            raise TrainingError(f"the pipeline schedule computed {len(self._summed)} micro-batch losses, "
+                                f"expected {self.micro_batches}")
+        summed = self._summed[-self.micro_batches:]
+        loss_sum = torch.stack(summed).sum() if self.last else torch.zeros((), device=device)
+        loss_sum = self._all_sum(loss_sum.reshape(1).float())
+        tokens = int(whole["attention_mask"].sum())
+        mean_loss = (loss_sum.sum() / step_targets.clamp_min(1)).item()
+        if not torch.isfinite(loss_sum).all():
+            # every stage sees the same reduced sum, so all skip together
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            warnings.warn(f"step {self.step + 1}: non-finite loss {mean_loss}; skipped the update "
+                          f"({self.nonfinite_steps}/{self.cfg.training.max_nonfinite_steps} allowed)")
+            if self.nonfinite_steps > self.cfg.training.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{self.nonfinite_steps} steps had non-finite losses (training.max_nonfinite_steps="
+                    f"{self.cfg.training.max_nonfinite_steps}): lower optimizer.lr or check the data"
+                )
+            return mean_loss, tokens
+        if self.cfg.training.max_grad_norm is not None:
+            self.clip_grad_norm_(self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, tokens
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch's clip_grad_norm_ over the parameters of all stages: the norm of the
+        per-tensor norms, from the all-reduced sum of each stage's squared norms."""
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        device = self.accelerator.device
+        squared = torch.zeros(1, device=device)
+        if grads:
+            squared += torch.stack([torch.linalg.vector_norm(g, 2.0).float() for g in grads]).pow(2).sum()
+        total = self._all_sum(squared).sqrt()[0]
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.dtype))
+        return total
+
+    # ------------------------------------------------------------------------ evaluation
+    def _send(self, tensor: torch.Tensor, to: int) -> None:
+        codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        dist.send(torch.tensor([codes[tensor.dtype]], device=tensor.device), dst=to)
+        dist.send(tensor.contiguous(), dst=to)
+
+    def _recv(self, shape, source: int) -> torch.Tensor:
+        device = self.accelerator.device
+        code = torch.zeros(1, dtype=torch.long, device=device)
+        dist.recv(code, src=source)
+        tensor = torch.empty(shape, dtype=(torch.float32, torch.bfloat16, torch.float16)[int(code)], device=device)
+        dist.recv(tensor, src=source)
+        return tensor
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted held-out loss, forward through the stages (every stage calls this)."""
+        if self.eval_data is None:
+            raise RecipeError("no held-out data: set data.eval or pass eval_data")
+        was_training = self.model.training
+        self.model.eval()
+        device = self.accelerator.device
+        size = self.cfg.eval.batch_size
+        n_batches = math.ceil(len(self.eval_data) / size)
+        if self.cfg.eval.max_batches is not None:
+            n_batches = min(n_batches, self.cfg.eval.max_batches)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
+        hidden_size = self.model.get_base_model().config.hidden_size
+        for index in range(n_batches):
+            rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
+            rows = {key: value.to(device) for key, value in rows.items()}
+            shape = (*rows["input_ids"].shape, hidden_size)
+            x = rows["input_ids"] if self.first else self._recv(shape, self.rank - 1)
+            with self.accelerator.autocast():
+                hidden = self.stage_module(x, attention_mask=rows["attention_mask"])
+                if self.last:
+                    summed = self.stage_module.summed_loss(hidden, rows["labels"], self.cfg.training.fused_cross_entropy)
+            if not self.last:
+                self._send(hidden, self.rank + 1)
+            else:
+                totals += torch.stack([summed.double(), target_token_count(rows["labels"]).double()])
+        totals = self._all_sum(totals)
+        if was_training:
+            self.model.train()
+        loss = (totals[0] / totals[1].clamp_min(1)).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(totals[1].item())}
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        state = super()._trainer_state()
+        state["world_size"] = self.stages
+        state["pipeline"] = self.layout()
+        return state
+
+    def _write_peft_adapter(self, directory: Path, with_tokenizer: bool) -> None:
+        """One ordinary PEFT adapter of the whole model (collective; rank 0 writes). Every stage
+        converts its own adapters to PEFT's file keys (PEFT reads them off the modules it has),
+        rank 0 writes the config and the union of the weights."""
+        from peft import get_peft_model_state_dict
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import save_file
+
+        mine = {k: v.detach().cpu().contiguous() for k, v in
+                get_peft_model_state_dict(self.model, save_embedding_layers=False).items()}
+        parts = [None] * self.stages if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if self.rank != 0:
+            return
+        weights = {k: v for part in parts for k, v in part.items()}
+        # no embedding layers: bytetune never resizes them (see Trainer.save_adapter)
+        self.model.save_pretrained(str(directory), save_embedding_layers=False)
+        save_file(weights, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        if with_tokenizer and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    def save_checkpoint(self) -> Path:
+        temporary = ckpt.temporary_dir(self.output_dir, self.step)
+        if self.rank == 0:
+            ckpt.begin(self.output_dir, self.step)
+        dist.barrier()
+        ckpt.write_rank_rng(temporary, self.rank)
+        self._write_peft_adapter(temporary, with_tokenizer=False)
+        if self.rank == 0:
+            ckpt.write_delay_hook(self.step)
+        torch.save({"adapter": self.stage_state(), "optimizer": self.optimizer.state_dict()},
+                   temporary / STAGE_FILE.format(self.rank))
+        dist.barrier()
+        final = ckpt.final_dir(self.output_dir, self.step)
+        if self.rank == 0:
+            torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
+            (temporary / ckpt.STATE_FILE).write_text(json.dumps(self._trainer_state(), indent=1))
+            ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        state = ckpt.read_state(checkpoint)
+        mine = self.model_fingerprint()
+        if state["fingerprint"] != mine:
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint} is from a different model ({state['fingerprint']['base']}, "
+                f"{state['fingerprint']['model_type']}, adapters {state['fingerprint']['adapters']}) than this run "
+                f"({mine['base']}, {mine['model_type']}, adapters {mine['adapters']}): resume with the same recipe"
+            )
+        if state.get("pipeline", {}).get("blocks") != self.layout()["blocks"]:
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint} was written by pipeline stages {state.get('pipeline')}, this run has "
+                f"{self.layout()}: resume with the same number of processes and stage split"
+            )
+        path = checkpoint / STAGE_FILE.format(self.rank)
+        if not path.is_file():
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no {path.name}: it was not written by this pipeline")
+        saved = torch.load(path, weights_only=False)
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if saved["adapter"].keys() != params.keys():
+            raise ckpt.CheckpointError(f"{path} holds other adapters than stage {self.rank} has")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved["adapter"][name])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        ckpt.load_rank_rng(checkpoint, self.rank)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.history = state["history"]
+        self.eval_history = state["eval_history"]
+
+    def save_adapter(self, directory: str | Path | None = None) -> Path:
+        """The whole model's adapters as one ordinary PEFT adapter, written by rank 0."""
+        directory = Path(directory) if directory is not None else self.output_dir / "adapter"
+        self._write_peft_adapter(directory, with_tokenizer=True)
+        dist.barrier()
+        return directory

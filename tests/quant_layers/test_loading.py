@@ -1,0 +1,70 @@
+"""Filling a meta-device model from a float checkpoint (the loader FSDP2 and the pipeline share)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig
+
+from bytetune import Int8Linear
+from bytetune.quant_layers import quantize_model
+from bytetune.quant_layers.loading import load_float_checkpoint
+
+
+def dequantized(layer: Int8Linear) -> torch.Tensor:
+    """The weight the codes stand for, from the convention (row absmax / 127), written out here."""
+    return layer.weight.float() * layer.weight_scale[:, None] / 127.0
+
+
+@pytest.mark.parametrize("rows,cols", [(7, 5), (33, 17)])
+def test_load_float_weight_quantizes_per_row_into_the_allocated_layer(rows, cols):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 3, rows)[:, None]
+    layer = Int8Linear(cols, rows, bias=False)
+    codes_before = layer.weight
+    layer.load_float_weight(weight)
+    assert layer.weight is codes_before  # filled in place: FSDP2 and the pipeline allocate first
+    assert torch.equal(layer.weight_scale, weight.abs().amax(dim=1))
+    # each code is the nearest step of absmax/127: within half a step of the float weight
+    step = weight.abs().amax(dim=1, keepdim=True) / 127.0
+    assert ((dequantized(layer) - weight).abs() <= 0.5 * step * (1 + 1e-6)).all()
+
+
+def test_load_float_weight_reads_a_conv1d_layout_transposed_and_names_a_wrong_shape():
+    weight = torch.randn(6, 4)  # [in, out] as transformers' Conv1D stores it
+    layer = Int8Linear(6, 4, bias=False)
+    layer.source_is_conv1d = True
+    layer.load_float_weight(weight)
+    reference = Int8Linear(6, 4, bias=False)
+    reference.load_float_weight(weight.t().contiguous())
+    assert torch.equal(layer.weight, reference.weight)
+    with pytest.raises(ValueError, match=r"the model expects \[4, 6\]"):
+        Int8Linear(6, 4, bias=False).load_float_weight(torch.randn(4, 5), where="x.weight")
+
+
+def test_a_meta_model_filled_from_a_checkpoint_equals_the_model_quantized_after_loading(tmp_path):
+    from accelerate import init_empty_weights
+
+    config = BloomConfig(vocab_size=96, hidden_size=32, n_layer=3, n_head=4)
+    torch.manual_seed(0)
+    float_model = AutoModelForCausalLM.from_config(config)
+    float_model.save_pretrained(tmp_path)
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path)
+    quantize_model(expected, skip=("lm_head",))
+
+    with init_empty_weights(include_buffers=False):
+        empty = AutoModelForCausalLM.from_config(config)
+    empty.tie_weights()
+    quantize_model(empty, skip=("lm_head",))
+    reader = load_float_checkpoint(empty, tmp_path, torch.device("cpu"))
+    got = dict(empty.state_dict())
+    want = dict(expected.state_dict())
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    # every checkpoint tensor read once (the tied head is the embeddings' tensor)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        stored = sum(handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys())
+    assert reader.bytes_read == stored

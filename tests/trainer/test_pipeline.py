@@ -1,0 +1,269 @@
+"""Pipeline-parallel training: 2 and 4 CPU processes over gloo against one process.
+
+Each multi-process test starts the ranks once with torchrun (tests/trainer/pipeline_worker.py)
+and runs several cases in them. The models are a tiny BLOOM and a tiny Llama (the bundled SmolLM2
+config shrunk) with 4 blocks each, saved as float safetensors checkpoints: each stage builds the
+model on the meta device and reads only its own tensors; the one-process reference loads the
+checkpoint whole through transformers (quantized while loading). The micro-batches of a pipeline
+step are the reference's accumulation steps (same rows), dropout is off, the 8-bit states are on
+(min_8bit_size 64): a stage holds whole tensors, so its states quantize exactly as one process's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil  # an accelerate dependency
+import pytest
+import torch
+
+from bytetune.recipe import RecipeError, load_recipe
+from bytetune.trainer.checkpoint import list_checkpoints
+from bytetune.trainer.pipeline import PipelineTrainer, split_blocks
+from bytetune.trainer.trainer import Trainer
+
+from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+COMMON = {"training.max_steps": 4, "checkpoint.every_steps": 2, "lora.dropout": 0.0, "optimizer.min_8bit_size": 64,
+          "optimizer.block_size": 64, "eval.at_start": False, "eval.max_batches": 2, "model.from_config": False}
+BLOOM = {"model.shrink.num_layers": 4}
+LLAMA = {"model.config_file": "smollm2-135m", "model.name_or_path": "tiny-llama", "model.shrink.num_layers": 4,
+         "model.shrink.hidden_size": 64, "model.shrink.num_heads": 4, "model.shrink.vocab_size": 384}
+BLOCK_INDEX = r"\.(?:h|layers)\.(\d+)\."
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Float checkpoints of the two 4-block models (what a stage reads its tensors from)."""
+    from bytetune.trainer.models import load_base_model
+
+    root = tmp_path_factory.mktemp("pipeline_models")
+    made = {}
+    for name, shrink in (("bloom", BLOOM), ("llama", LLAMA)):
+        base, tokenizer = load_base_model(load_recipe("tiny_lora8", tiny_overrides(root, **shrink)))
+        base.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        made[name] = root / name
+    return made
+
+
+def overrides_for(tmp_path: Path, checkpoint: Path, micro_batches: int, **extra) -> dict:
+    return tiny_overrides(tmp_path, **COMMON, **{"model.name_or_path": str(checkpoint),
+                                                 "training.grad_accum_steps": micro_batches}, **extra)
+
+
+_SINGLE: dict[str, dict] = {}
+
+
+def single_process(tmp_path: Path, overrides: dict) -> dict:
+    """The same recipe in this process (no pipeline): losses, eval loss, adapters, parameters."""
+    key = json.dumps({k: v for k, v in overrides.items() if k not in ("output_dir", "data.cache_dir")}, sort_keys=True)
+    if key not in _SINGLE:
+        trainer = Trainer.from_recipe("tiny_lora8", **{**overrides, "parallel.strategy": "none",
+                                                       "output_dir": str(tmp_path / "single")})
+        trainer.train()
+        _SINGLE[key] = {
+            "losses": [h["loss"] for h in trainer.history],
+            "eval_loss": trainer.eval_history[-1]["eval_loss"],
+            "adapter": {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad},
+            "params": [(n, p.numel(), p.requires_grad, p.dtype) for n, p in trainer.unwrapped.named_parameters()],
+            "tensor_bytes": sum(t.numel() * t.element_size()
+                                for t in [*trainer.unwrapped.parameters(), *trainer.unwrapped.buffers()]),
+            "table_bytes": (lambda w: w.numel() * w.element_size())(trainer.unwrapped.get_input_embeddings().weight),
+        }
+    return _SINGLE[key]
+
+
+def run_pipeline(tmp_path: Path, stages: int, cases: list[dict], port: int) -> dict:
+    out, spec = tmp_path / "pipeline.json", tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(stages), "--master_port", str(port),
+               str(REPO / "tests" / "trainer" / "pipeline_worker.py"), str(out), str(spec)]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def case(name: str, overrides: dict, schedule: str, resume_check: bool = False) -> dict:
+    return {"name": name, "recipe": "tiny_lora8", "resume_check": resume_check,
+            "overrides": {**overrides, "parallel.strategy": "pipeline", "parallel.pipeline.schedule": schedule,
+                          "output_dir": str(Path(overrides["output_dir"]) / name)}}
+
+
+def assert_close_to_magnitude(got: torch.Tensor, want: torch.Tensor, name: str, rel: float = 1e-5) -> None:
+    """Equal to ``rel`` of the tensor's size (an element of a LoRA B near 0 may round apart by
+    more than ``rel`` of itself when the sums are ordered differently)."""
+    error = (got.double() - want.double()).norm()
+    assert error <= rel * want.double().norm(), (name, float(error), float(want.double().norm()))
+
+
+def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int) -> None:
+    import re
+
+    assert len(result["losses"]) == len(single["losses"]) == 4
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert result["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+    assert result["adapter"].keys() == single["adapter"].keys()
+    for name, weight in single["adapter"].items():
+        assert_close_to_magnitude(torch.tensor(result["adapter"][name]), weight, name)
+
+    # each rank holds its own blocks only: the split's blocks, their adapters and int8 codes
+    ranges = split_blocks(4, stages)
+    for rank, facts in enumerate(result["ranks"]):
+        blocks = set(ranges[rank])
+        assert facts["block_indices"] == sorted(blocks)
+        in_stage = [(numel, trainable, dtype) for name, numel, trainable, dtype in single["params"]
+                    if (m := re.search(BLOCK_INDEX, name)) and int(m.group(1)) in blocks]
+        assert facts["trainable"] == sum(numel for numel, trainable, _ in in_stage if trainable)
+        assert facts["int8"] == sum(numel for numel, _, dtype in in_stage if dtype == torch.int8)
+        # what the process allocated for tensors and read from the checkpoint: its share of the
+        # blocks plus at most one vocabulary table (the first stage's embeddings, the last's head)
+        table = single["table_bytes"]
+        assert facts["tensor_bytes"] <= single["tensor_bytes"] / stages + table, (rank, facts, single["tensor_bytes"])
+        assert 0 < facts["bytes_read"] <= checkpoint_bytes / stages + table, (rank, facts, checkpoint_bytes)
+    # and together they read the whole checkpoint (the tied table twice: embeddings and head)
+    assert sum(f["bytes_read"] for f in result["ranks"]) >= checkpoint_bytes - 4096
+
+
+def safetensors_bytes(directory: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@pytest.mark.slow
+def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_skip_together_save_plain_peft(tmp_path, checkpoints):
+    bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
+    llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=2)
+    poisoned = {**case("bloom_poisoned", {**bloom, "schedule.warmup_steps": 0}, "1f1b"), "poisoned_step": 2}
+    results = run_pipeline(tmp_path, 2, [case("bloom_1f1b", bloom, "1f1b", resume_check=True),
+                                         case("llama_gpipe", llama, "gpipe"), poisoned], port=29571)
+    # a NaN loss on the last stage at step 2: every stage skips that update, and only that one
+    for facts in results["bloom_poisoned"]["ranks"]:
+        assert facts["changed"] == [True, False, True] and facts["nonfinite_steps"] == 1, facts
+        assert math.isnan(facts["losses"][1]) and math.isfinite(facts["losses"][2]), facts
+    for name, overrides, model in (("bloom_1f1b", bloom, "bloom"), ("llama_gpipe", llama, "llama")):
+        check_against_single_process(results[name], single_process(tmp_path, overrides), 2,
+                                     safetensors_bytes(checkpoints[model]))
+    # stopped after the step-2 checkpoint and resumed by new trainers: bit for bit
+    resumed = results["bloom_1f1b"]
+    assert resumed["resumed_losses"] == resumed["losses"]
+    assert resumed["resumed_adapter"] == resumed["adapter"]
+
+    # the saved adapter is one plain PEFT adapter: it loads onto the float base in one process
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    loaded = PeftModel.from_pretrained(base, results["llama_gpipe"]["adapter_dir"])
+    weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert weights.keys() == results["llama_gpipe"]["adapter"].keys()
+    for name, weight in weights.items():
+        assert torch.equal(weight.detach(), torch.tensor(results["llama_gpipe"]["adapter"][name])), name
+
+
+@pytest.mark.slow
+def test_four_stages_bloom_gpipe_and_llama_1f1b_equal_one_process(tmp_path, checkpoints):
+    bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=4)
+    llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=4)
+    results = run_pipeline(tmp_path, 4, [case("bloom_gpipe", bloom, "gpipe"), case("llama_1f1b", llama, "1f1b")],
+                           port=29572)
+    check_against_single_process(results["bloom_gpipe"], single_process(tmp_path, bloom), 4,
+                                 safetensors_bytes(checkpoints["bloom"]))
+    check_against_single_process(results["llama_1f1b"], single_process(tmp_path, llama), 4,
+                                 safetensors_bytes(checkpoints["llama"]))
+
+
+def kill_launcher_and_ranks(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank."""
+    launcher = psutil.Process(process.pid)
+    victims = [launcher, *launcher.children(recursive=True)]
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=60)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, checkpoints):
+    overrides = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
+    run_dir = Path(overrides["output_dir"])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+               str(REPO / "train.py"), "recipe=tiny_lora8", "parallel.strategy=pipeline", *as_cli(overrides)]
+    process, _ = start_until_checkpoint_write(command, run_dir, ENV, kill=kill_launcher_and_ranks)
+    kill_launcher_and_ranks(process)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002"]
+
+    resumed = subprocess.run([*command, "checkpoint.resume=true"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["parallel"] == "pipeline" and summary["steps"] == 4 and summary["steps_this_session"] == 2
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000004"]
+    assert {p.name for p in (run_dir / "checkpoints" / "step-00000004").glob("stage*.pt")} == {"stage0.pt", "stage1.pt"}
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    # the killed-and-resumed run ends where one uninterrupted process ends
+    from safetensors.torch import load_file
+
+    single = single_process(tmp_path, overrides)
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    mine = {k.replace(".default", ""): v for k, v in single["adapter"].items()}
+    assert set(saved) == set(mine)
+    for name, weight in saved.items():
+        assert_close_to_magnitude(weight, mine[name], name)
+
+
+# ------------------------------------------------------------------------- no processes needed
+@pytest.mark.parametrize("blocks,stages,sizes", [(4, 2, [2, 2]), (5, 2, [3, 2]), (70, 8, [8, 9, 9, 9, 9, 9, 9, 8]),
+                                                 (3, 3, [1, 1, 1]), (6, 4, [1, 2, 2, 1])])
+def test_split_blocks_is_contiguous_and_as_even_as_it_can_be(blocks, stages, sizes):
+    ranges = split_blocks(blocks, stages)
+    assert [len(r) for r in ranges] == sizes
+    assert [i for r in ranges for i in r] == list(range(blocks))
+
+
+def test_split_blocks_refuses_more_stages_than_blocks():
+    with pytest.raises(RecipeError, match="5 pipeline stages for 4 decoder blocks"):
+        split_blocks(4, 5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.device_map": "auto"}, "model.device_map='auto' splits one model inside one process"),
+    ({"parallel.pipeline.schedule": "interleaved_1f1b"}, "interleaved_1f1b is not supported yet"),
+    ({"training.precision": "fp16"}, "fp16 needs a gradient scaler"),
+    ({"export.merged": True}, "export.merged is not available under the pipeline"),
+    ({"training.grad_accum_steps": 1}, "micro_batches=1 is fewer than the 2 stages"),
+    ({"model.from_config": False, "model.name_or_path": "bigscience/bloom"}, "reads only its own tensors from a local"),
+])
+def test_what_the_pipeline_cannot_do_fails_before_loading(tmp_path, monkeypatch, override, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing loads, so no group is needed
+    with pytest.raises(RecipeError, match=message):
+        PipelineTrainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"parallel.strategy": "pipeline", **override}))
+
+
+def test_the_plain_trainer_refuses_a_pipeline_over_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="build the trainer with bytetune.trainer.pipeline.PipelineTrainer"):
+        Trainer.from_recipe("tiny_lora8", **tiny_overrides(tmp_path, **{"parallel.strategy": "pipeline"}))
+
+
+def test_one_process_asked_for_a_pipeline_trains_unsplit_with_a_warning(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "pipeline", "training.max_steps": 1,
+                                            "schedule.warmup_steps": 0, "eval.at_start": False})
+    with pytest.warns(UserWarning, match="only process: one stage"):
+        trainer = Trainer.from_recipe("tiny_lora8", **overrides)
+    assert trainer.train()["parallel"] == "none"
