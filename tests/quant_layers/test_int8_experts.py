@@ -1,0 +1,162 @@
+"""Int8Experts: transformers 5's fused MoE experts in LLM.int8() form, against the original module."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bytetune.quant_layers import dequantize_model, model_bytes, quantize_model
+from bytetune.quant_layers.int8_embedding import quantize_embeddings
+from bytetune.quant_layers.int8_experts import Int8Experts, is_fused_experts, router_names
+
+# Tiny configs of four MoE families; the experts hold most of the weight, as in the real models.
+FAMILIES = {
+    "mixtral": dict(num_local_experts=5, num_experts_per_tok=2, intermediate_size=96),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=80, intermediate_size=80,
+                      decoder_sparse_step=1, mlp_only_layers=[], head_dim=16),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=72, shared_expert_intermediate_size=48,
+                      intermediate_size=72, decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64),
+}  # fmt: skip
+
+
+def tiny_moe(family: str, seed: int = 0, hidden: int = 48, vocab: int = 300, layers: int = 2, **overrides):
+    config = AutoConfig.for_model(
+        family, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False, **{**FAMILIES[family], **overrides},
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _experts(model):
+    return [(n, m) for n, m in model.named_modules() if is_fused_experts(m) or isinstance(m, Int8Experts)]
+
+
+def _routing(tokens, experts, top_k, gen, skip_expert=None):
+    logits = torch.randn(tokens, experts, generator=gen)
+    if skip_expert is not None:
+        logits[:, skip_expert] = -1e9  # an expert that gets no token
+    weights, index = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    return index, weights / weights.sum(-1, keepdim=True)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_experts_forward_and_input_grad_match_the_float_module(family):
+    _check_against_float_module(family)
+
+
+def test_experts_triton_path_matches_the_float_module(kernel_path):
+    # The interpreted Triton path is slow: one small family member runs it (the kernels' tests
+    # cover more shapes); the weights are quantized beforehand by the reference (one-time work).
+    _check_against_float_module("mixtral", tokens=9, hidden=32, intermediate_size=40)
+
+
+def _check_against_float_module(family, tokens=13, **sizes):
+    model = tiny_moe(family, **sizes)
+    name, float_experts = _experts(model)[0]
+    forced = os.environ.pop("BYTETUNE_FORCE_TRITON", None)
+    int8_experts = Int8Experts.from_experts(float_experts)
+    if forced is not None:
+        os.environ["BYTETUNE_FORCE_TRITON"] = forced
+    assert int8_experts.gate_up_proj.dtype == torch.int8 and int8_experts.down_proj.dtype == torch.int8
+    dequantized = copy.deepcopy(float_experts)
+    for p in ("gate_up_proj", "down_proj"):
+        getattr(dequantized, p).data = int8_experts.dequantized_weight(p)
+    gen = torch.Generator().manual_seed(1)
+    e = float_experts.num_experts
+    x = torch.randn(tokens, int8_experts.hidden_dim, generator=gen)
+    x[:, 3] *= 12  # an outlier feature column
+    index, weights = _routing(tokens, e, 2, gen, skip_expert=e - 1)
+    grad_out = torch.randn(tokens, int8_experts.hidden_dim, generator=gen)
+    results = {}
+    for label, module in (("int8", int8_experts), ("dequantized", dequantized), ("float", float_experts)):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi, index, weights)
+        (y * grad_out).sum().backward()
+        results[label] = (y.detach(), xi.grad)
+    y8, g8 = results["int8"]
+    yd, gd = results["dequantized"]
+    yf, gf = results["float"]
+    # Only the activations are quantized against the dequantized module: per-token int8 costs
+    # about 1 %. The input gradient is straight-through (exact products with the dequantized
+    # weights), but it flows through act(gate) * up at the int8 forward's values: the same order.
+    assert _rel(y8, yd) < 0.02
+    assert _rel(g8, gd) < 0.02
+    # Against the float weights, the weight rounding adds about as much again.
+    assert _rel(y8, yf) < 0.04 and _rel(g8, gf) < 0.02
+    # No token of the starved expert: the same answer as the module that loops over hit experts.
+    assert torch.isfinite(y8).all()
+
+
+def test_outlier_columns_take_the_16_bit_path():
+    model = tiny_moe("mixtral")
+    _, float_experts = _experts(model)[0]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(23, 48, generator=gen)
+    x[:, 7] *= 60
+    index, weights = _routing(23, 5, 2, gen)
+    with torch.no_grad():
+        yf = float_experts(x, index, weights)
+        errors = {}
+        for threshold in (6.0, 0.0):
+            int8 = Int8Experts.from_experts(float_experts, threshold=threshold)
+            errors[threshold] = _rel(int8(x, index, weights), yf)
+    assert errors[6.0] * 2 < errors[0.0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quantize_model_converts_the_experts_and_keeps_routers(family):
+    model = tiny_moe(family)
+    routers = router_names(model)
+    assert routers, "every MoE block has a router"
+    reference = copy.deepcopy(model)
+    report = quantize_model(model)
+    experts = _experts(model)
+    assert experts and all(isinstance(m, Int8Experts) for _, m in experts)
+    assert report.n_experts_modules == len(experts) == 2
+    for _, module in experts:
+        for p in ("gate_up_proj", "down_proj"):
+            codes = getattr(module, p)
+            # 1 byte per expert weight, a float32 scale per expert row
+            assert codes.dtype == torch.int8 and codes.element_size() * codes.numel() == codes.numel()
+            assert getattr(module, f"{p}_scale").dtype == torch.float32
+    for name in routers:  # routers stay float
+        weights = [t for t in model.get_submodule(name).parameters()]
+        assert weights and all(t.dtype == torch.float32 for t in weights)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = reference(ids).logits
+    assert _rel(logits, expected) < 0.05
+    dequantize_model(model)
+    assert not any(isinstance(m, Int8Experts) for m in model.modules())
+    with torch.no_grad():
+        assert _rel(model(ids).logits, expected) < 0.02
+
+
+def test_tiny_mixtral_whole_model_bytes():
+    # A tiny Mixtral whose experts dominate (8 experts, intermediate 4x hidden), embeddings
+    # untied: the whole model in int8 (experts, attention, embeddings and head) <= 0.30x fp32.
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fp32 = model_bytes(model)
+    report = quantize_model(model)
+    expert_bytes = sum(getattr(m, p).numel() for _, m in _experts(model) for p in ("gate_up_proj", "down_proj"))
+    assert expert_bytes == 2 * 8 * 3 * 256 * 64  # int8: one byte each
+    blocks_only = report.bytes_after / fp32
+    quantize_embeddings(model)
+    whole = model_bytes(model) / fp32
+    assert whole <= 0.30, (blocks_only, whole)
+    assert blocks_only < 0.35
