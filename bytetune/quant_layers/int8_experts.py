@@ -158,8 +158,11 @@ class Int8Experts(nn.Module):
         gate, up = self._product("gate_up_proj", x, offsets, row_expert).chunk(2, dim=-1)
         h = self.act_fn(gate) * up
         y = self._product("down_proj", h, offsets, row_expert)
-        # Slots routed to no local expert (ids outside [0, E)) have rows past offsets[-1]: zero.
+        # Slots routed to no local expert (ids outside [0, E)) sort past offsets[-1]: their rows
+        # are 0 in the int8 products, and their weight is 0 so that no LoRA term leaks either.
+        ids = top_k_index.reshape(-1)[order]
         weights = top_k_weights.reshape(-1)[order].to(y.dtype)
+        weights = torch.where((ids >= 0) & (ids < self.num_experts), weights, 0)
         y = y * weights[:, None]
         out = torch.zeros_like(hidden_states)
         return out.index_add_(0, token, y.to(out.dtype))
