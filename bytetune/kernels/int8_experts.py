@@ -169,12 +169,13 @@ def expert_column_absmax_reference(x: torch.Tensor, offsets: torch.Tensor) -> to
 
 # Two tiles, picked from the average number of rows per expert (a shape, known at launch): many
 # tokens per expert (training, prefill) take the wide tile, few (decoding, many small experts)
-# the thin one, which wastes less of each expert's last row tile. The compile gate showed the
-# wide tile spilling with 4 warps for fp32 activations (the outlier loop's "ieee" dot beside the
-# int32 accumulator) on sm_80..90; with 8 warps it does not.
+# the thin one, which wastes less of each expert's last row tile. fp32 activations take their
+# own small tile: the compile gate showed the wide one spilling (488-2880 B of stack, with 4 or 8
+# warps) on sm_80..90 once the outlier loop's "ieee" fp32 dot sits beside the int32 accumulator.
 GROUPED_MATMUL_TILES = {
     "many_rows": tile(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_C=32, num_warps=8, num_stages=3),
     "few_rows": tile(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_C=32, num_warps=4, num_stages=3),
+    "fp32": tile(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, BLOCK_C=16, num_warps=4, num_stages=3),
 }
 # The input gradient reduces over N (BLOCK_N) and writes BLOCK_K columns; fp32 gradients take
 # the "ieee" dot, which holds more registers (llm_int8's fp32 grad tiles are this size).
@@ -477,7 +478,12 @@ def grouped_int8_linear_triton(
     else:
         x_int8, x_scale = quantize_tokenwise(x)
         x_outlier, outlier_cols = x_scale, offsets  # unread when HAS_OUTLIERS is False
-    config = _pick(GROUPED_MATMUL_TILES, rows, experts) if x.is_cuda else _INTERPRETER_MATMUL
+    if not x.is_cuda:
+        config = _INTERPRETER_MATMUL
+    elif x.dtype == torch.float32:
+        config = GROUPED_MATMUL_TILES["fp32"]
+    else:
+        config = _pick(GROUPED_MATMUL_TILES, rows, experts)
     tile_expert, tile_start, tile_stop = tile_table(offsets, config["BLOCK_M"], rows)
     dot_in_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not x.is_cuda)
     grid = (tile_expert.numel(), triton.cdiv(n, config["BLOCK_N"]))
