@@ -160,3 +160,30 @@ def test_tiny_mixtral_whole_model_bytes():
     whole = model_bytes(model) / fp32
     assert whole <= 0.30, (blocks_only, whole)
     assert blocks_only < 0.35
+
+
+def test_lora_term_is_peft_delta_weight_per_expert():
+    # The low-rank term LoraInt8Experts adds inside the int8 forward equals x @ delta_e.T with
+    # delta_e from PEFT's own ParamWrapper.get_delta_weight (its interleaved B layout), per expert.
+    from peft import get_peft_model
+
+    from bytetune.quant_layers.experts_lora import LoraInt8Experts
+    from bytetune.quant_layers.lora import lora_config
+
+    model = tiny_moe("mixtral")
+    quantize_model(model)
+    peft_model = get_peft_model(
+        model, lora_config(r=3, lora_alpha=6, target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"],
+                           init_lora_weights=False)
+    )  # fmt: skip
+    wrappers = [m for m in peft_model.modules() if isinstance(m, LoraInt8Experts)]
+    assert {w.parameter_name for w in wrappers} == {"gate_up_proj", "down_proj"}
+    gen = torch.Generator().manual_seed(4)
+    for wrapper in wrappers:
+        delta = wrapper.get_delta_weight("default").float()  # [E, out, in]
+        x = torch.randn(11, delta.shape[2], generator=gen)
+        experts = torch.randint(0, delta.shape[0], (11,), generator=gen)
+        with torch.no_grad():
+            term = wrapper._lora_term(x, experts)
+        expected = torch.einsum("ti,toi->to", x.double(), delta.double()[experts])
+        assert torch.allclose(term.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())

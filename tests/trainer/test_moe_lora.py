@@ -103,3 +103,20 @@ def test_dropout_on_expert_parameters_is_one_line_before_loading():
     with pytest.raises(RecipeError, match=r"lora.dropout=0.05 .*set lora.dropout=0"):
         load_recipe("tiny_lora8", {"model.config_file": "tiny-mixtral", "lora.dropout": 0.05,
                                    "lora.target_parameters": EXPERT_TARGETS})  # fmt: skip
+
+
+def test_dropout_on_expert_parameters_through_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from .helpers import REPO
+
+    result = subprocess.run(
+        [sys.executable, "train.py", "recipe=tiny_lora8", "model.config_file=tiny-mixtral",
+         "lora.target_parameters=[gate_up_proj,down_proj]", f"output_dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "lora.dropout=0.1" in errors[0] and "set lora.dropout=0" in errors[0]
+    assert not (tmp_path / "run").exists()
