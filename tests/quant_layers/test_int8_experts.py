@@ -187,3 +187,34 @@ def test_lora_term_is_peft_delta_weight_per_expert():
             term = wrapper._lora_term(x, experts)
         expected = torch.einsum("ti,toi->to", x.double(), delta.double()[experts])
         assert torch.allclose(term.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+def test_triton_path_never_waits_for_the_device(monkeypatch):
+    # The GPU route (routing sort, tile table, per-expert outliers, grouped kernels) has fixed
+    # shapes: no nonzero, no .item() / .tolist(). Checked on CPU tensors through the interpreted
+    # Triton kernels; the weights are quantized beforehand (one-time work, outside the check).
+    from bytetune.kernels.dispatch import HAS_TRITON
+
+    from .conftest import no_host_sync
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    model = tiny_moe("mixtral", hidden=32, intermediate_size=40)
+    _, float_experts = _experts(model)[0]
+    int8 = Int8Experts.from_experts(float_experts)
+    monkeypatch.setenv("BYTETUNE_FORCE_TRITON", "1")
+    from bytetune.kernels import int8_experts as kernels
+
+    launched = []
+    for name in ("grouped_int8_linear_triton", "grouped_int8_grad_input_triton"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: launched.append(_n) or _f(*a))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 32, generator=gen)
+    x[:, 2] *= 20  # outlier columns, so the outlier search really runs
+    index, weights = _routing(9, int8.num_experts, 2, gen, skip_expert=0)
+    x.requires_grad_(True)
+    with no_host_sync() as detector:
+        int8(x, index, weights).sum().backward()
+    assert "aten.topk.default" in detector.seen and x.grad is not None
+    assert launched.count("grouped_int8_linear_triton") == 2 and launched.count("grouped_int8_grad_input_triton") == 2
