@@ -218,3 +218,27 @@ def test_triton_path_never_waits_for_the_device(monkeypatch):
         int8(x, index, weights).sum().backward()
     assert "aten.topk.default" in detector.seen and x.grad is not None
     assert launched.count("grouped_int8_linear_triton") == 2 and launched.count("grouped_int8_grad_input_triton") == 2
+
+
+def test_quantize_on_load_builds_int8_experts(tmp_path):
+    # from_pretrained(..., quantization_config=Int8Config()) quantizes each fused expert weight as
+    # it is read: the same codes and scales as quantize_model on the loaded float model.
+    from transformers import AutoModelForCausalLM as Auto
+
+    from bytetune.quant_layers import Int8Config
+
+    model = tiny_moe("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    loaded = Auto.from_pretrained(tmp_path, quantization_config=Int8Config(threshold=6.0)).eval()
+    quantize_model(model)
+    pairs = list(zip(_experts(loaded), _experts(model)))
+    assert len(pairs) == 2
+    for (_, a), (_, b) in pairs:
+        assert isinstance(a, Int8Experts)
+        for p in ("gate_up_proj", "down_proj"):
+            assert torch.equal(getattr(a, p), getattr(b, p)) and torch.equal(getattr(a, f"{p}_scale"), getattr(b, f"{p}_scale"))
+    for name in router_names(loaded):
+        assert all(t.dtype == torch.float32 for t in loaded.get_submodule(name).parameters())
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
