@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bytetune.quant_layers import model_bytes, quantize_model  # noqa: E402
 from bytetune.quant_layers.convert import default_skip_names  # noqa: E402
@@ -53,14 +54,11 @@ def kl(p_log, q_log):
 
 
 def bnb_variant(model):
-    import bitsandbytes as bnb  # noqa: F401
+    # bench/int8_quality.py's conversion (the same layers as quantize_model, Linear8bitLt with
+    # frozen int8 weights, eval mode); the fused experts are no nn.Linear and stay fp32.
+    from int8_quality import bitsandbytes_int8
 
-    from transformers import BitsAndBytesConfig
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    skip = sorted(default_skip_names(model))
-    model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    return model
+    return bitsandbytes_int8(model, 6.0, torch.device("cpu")).eval()
 
 
 def main() -> int:
@@ -78,7 +76,7 @@ def main() -> int:
         f"`python bench/moe_int8_quality.py` on {datetime.date.today()}, {platform.node()} ({platform.machine()}, "
         f"torch {torch.__version__}), {windows.numel()} held-out stdlib tokens (byte tokenizer) in windows of {args.window}; "
         f"weights drawn with std {INIT_STD}. bitsandbytes' row converts nn.Linear layers only (the experts stay fp32) and "
-        "loads the fp32 weights into them on the CPU: treat it as unverified (a NaN there was not investigated).",
+        "uses bench/int8_quality.py's conversion.",
         "",
         "| model | variant | mean KL vs fp32 (nats/token) | model MiB | experts int8 |",
         "|---|---|---|---|---|",
@@ -92,10 +90,14 @@ def main() -> int:
             quantize_model(model, threshold=threshold)
             lines.append(f"| {name} | bytetune int8 t={threshold:g} | {kl(reference, logprobs(model, windows)):.3e} | "
                          f"{model_bytes(model) / 2**20:.2f} | yes |")
+        # Like for like with bitsandbytes: bytetune on the same layers, experts left fp32.
+        model = copy.deepcopy(fp32)
+        quantize_model(model, threshold=6.0, skip=("experts",))
+        lines.append(f"| {name} | bytetune int8 t=6 (attention only) | {kl(reference, logprobs(model, windows)):.3e} | "
+                     f"{model_bytes(model) / 2**20:.2f} | no (fp32) |")
         if importlib.util.find_spec("bitsandbytes") is not None:
             try:
                 model = bnb_variant(copy.deepcopy(fp32))
-                model.load_state_dict(fp32.state_dict(), strict=False)
                 lines.append(f"| {name} | bitsandbytes Linear8bitLt t=6 (attention only) | "
                              f"{kl(reference, logprobs(model, windows)):.3e} | {model_bytes(model) / 2**20:.2f} | no (fp32) |")
             except Exception as error:  # noqa: BLE001 - a row of the report
