@@ -48,7 +48,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import MockTensor, create_function_from_signature  # noqa: E402
 
 from bytetune.kernels import (  # noqa: E402
-    blockwise, fused_linear_ce, gpu_arch, groupwise, int8_head, llm_int8, optim_update,
+    blockwise, fused_linear_ce, gpu_arch, groupwise, int8_experts, int8_head, llm_int8, optim_update,
 )
 from bytetune.kernels.gpu_arch import ARCHS, Tile  # noqa: E402
 
@@ -277,6 +277,47 @@ def fused_ce_launches() -> Iterator[Launch]:
         )  # fmt: skip
 
 
+def int8_experts_launches() -> Iterator[Launch]:
+    # The MoE experts' grouped int8 GEMM and its input gradient at Mixtral-8x22B's gate_up shape
+    # (8 experts, N = 2 x 16384, K = 6144), 4096 routed rows; the tile table has rows/BLOCK_M + E
+    # entries. Plus the per-expert column absmax that finds the outlier columns.
+    experts, m, n, k, c = 8, TOKENS, 32768, 6144, 192
+    absmax = int8_experts.COLUMN_ABSMAX_TILE
+    for i, dtype in enumerate(FLOAT_DTYPES):
+        yield Launch(
+            int8_experts._expert_column_absmax_kernel, absmax, SHORT[dtype],
+            (T(dtype), T(torch.int64), T(torch.float32), k, k, 1), absmax.kwargs, ci=i == 2,
+        )  # fmt: skip
+    for name, cfg in int8_experts.GROUPED_MATMUL_TILES.items():
+        for out_dtype in ((torch.float32,) if name == "fp32" else (torch.float16, torch.bfloat16)):
+            for outliers in (False, True):
+                yield Launch(
+                    int8_experts._grouped_int8_matmul_kernel, cfg,
+                    f"i8 -> {SHORT[out_dtype]} ({name})" + (" outliers" if outliers else ""),
+                    (T(torch.int8), T(torch.int8), T(torch.float32), T(torch.float32), T(out_dtype), T(torch.int64),
+                     T(torch.int32), T(torch.int32), T(torch.int32), T(out_dtype),
+                     n, k, c if outliers else 0, k, 1, n * k, k, 1, n, 1),
+                    dict(HAS_OUTLIERS=outliers, DOT_IN_FP32=out_dtype == torch.float32, **cfg.kwargs),
+                    shared_bytes=functools.partial(
+                        int8_experts.grouped_matmul_shared_bytes, out_bytes=out_dtype.itemsize, x_bytes=out_dtype.itemsize
+                    ),
+                    min_capability=gpu_arch.DOT_MIN_CAPABILITY,
+                    ci=name == "many_rows" and out_dtype == torch.bfloat16 and outliers,
+                )  # fmt: skip
+    for name, cfg in int8_experts.GROUPED_GRAD_TILES.items():
+        for grad_dtype in ((torch.float32,) if name == "fp32" else (torch.float16, torch.bfloat16)):
+            dot_in_fp32 = grad_dtype == torch.float32
+            yield Launch(
+                int8_experts._grouped_grad_input_kernel, cfg, f"{SHORT[grad_dtype]} x i8 ({name})",
+                (T(grad_dtype), T(torch.int8), T(torch.float32), T(torch.int32), T(torch.int32), T(torch.int32),
+                 T(grad_dtype), n, k, n, 1, n * k, k, 1, k, 1),
+                dict(DOT_IN_FP32=dot_in_fp32, DOT_PRECISION="ieee" if dot_in_fp32 else "tf32", **cfg.kwargs),
+                shared_bytes=functools.partial(int8_experts.grouped_grad_shared_bytes, grad_bytes=grad_dtype.itemsize),
+                min_capability=gpu_arch.DOT_MIN_CAPABILITY,
+                ci=name == "many_rows" and grad_dtype == torch.bfloat16,
+            )  # fmt: skip
+
+
 REGISTRY: list[Callable[[], Iterator[Launch]]] = [
     llm_int8_launches,
     groupwise_launches,
@@ -284,6 +325,7 @@ REGISTRY: list[Callable[[], Iterator[Launch]]] = [
     optim_update_launches,
     int8_head_launches,
     fused_ce_launches,
+    int8_experts_launches,
 ]
 
 

@@ -47,6 +47,51 @@ class ActivationTrace:
     block_backward_scratch: int  # the largest gradient buffers of one block's backward
 
 
+class _TracedExperts(nn.Module):
+    """Stands in for a fused experts module in the meta trace: transformers' expert loops read
+    the routing (``nonzero``), which meta tensors cannot. Every (token, routed expert) pair runs
+    the SwiGLU expert MLP once with expert 0's weights: the tensors autograd keeps have the
+    shapes the real routing's have (rows = tokens x top-k). LoRA on expert parameters is a
+    rank-r term per product, traced as such."""
+
+    def __init__(self, experts: nn.Module, lora_r: int, lora_targets, lora_dtype):
+        super().__init__()
+        self.experts = experts
+        e, n, k = experts.gate_up_proj.shape
+        self.lora = nn.ModuleDict()
+        for name, (out_f, in_f) in {"gate_up_proj": (n, k), "down_proj": (k, n // 2)}.items():
+            if name in lora_targets:
+                self.lora[name] = nn.Sequential(
+                    nn.Linear(in_f, lora_r * e, bias=False, device="meta", dtype=lora_dtype),
+                    nn.Linear(lora_r * e, out_f, bias=False, device="meta", dtype=lora_dtype),
+                )
+
+    def _product(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, getattr(self.experts, name)[0])
+        if name in self.lora:
+            y = y + self.lora[name](x.to(self.lora[name][0].weight.dtype)).to(y.dtype)
+        return y
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        top_k = top_k_index.shape[-1]
+        x = hidden_states.repeat_interleave(top_k, dim=0)
+        gate, up = self._product("gate_up_proj", x).chunk(2, dim=-1)
+        y = self._product("down_proj", self.experts.act_fn(gate) * up)
+        y = y.view(-1, top_k, y.shape[-1]) * top_k_weights.to(y.dtype)[..., None]
+        return y.sum(dim=1)
+
+
+def _replace_experts_for_trace(model: nn.Module, spec: PlanSpec) -> None:
+    from bytetune.quant_layers.int8_experts import is_fused_experts
+
+    names = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    for name in names:
+        experts = model.get_submodule(name)
+        model.set_submodule(
+            name, _TracedExperts(experts, spec.lora_r, tuple(spec.lora_target_parameters), as_dtype(spec.lora_dtype))
+        )
+
+
 def _attach_lora(model: nn.Module, spec: PlanSpec) -> nn.Module:
     # peft is imported here, not with the module: `import bytetune` loads the planner, and peft's
     # import (torchao and its kernels) takes seconds that only a trace needs.
@@ -73,6 +118,7 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     for p in model.parameters():
         p.requires_grad_(False)
     model = _attach_lora(model, spec)
+    _replace_experts_for_trace(model, spec)
     model.train()
     # Gradients reach the first block's LoRA through the embeddings output, as the trainer arranges
     # (enable_input_require_grads) so that checkpointed blocks see an input that requires grad.

@@ -10,6 +10,7 @@ from torch import nn
 
 from bytetune.plan.meta_model import block_list, target_linears
 from bytetune.plan.spec import PlanSpec, dtype_bytes
+from bytetune.quant_layers.int8_experts import EXPERT_PARAMETERS, is_fused_experts
 from bytetune.quant_layers.zeroquant import DEFAULT_MODULE_BITS, bits_for
 
 # LLM.int8() layout (bytetune.Int8Linear): int8 weight [N, K] and a float32 scale per output row.
@@ -72,6 +73,21 @@ def weight_costs(model: nn.Module, spec: PlanSpec) -> dict[str, ModuleCost]:
 
     quantized: dict[str, tuple[int, int]] = {}  # weight param name -> (codes, scales) bytes
     lora: dict[str, int] = {}
+    # Fused MoE experts (Int8Experts when quantizing with int8): codes [E, N, K] + a float32 scale
+    # per expert row; LoRA on a targeted expert parameter is PEFT's ParamWrapper layout,
+    # A [E * r, K] and B [N, r * E].
+    expert_lora: dict[str, tuple[int, int]] = {}  # param name -> (A numel, B numel)
+    for bname, block in blocks:
+        for mname, module in block.named_modules():
+            if not is_fused_experts(module):
+                continue
+            for pname in EXPERT_PARAMETERS:
+                e, n, k = getattr(module, pname).shape
+                full = f"{bname}.{mname}.{pname}"
+                if spec.quantization == "int8":
+                    quantized[full] = e * n * k, e * n * INT8_SCALE_BYTES
+                if pname in spec.lora_target_parameters:
+                    expert_lora[full] = e * spec.lora_r * k, n * spec.lora_r * e
     for bname, block in blocks:
         for lname, linear in target_linears(block, spec.lora_targets):
             lora[f"{bname}.{lname}"] = spec.lora_r * (linear.out_features + linear.in_features)
@@ -116,4 +132,10 @@ def weight_costs(model: nn.Module, spec: PlanSpec) -> dict[str, ModuleCost]:
         linear = model.get_submodule(lname)
         unit.optimizer_states += optimizer_state_bytes(r * linear.in_features, spec)
         unit.optimizer_states += optimizer_state_bytes(r * linear.out_features, spec)
+    for pname, (a_numel, b_numel) in expert_lora.items():
+        unit = costs[unit_of(pname)]
+        unit.lora_numel += a_numel + b_numel
+        unit.lora_params += (a_numel + b_numel) * lora_bytes
+        unit.lora_grads += (a_numel + b_numel) * lora_bytes
+        unit.optimizer_states += optimizer_state_bytes(a_numel, spec) + optimizer_state_bytes(b_numel, spec)
     return costs

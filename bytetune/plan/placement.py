@@ -35,6 +35,7 @@ from bytetune.plan.counting import weight_costs
 from bytetune.plan.devices import CUDA_CONTEXT_BYTES, MiB, Device, parse_devices, runtime_overhead
 from bytetune.plan.meta_model import block_list, build_meta_model, target_linears
 from bytetune.plan.pipeline import StageModel
+from bytetune.quant_layers.int8_experts import is_fused_experts
 from bytetune.plan.report import DevicePlan, MemoryPlan, as_gib
 from bytetune.plan.spec import PlanSpec, spec_from_recipe
 from bytetune.plan.throughput import (
@@ -87,6 +88,11 @@ class Planner:
             tokens = spec.micro_batch * spec.seq_len
             for linear in (m for _, m in target_linears(blocks[0][1], "all-linear")):
                 int8_scratch = max(int8_scratch, tokens * (linear.in_features + 4 * linear.out_features))
+            # Int8Experts: each (token, routed expert) pair is a row of the grouped GEMM.
+            rows = tokens * int(getattr(spec.model_config, "num_experts_per_tok", 0) or 0)
+            for module in (m for _, m in blocks[0][1].named_modules() if is_fused_experts(m)):
+                _, n, k = module.gate_up_proj.shape
+                int8_scratch = max(int8_scratch, rows * (k + 4 * n))
         recompute = tr.per_block if spec.gradient_checkpointing else 0
         self.block_temporary = recompute + max(tr.block_backward_scratch, int8_scratch)
 

@@ -37,6 +37,8 @@ class PlanSpec:
     lora_dropout: float = 0.0
     # Leaf names of the block linears that get LoRA (and int8), or "all-linear" for every one.
     lora_targets: str | Sequence[str] = "all-linear"
+    # MoE: names of the fused 3-D expert parameters that get LoRA (PEFT's target_parameters).
+    lora_target_parameters: Sequence[str] = ()
     lora_dtype: str | torch.dtype = torch.float32
     optimizer: str = "adamw8bit"  # the recipe's optimizer.name (for display)
     optimizer_states: int = 2  # moments per parameter: 2 for Adam(W), 1 for Lion / momentum SGD
@@ -127,6 +129,7 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
         lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout,
         lora_targets="all-linear" if targets == ["all-linear"] else targets,
+        lora_target_parameters=tuple(recipe.lora.get("target_parameters") or ()),
         lora_dtype=torch.float32,  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
         optimizer=name,
         optimizer_states=1 if name in ("lion8bit", "sgd8bit") else 2,

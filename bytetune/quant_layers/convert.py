@@ -14,6 +14,7 @@ from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.int8_config import Int8Config
 from bytetune.quant_layers.int8_embedding import dequantize_embeddings
+from bytetune.quant_layers.int8_experts import Int8Experts, dequantized_experts, quantize_experts_modules, router_names
 from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, Int8Linear, is_conv1d
 
 
@@ -25,6 +26,7 @@ class QuantizationReport:
     bytes_after: int
     n_quantized: int
     quantized_params: int = 0  # weight elements now stored as int8 (1 byte each)
+    n_experts_modules: int = 0  # fused MoE experts modules now Int8Experts (counted in n_quantized)
 
     def __str__(self) -> str:
         mib = 1024 * 1024
@@ -75,6 +77,9 @@ def quantize_model(
 ) -> QuantizationReport:
     """Replace, in place, every nn.Linear / Conv1D of ``model`` by an Int8Linear.
 
+    The fused experts of mixture-of-experts models (transformers 5's 3-D ``gate_up_proj`` /
+    ``down_proj``) become Int8Experts; MoE routers stay in float.
+
     Skipped: the output head, layers tied to an embedding, and modules matching a ``skip``
     pattern, matched as transformers matches ``modules_to_not_convert``: a name prefix ending at
     a module boundary ("transformer.h.0"), a regex with the same boundary ("h\\.[01]\\.mlp"),
@@ -87,7 +92,7 @@ def quantize_model(
     ``from_pretrained`` loads back as Int8Linear layers.
     """
     skip = list(skip)
-    skipped = default_skip_names(model)
+    skipped = default_skip_names(model) | router_names(model)
     bytes_before = model_bytes(model)
     # Names only: holding the modules would keep every float weight alive until the end.
     targets = [
@@ -104,7 +109,9 @@ def quantize_model(
         int8_layer.train(float_layer.training)
         setattr(parent, child_name, int8_layer)
         quantized_params += int8_layer.weight.numel()
-    if targets:
+    n_experts, expert_params = quantize_experts_modules(model, threshold=threshold, skip=skip)
+    quantized_params += expert_params
+    if targets or n_experts:
         copy_out_of_file_mappings(model)
         mark_kbit_loaded(model)
         if hasattr(getattr(model, "config", None), "to_dict"):
@@ -112,8 +119,9 @@ def quantize_model(
     return QuantizationReport(
         bytes_before=bytes_before,
         bytes_after=model_bytes(model),
-        n_quantized=len(targets),
+        n_quantized=len(targets) + n_experts,
         quantized_params=quantized_params,
+        n_experts_modules=n_experts,
     )
 
 
@@ -134,6 +142,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     names = [name for name, module in model.named_modules() if isinstance(module, FrozenQuantLinear)]
     for name in names:
         model.set_submodule(name, dequantized_linear(model.get_submodule(name), dtype))
+    experts = [name for name, module in model.named_modules() if isinstance(module, Int8Experts)]
+    for name in experts:
+        model.set_submodule(name, dequantized_experts(model.get_submodule(name), dtype))
+    names += experts
     if names and getattr(model, "is_loaded_in_8bit", False):
         model.is_loaded_in_8bit = False
     return model

@@ -20,6 +20,8 @@ from torch import nn
 
 from bytetune.kernels.llm_int8 import quantize_rowwise
 from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_kbit_loaded
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
 from bytetune.quant_layers.hf_quantizer_base import (
     FrozenLinearHfQuantizer,
     QuantizeOnLoad,
@@ -27,15 +29,31 @@ from bytetune.quant_layers.hf_quantizer_base import (
     swap_linear_layers,
 )
 from bytetune.quant_layers.int8_config import QUANT_METHOD, Int8Config
+from bytetune.quant_layers.int8_experts import EXPERT_PARAMETERS, Int8Experts, is_fused_experts, router_names
+from bytetune.kernels.int8_experts import quantize_experts
 from bytetune.quant_layers.int8_linear import Int8Linear, is_conv1d
 
 class Int8Quantize(QuantizeOnLoad):
     """Checkpoint weight (16/32-bit) -> {weight: int8 [out, in], weight_scale: float32 [out]}."""
 
     def quantize(self, module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(module, Int8Experts):  # a fused [E, N, K] expert weight
+            return quantize_experts(value.contiguous())
         if module.source_is_conv1d:
             value = value.t()  # Conv1D checkpoints store [in, out]
         return quantize_rowwise(value.contiguous())
+
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs):
+        module, tensor_name = get_module_from_name(model, full_layer_name)
+        if not isinstance(module, Int8Experts):
+            return super().convert(input_dict, model=model, full_layer_name=full_layer_name, **kwargs)
+        (value,) = input_dict.values()
+        value = value[0] if isinstance(value, list) else value
+        codes, scales = self.quantize(module, value)
+        prefix = full_layer_name.rpartition(".")[0]
+        return {full_layer_name: codes, f"{prefix}.{tensor_name}_scale": scales}
 
 
 class Int8HfQuantizer(FrozenLinearHfQuantizer):
@@ -55,14 +73,24 @@ class Int8HfQuantizer(FrozenLinearHfQuantizer):
             if model is not None:
                 restore_float_layers(model, self.replaced_layers, self.disk_modules)
 
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
+        module, tensor_name = get_module_from_name(model, param_name)
+        if isinstance(module, Int8Experts):
+            return tensor_name in EXPERT_PARAMETERS
+        return super().param_needs_quantization(model, param_name, **kwargs)
+
     def _swap_layers(self, model: nn.Module) -> None:
         # When quantizing on the fly, disk-offloaded layers stay in the checkpoint's dtype:
         # transformers' offload index points at the original checkpoint tensor for weights
         # converted while loading, so an int8 layer would read float bytes back as int8
         # (bitsandbytes keeps offloaded layers in float too). An int8 checkpoint offloads as is.
         self.modules_to_not_convert += getattr(self, "disk_modules", [])
+        self.modules_to_not_convert += sorted(router_names(model))  # MoE routers stay float
         self.replaced_layers = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold
+        )
+        self.replaced_layers.update(
+            replace_with_int8_experts(model, self.modules_to_not_convert, self.quantization_config.threshold)
         )
         self.swapped_model = model
 
@@ -100,6 +128,23 @@ def replace_with_int8_linear(
         return int8_layer
 
     return swap_linear_layers(model, modules_to_not_convert, is_quantizable, build)
+
+
+def replace_with_int8_experts(
+    model: nn.Module, modules_to_not_convert: list[str], threshold: float
+) -> dict[str, nn.Module]:
+    """Swap fused MoE experts modules for empty Int8Experts on the meta device; each checkpoint
+    expert weight is then quantized as it is read (Int8Quantize)."""
+
+    def build(name: str, float_experts: nn.Module) -> Int8Experts:
+        e, two_i, h = float_experts.gate_up_proj.shape
+        layer = Int8Experts(e, h, two_i // 2, float_experts.act_fn, threshold=threshold)
+        layer.source = (type(float_experts), getattr(float_experts, "config", None))
+        for pname in EXPERT_PARAMETERS:
+            getattr(layer, pname)._is_hf_initialized = True  # int8 storage takes no float init
+        return layer
+
+    return swap_linear_layers(model, modules_to_not_convert, is_fused_experts, build)
 
 
 def restore_float_layers(model: nn.Module, replaced: dict[str, nn.Module], prefixes: list[str]) -> None:

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from bytetune.quant_layers.convert import dequantize_model, dequantized_linear, forget_quantization
+from bytetune.quant_layers.experts_lora import register_experts_lora
 from bytetune.quant_layers.int8_linear import Int8Linear
 
 
@@ -80,9 +81,10 @@ def _add_delta_to_int8_base(layer: LoraLayer, adapter: str, sign: float, safe: b
 
 
 def register_int8_lora(config: LoraConfig) -> LoraConfig:
-    """Make PEFT wrap Int8Linear layers with LoraInt8Linear under this config; returns it."""
+    """Make PEFT wrap Int8Linear layers with LoraInt8Linear (and Int8Experts' parameters with
+    LoraInt8Experts) under this config; returns it."""
     config._register_custom_module({Int8Linear: LoraInt8Linear})
-    return config
+    return register_experts_lora(config)
 
 
 def lora_config(**kwargs) -> LoraConfig:

@@ -14,6 +14,12 @@ _HEAD_KEYS = ("n_head", "num_attention_heads")
 # Config keys that bound the positions a model can embed, by naming family (Llama-style, GPT-2,
 # GPT-J/GPT-Neo, ChatGLM...). A model without any (BLOOM: ALiBi) takes any length.
 MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+_KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads")  # Llama-style, Falcon
+# Widths that scale with hidden_size (dense MLP, MoE experts, shared expert, Falcon's FFN).
+_WIDTH_KEYS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_hidden_size")
+# Mixture-of-experts: a shrunken copy keeps at most this many experts, routing to at most 2.
+_EXPERT_KEYS = ("num_local_experts", "num_experts")
+SHRUNK_MAX_EXPERTS = 4
 
 
 def bundled_model_config(name: str) -> dict:
@@ -33,17 +39,24 @@ def shrink_model_config(config: dict, shrink) -> dict:
     if shrink.hidden_size:
         old_hidden = config["hidden_size"]
         config["hidden_size"] = shrink.hidden_size
-        if "intermediate_size" in config:
-            config["intermediate_size"] = config["intermediate_size"] * shrink.hidden_size // old_hidden
+        for key in _WIDTH_KEYS:
+            if config.get(key):
+                config[key] = max(1, config[key] * shrink.hidden_size // old_hidden)
+        for key in _EXPERT_KEYS:
+            if config.get(key):
+                config[key] = min(config[key], SHRUNK_MAX_EXPERTS)
+        if config.get("num_experts_per_tok"):
+            config["num_experts_per_tok"] = min(config["num_experts_per_tok"], 2)
     if shrink.num_heads:
         for key in _HEAD_KEYS:
             if key in config:
                 old_heads = config[key]
                 config[key] = shrink.num_heads
-                if "num_key_value_heads" in config:
-                    # keep grouped-query attention: the same number of query heads per kv head
-                    group = max(1, old_heads // config["num_key_value_heads"])
-                    config["num_key_value_heads"] = max(1, shrink.num_heads // group)
+                for kv_key in _KV_HEAD_KEYS:
+                    if config.get(kv_key):
+                        # keep grouped-query attention: the same number of query heads per kv head
+                        group = max(1, old_heads // config[kv_key])
+                        config[kv_key] = max(1, shrink.num_heads // group)
                 config.pop("head_dim", None)
     if shrink.vocab_size:
         config["vocab_size"] = shrink.vocab_size

@@ -118,6 +118,9 @@ class LoraConfig:
     # Block indices that get adapters (null = all). Adapting only the top blocks stops the
     # backward pass at the lowest adapted block: fewer FLOPs per step on small hardware.
     layers: Optional[List[int]] = None
+    # Mixture-of-experts: 3-D expert parameters that get LoRA (PEFT's target_parameters), e.g.
+    # [gate_up_proj, down_proj]; [] = none. "all-linear" never includes the routers.
+    target_parameters: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -387,6 +390,11 @@ def validate(cfg: DictConfig) -> None:
                 "optimizer.weight_decay", "optimizer.min_8bit_size"):
         _check_positive(OmegaConf.select(cfg, key), key, allow_zero=True)
     _check_range(cfg.lora.dropout, "lora.dropout", 0.0, 1.0)
+    if cfg.lora.dropout > 0 and cfg.lora.target_parameters:
+        raise RecipeError(
+            f"lora.dropout={cfg.lora.dropout} with lora.target_parameters={list(cfg.lora.target_parameters)}: LoRA on "
+            "expert parameters takes no dropout (PEFT, which reloads the adapter, refuses it): set lora.dropout=0"
+        )
     _check_range(cfg.schedule.min_lr_ratio, "schedule.min_lr_ratio", 0.0, 1.0, high_inclusive=True)
     _check_positive(cfg.optimizer.lr, "optimizer.lr")
     if not cfg.lora.target_modules:

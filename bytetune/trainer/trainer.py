@@ -35,6 +35,7 @@ from bytetune import optim as bytetune_optim
 from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
 from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.convert import forget_quantization
+from bytetune.quant_layers.int8_experts import router_names
 from bytetune.quant_layers.group_lora import register_zeroquant_lora
 from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
@@ -72,17 +73,23 @@ def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = F
     builds the base on the meta device, for FSDP to load each rank's shard into."""
     model, tokenizer = build_base(cfg, device_map, empty=empty)
     targets = list(cfg.lora.target_modules)
-    if targets == ["all-linear"] and cfg.lora.layers is not None:
-        # PEFT takes layers_to_transform only with named targets: name every linear of the blocks
+    routers = router_names(model)
+    if targets == ["all-linear"] and (cfg.lora.layers is not None or routers):
+        # PEFT takes layers_to_transform only with named targets: name every linear of the blocks.
+        # On an MoE model this also keeps LoRA off the routers, which PEFT's "all-linear" (through
+        # its transformers-v4 name mapping) would adapt.
         head = model.get_output_embeddings()
+        router_leaves = {name.rsplit(".", 1)[-1] for name in routers}
         targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                          if isinstance(module, torch.nn.Linear) and module is not head})
+                          if isinstance(module, torch.nn.Linear) and module is not head and name not in routers}
+                         - router_leaves)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
+        target_parameters=list(cfg.lora.target_parameters) or None,
         task_type="CAUSAL_LM",
     )
     # PEFT wraps Int8Linear / GroupQuantLinear with bytetune's LoRA layers (registered per config)
