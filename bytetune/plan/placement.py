@@ -35,9 +35,9 @@ from bytetune.plan.counting import weight_costs
 from bytetune.plan.devices import CUDA_CONTEXT_BYTES, MiB, Device, parse_devices, runtime_overhead
 from bytetune.plan.meta_model import block_list, build_meta_model, target_linears
 from bytetune.plan.pipeline import StageModel
-from bytetune.quant_layers.int8_experts import is_fused_experts
 from bytetune.plan.report import DevicePlan, MemoryPlan, as_gib
 from bytetune.plan.spec import PlanSpec, spec_from_recipe
+from bytetune.quant_layers.int8_experts import is_fused_experts
 from bytetune.plan.throughput import (
     DEFAULT_EFFICIENCY,
     DEFAULT_GPU,
