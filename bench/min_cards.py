@@ -1,5 +1,5 @@
 """Minimum number of 24 GiB and 48 GiB GPUs for each large-model recipe, from the memory planner
-(device_map in one process, and FSDP2), next to an independent parameter count from the config.
+(device_map in one process, FSDP2, and a pipeline of one stage per GPU), next to an independent parameter count from the config.
 
 Run: ``python bench/min_cards.py`` (CPU only, nothing downloaded); writes bench/results/min_cards.md.
 """
@@ -26,12 +26,12 @@ def main() -> int:
     for name in RECIPES:
         recipe = load_recipe(name, check_paths=False)
         cells = []
-        for parallel in ("none", "fsdp"):
+        for parallel in ("none", "fsdp", "pipeline"):
             for size in (24, 48):
                 plan = plan_memory(recipe, f"1x{size}GiB", parallel=parallel)
                 cells.append(str(plan.min_devices) if plan.min_devices else "-")
         total, active = params_from_config(bundled_model_config(recipe.model.config_file))
-        rows.append(f"| {name} | {total / 1e9:.1f}B | {active / 1e9:.1f}B | {recipe.training.seq_len} | " + " | ".join(cells) + " | |")
+        rows.append(f"| {name} | {total / 1e9:.1f}B | {active / 1e9:.1f}B | {recipe.training.seq_len} | " + " | ".join(cells) + " |")
     header = [
         "# Minimum GPUs per large-model recipe (bytetune memory planner)",
         "",
@@ -41,10 +41,12 @@ def main() -> int:
         "recipes), 8-bit AdamW, micro-batch 1, gradient checkpointing, bf16. Parameters: the formula count from "
         "config.json (bytetune.plan.param_formula), checked against the meta model in the tests.",
         "",
-        "| recipe | params | active/token | seq_len | device_map 24 GiB | device_map 48 GiB | FSDP2 24 GiB | FSDP2 48 GiB | pipeline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | params | active/token | seq_len | device_map 24 GiB | device_map 48 GiB | FSDP2 24 GiB | FSDP2 48 GiB | pipeline 24 GiB | pipeline 48 GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    text = "\n".join(header + rows) + "\n\nPipeline column: left for the pipeline planner (not in this tree yet).\n"
+    text = "\n".join(header + rows) + (
+        "\n\nPipeline: one process per GPU, 1F1B over the recipe's gradient-accumulation steps as micro-batches "
+        "(`parallel=pipeline`; per-stage memory includes the micro-batches in flight).\n")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text)
     print(text)
