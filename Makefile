@@ -8,7 +8,7 @@ RECIPE ?= smollm2_lora8
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU run.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup train test bench gpu-check gpu-compile clean
+.PHONY: setup train test bench gpu-check gpu-compile clean gpu-bundle
 
 setup: $(VENV)/.stamp
 
@@ -30,8 +30,15 @@ test: setup
 bench: setup
 	$(PY) bench/optim_step.py
 
-gpu-check: setup
-	bash bench/gpu_check.sh
+# On the GPU machine: its own python3 (torch with CUDA), no set-up step; `make setup` would
+# pip-install the CPU torch of TORCH_SPEC over it. See docs/gpu_check.md.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
+
+# The wheels the GPU machine's image lacks, into the git-ignored .whl/ (at most 60 MiB; its size
+# is printed): carried along with the tree, installed there by bench/gpu_check.sh.
+gpu-bundle:
+	PYTHON=$(PYTHON) bash bench/gpu_bundle.sh
 
 # Every Triton kernel x config x dtype compiled for sm_75/80/86/89/90 on this machine (no GPU
 # needed); the table goes to bench/results/gpu_compile.md, the exit status fails on a config
