@@ -1,10 +1,12 @@
-"""``python bench/dry_run.py SCRIPT [ARGS ...]``: run a bench up to its argument parsing, no further.
+"""``python bench/dry_run.py SCRIPT [ARGS ...] [--- SCRIPT [ARGS ...] ...]``: run each script up to
+its argument parsing, no further.
 
-bench/gpu_check.sh --dry-run checks each of its bench lines this way on a machine without a GPU
-(make device-replica): the bench's imports all resolve and the arguments the GPU check passes it
-parse, and the run stops right after ``parse_args`` returns, before the bench touches CUDA. Exit
-status 0 when the arguments parsed, argparse's 2 when they did not, 1 when the script never
-parsed any (nothing was checked).
+bench/gpu_check.sh --dry-run checks its bench and trainer lines this way on a machine without a
+GPU (make device-replica): each script's imports resolve and the arguments the GPU check passes it
+parse; the run stops right after ``parse_args`` returns, before the script touches CUDA. A script
+without argparse passes when it exits 0 by itself (``train.py ... --print-config`` checks the
+recipe and every override and exits). All scripts run in this one process, one after the other
+(an import of torch and transformers costs seconds). Exit status 0 when every line passed, else 1.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import os
 import runpy
 import sys
+import traceback
 
 
 class ArgumentsParsed(BaseException):
@@ -20,11 +23,42 @@ class ArgumentsParsed(BaseException):
     BaseException, so that a bench's ``except Exception`` does not swallow it)."""
 
 
+def dry_run(script: str, args: list[str]) -> str | None:
+    """None when ``script args`` parsed (or exited 0 by itself), else what went wrong."""
+    sys.argv = [script, *args]
+    # as `python SCRIPT` would: the script's folder first on sys.path (its sibling imports)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except ArgumentsParsed as parsed:
+        print(f"dry run: {script}: imports ok, arguments parsed: {vars(parsed.args[0])}", flush=True)
+        return None
+    except SystemExit as done:
+        if done.code in (0, None):
+            print(f"dry run: {script} {' '.join(args)}: exited 0", flush=True)
+            return None
+        return f"exited {done.code}"
+    except Exception as error:  # an import or a module-level statement failed
+        traceback.print_exc()
+        return f"{type(error).__name__}: {error}"
+    finally:
+        sys.path.pop(0)
+    return "finished without parsing arguments: nothing was checked"
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if len(sys.argv) >= 2 else 2
-    script, args = sys.argv[1], sys.argv[2:]
+        return 0 if argv else 2
+    lines, line = [], []
+    for arg in argv:
+        if arg == "---":
+            lines.append(line)
+            line = []
+        else:
+            line.append(arg)
+    lines.append(line)
     parse_args = argparse.ArgumentParser.parse_args
 
     def parse_and_stop(self, *a, **k):
@@ -32,16 +66,15 @@ def main() -> int:
         raise ArgumentsParsed(namespace)
 
     argparse.ArgumentParser.parse_args = parse_and_stop
-    sys.argv = [script, *args]
-    # as `python SCRIPT` would: the script's folder first on sys.path (its sibling imports)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except ArgumentsParsed as parsed:
-        print(f"dry run: {script}: imports ok, arguments parsed: {vars(parsed.args[0])}")
-        return 0
-    print(f"dry run: {script} finished without parsing arguments: nothing was checked", file=sys.stderr)
-    return 1
+    failed = []
+    for script, *args in (line for line in lines if line):
+        problem = dry_run(script, args)
+        if problem:
+            print(f"dry run: FAILED {script} {' '.join(args)}: {problem}", file=sys.stderr, flush=True)
+            failed.append(script)
+    print(f"dry run: {len([line for line in lines if line]) - len(failed)} lines ok, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -108,39 +108,47 @@ trainer_lines() {
     grep -E '"(steps|steps_this_session|parallel|tokens_per_s|peak_memory_bytes|final_train_loss|initial_eval_loss|final_eval_loss)"|^error|Error'
 }
 tables() { grep "^|\|^#\|Ratios\|Error\|^error"; }
+dry_run_lines() { grep "^dry run\|^error\|Error"; }
 
-# A pytest section: the tests run (-n workers, a per-test timeout); in a dry run they are collected
-# (with the same options, so a missing pytest-xdist or pytest-timeout shows).
+# In a dry run the sections only queue what they would run; it is checked at the end in three
+# processes (an import of torch and transformers costs seconds each): one `pytest --collect-only`
+# of every test path, one bench/dry_run.py over every bench and trainer line.
+DRY_TEST_PATHS=()
+DRY_LINES=()
+
+# tests NAME BUDGET_S K_EXPRESSION PATH...: the tests run (-n workers, a per-test timeout).
 tests() {
-    local name=$1 budget=$2
-    shift 2
+    local name=$1 budget=$2 select=$3
+    shift 3
     if [ -n "$DRY_RUN" ]; then
-        run_section "$name (collect only)" 120 last_lines \
-            "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 --timeout 120 --collect-only "$@"
+        say "== $name: queued for collection"
+        DRY_TEST_PATHS+=("$@")
     else
         run_section "$name" "$budget" last_lines \
-            "$PYTHON" -m pytest -q -p no:cacheprovider -n "$WORKERS" --timeout 120 "$@"
+            "$PYTHON" -m pytest -q -p no:cacheprovider -n "$WORKERS" --timeout 120 -k "$select" "$@"
     fi
 }
 
-# A bench section: the script; in a dry run only its imports and argument parsing (bench/dry_run.py).
+# bench NAME BUDGET_S FILTER SCRIPT ARGS...: a bench; in a dry run its imports and arguments.
 bench() {
     local name=$1 budget=$2 filter=$3 script=$4
     shift 4
     if [ -n "$DRY_RUN" ]; then
-        run_section "$name (arguments only)" 120 last_lines "$PYTHON" bench/dry_run.py "$script" "$@"
+        say "== $name: queued for argument parsing"
+        DRY_LINES+=(--- "$script" "$@")
     else
         run_section "$name" "$budget" "$filter" "$PYTHON" "$script" "$@"
     fi
 }
 
-# A training section: train.py with its overrides; in a dry run the recipe and every override are
-# checked (--print-config, no model loaded). LAUNCH is empty or an `accelerate launch` prefix.
+# train NAME BUDGET_S OVERRIDES...: train.py, under LAUNCH (empty or an `accelerate launch`
+# prefix); in a dry run the recipe and every override are checked (--print-config, no model).
 train() {
     local name=$1 budget=$2
     shift 2
     if [ -n "$DRY_RUN" ]; then
-        run_section "$name (recipe and overrides only)" 120 last_lines "$PYTHON" train.py "$@" --print-config
+        say "== $name: queued for the recipe check"
+        DRY_LINES+=(--- train.py "$@" --print-config)
     else
         run_section "$name" "$budget" trainer_lines "${LAUNCH[@]}" train.py "$@"
     fi
@@ -170,7 +178,7 @@ N_GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/nu
 # --- kernels vs references, compiled (includes the ~1e6-element optimizer sizes, GPU only) -------
 # (the CPU-side compile-gate tests are left to the next section, which compiles for this card)
 tests "kernel tests: block-wise, fused optimizer update, LLM.int8(), group-wise, fused CE" 120 \
-    tests/kernels -k "not ci_subset and not oversized"
+    "not ci_subset and not oversized" tests/kernels
 
 # The CPU-side compile gate predicts shared memory, registers and spills per config; here the
 # same configs (the CI subset) are compiled for this card, loaded on it, and the driver's figures
@@ -186,9 +194,9 @@ fi
 
 # Int8Linear and GroupQuantLinear through the compiled kernels, and the CUDA no-sync test
 # (torch.cuda.set_sync_debug_mode("error") over a LoRA model's forward and backward).
-tests "layer tests on CUDA: Int8Linear, GroupQuantLinear, no host sync" 50 \
+tests "layer tests on CUDA: Int8Linear, GroupQuantLinear, no host sync" 50 "not dynamo and not compiled" \
     tests/quant_layers/test_int8_linear.py tests/quant_layers/test_group_linear.py \
-    tests/quant_layers/test_sync_free_and_compile.py -k "not dynamo and not compiled"
+    tests/quant_layers/test_sync_free_and_compile.py
 
 # --- benches: ratios against peers measured in the same run (autotuning on, as in training) ------
 export BYTETUNE_AUTOTUNE=1
@@ -245,6 +253,12 @@ fi
 # (next multi-GPU section here)
 
 # ==================================================================================================
+if [ -n "$DRY_RUN" ]; then
+    run_section "dry run: pytest --collect-only of every test the sections run" 240 last_lines \
+        "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 --timeout 120 --collect-only "${DRY_TEST_PATHS[@]}"
+    run_section "dry run: every bench's imports and arguments, every trainer line's recipe" 300 dry_run_lines \
+        "$PYTHON" bench/dry_run.py "${DRY_LINES[@]:1}"
+fi
 say "== gpu_check done in $((SECONDS - START)) s: ${#FAILED_SECTIONS[@]} section(s) failed or cut"
 for name in "${FAILED_SECTIONS[@]}"; do say "   - $name"; done
 say "   summary: $SUMMARY; full output: $FULL_LOG"
