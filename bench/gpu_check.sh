@@ -173,7 +173,11 @@ else
     DEVICE_NAME="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())' 2>&1 | tail -n 1)"
 fi
 say "== bytetune gpu_check $(date -u +%FT%TZ) on $DEVICE_NAME; $BUNDLE; tables in $OUT_DIR"
-N_GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ -n "$DRY_RUN" ]; then
+    N_GPUS=0  # the multi-GPU sections' arguments are checked whatever the count
+else
+    N_GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
 
 # --- kernels vs references, compiled (includes the ~1e6-element optimizer sizes, GPU only) -------
 # (the CPU-side compile-gate tests are left to the next section, which compiles for this card)
