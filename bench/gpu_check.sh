@@ -158,6 +158,7 @@ if [ -n "$DRY_RUN" ]; then
     DEVICE_NAME="dry run ($DRY_RUN) on $(uname -n), no CUDA call"
     run_section "imports: bytetune and every package a section needs" 120 last_lines "$PYTHON" -c '
 import importlib, sys, torch, triton, transformers, peft, accelerate, safetensors, omegaconf, datasets, gguf
+import accelerate.commands.launch  # the multi-GPU sections start through it
 import bytetune, bytetune.kernels, bytetune.optim, bytetune.quant_layers, bytetune.plan, bytetune.trainer.trainer
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}")
@@ -235,11 +236,12 @@ bench "e2e: bytetune vs HF Trainer + PEFT + bitsandbytes (~350M BLOOM shape)" 45
 
 # FSDP2 over two GPUs (NCCL): the bloom7b recipe shrunk to 4 blocks, sharded over 2 processes:
 # int8 codes, LoRA and 8-bit AdamW states per rank, bf16 autocast, a checkpoint through
-# torch.distributed.checkpoint at step 2, then a resume from it to step 4.
+# torch.distributed.checkpoint at step 2, then a resume from it to step 4. (schedule.warmup_steps=0:
+# the recipe's 20 warm-up steps are refused for a 2-step run, found by the dry run.)
 FSDP_ARGS=(recipe=bloom7b_lora8 parallel.strategy=fsdp output_dir=/tmp/bytetune_gpu_check_fsdp
     model.from_config=true model.shrink.num_layers=4 model.shrink.hidden_size=512 model.shrink.num_heads=8
     model.shrink.vocab_size=512 model.tokenizer=bytes data.max_train_chars=200000 data.max_eval_chars=20000
-    training.seq_len=256 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false)
+    training.seq_len=256 schedule.warmup_steps=0 eval.max_batches=2 checkpoint.every_steps=2 logging.progress_bar=false)
 if [ -n "$DRY_RUN" ] || [ "$N_GPUS" -ge 2 ]; then
     LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file bytetune/recipe/accelerate/fsdp2.yaml
         --num_processes 2 --main_process_port 29561)
