@@ -9,9 +9,10 @@
 # `pip install --no-index --no-deps --target` and put on PYTHONPATH. Every table goes to $OUT when
 # it is set (only files under $OUT come back from the GPU machine), else bench/results/: two files,
 # gpu_check_<date>.txt (each section's summary) and gpu_check_<date>_full.log (everything).
-# Budget: under 8 minutes wall on one GPU with a cold Triton cache (430 s of section budgets; a section that ignores SIGINT gets SIGKILL 10 s after). Each section runs under its own
-# timeout (its share of the budget, in brackets in its header): a slow section loses its own tail,
-# never the later sections, and its summary line is printed even when it is cut.
+# Budget: under 8 minutes wall on one GPU with a cold Triton cache (430 s of section budgets). Each
+# section runs under its own timeout (its share, in brackets in its header; SIGKILL 10 s after the
+# SIGINT): a slow section loses its own tail, never the later sections, and its summary line is
+# printed even when it is cut.
 #
 #     bash bench/gpu_check.sh --dry-run          on a machine without a GPU (make device-replica):
 #         the bundle install, every import, `pytest --collect-only` of every test the sections run,
@@ -26,7 +27,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=full ;;
         --dry-run=collect) DRY_RUN=collect ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument '$arg'; use --dry-run, --dry-run=collect or none" >&2; exit 2 ;;
     esac
 done
