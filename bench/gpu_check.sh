@@ -27,7 +27,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=full ;;
         --dry-run=collect) DRY_RUN=collect ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument '$arg'; use --dry-run, --dry-run=collect or none" >&2; exit 2 ;;
     esac
 done
