@@ -8,7 +8,7 @@ RECIPE ?= smollm2_lora8
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU run.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup train test bench gpu-check gpu-compile clean
+.PHONY: setup train test bench gpu-check gpu-compile clean gpu-bundle device-replica test-hosts
 
 setup: $(VENV)/.stamp
 
@@ -30,8 +30,15 @@ test: setup
 bench: setup
 	$(PY) bench/optim_step.py
 
-gpu-check: setup
-	bash bench/gpu_check.sh
+# On the GPU machine: its own python3 (torch with CUDA), no set-up step; `make setup` would
+# pip-install the CPU torch of TORCH_SPEC over it. See docs/gpu_check.md.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
+
+# The wheels the GPU machine's image lacks, into the git-ignored .whl/ (at most 60 MiB; its size
+# is printed): carried along with the tree, installed there by bench/gpu_check.sh.
+gpu-bundle:
+	PYTHON=$(PYTHON) bash bench/gpu_bundle.sh
 
 # Every Triton kernel x config x dtype compiled for sm_75/80/86/89/90 on this machine (no GPU
 # needed); the table goes to bench/results/gpu_compile.md, the exit status fails on a config
@@ -41,3 +48,21 @@ gpu-compile: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The GPU machine's image on this CPU machine (.venv-replica: its packages at its versions, nothing
+# else), then `bench/gpu_check.sh --dry-run` in it: the bundle installed as on the device, every
+# import, the collection of every test the check runs, the compile gate's sm_90 subset, every
+# section's arguments. REPLICA_MODE=collect skips the compile gate (what CI runs).
+REPLICA_PYTHON ?= $(PYTHON)
+REPLICA_TORCH ?= $(TORCH_SPEC)
+REPLICA_MODE ?= check
+device-replica:
+	REPLICA_PYTHON=$(REPLICA_PYTHON) REPLICA_TORCH="$(REPLICA_TORCH)" bash bench/device_replica.sh $(REPLICA_MODE)
+
+# The numerics-sensitive tests as a host without AVX-512 computes them: PyTorch, MKL and oneDNN
+# held to AVX2, then ATen without vector kernels. The same verdict on every host is the goal.
+HOST_TEST_DIRS ?= tests/trainer tests/optim tests/quant_layers tests/kernels
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+test-hosts: setup
+	$(AVX2_ENV) TRITON_INTERPRET=1 $(PY) -m pytest -q $(HOST_TEST_DIRS) $(ARGS)
+	ATEN_CPU_CAPABILITY=default TRITON_INTERPRET=1 $(PY) -m pytest -q $(HOST_TEST_DIRS) $(ARGS)

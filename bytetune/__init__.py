@@ -16,8 +16,9 @@ from bytetune.quant_layers import (  # noqa: E402
     quantize_model_zeroquant,
 )
 
-# The memory planner (bytetune/plan); it loads peft only when it traces a plan.
-from bytetune.plan import plan_memory  # noqa: E402
+# The memory planner (bytetune/plan) is loaded on first use of ``bytetune.plan_memory``: it reads
+# recipes, which needs omegaconf, and ``import bytetune.kernels`` / ``bytetune.optim`` must work
+# without it (the GPU machine's image has no omegaconf until the carried wheels are installed).
 
 __all__ = [
     "Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit", "StableEmbedding",
@@ -29,9 +30,13 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The trainer pulls in accelerate, peft and datasets: load it only when asked for.
+    # The trainer pulls in accelerate, peft, omegaconf and datasets: load it only when asked for.
     if name == "Trainer":
         from bytetune.trainer.trainer import Trainer
 
         return Trainer
+    if name == "plan_memory":
+        from bytetune.plan import plan_memory
+
+        return plan_memory
     raise AttributeError(f"module 'bytetune' has no attribute {name!r}")

@@ -44,6 +44,7 @@ __all__ = [
     "int32_matmul_nt_exact",
     "int32_matmul_nt_fp32",
     "int32_matmul_nt_int_mm",
+    "int_mm_problem",
 ]
 
 
@@ -115,8 +116,23 @@ def cpu_int8_gemm_choice() -> str:
     if forced:
         if forced not in CPU_INT8_GEMMS:
             raise ValueError(f"{GEMM_ENV_VAR}={forced!r}: use one of {CPU_INT8_GEMMS}, or unset it to probe")
+        if forced == "int_mm":
+            # Forcing must not make a wrong product: oneDNN's s8 GEMM is not exact on every CPU
+            # (held to AVX2, torch 2.13's returns garbage at +-127 codes), which the probe checks.
+            problem = int_mm_problem()
+            if problem:
+                raise ValueError(
+                    f"{GEMM_ENV_VAR}=int_mm, but torch._int_mm cannot be used on this CPU "
+                    f"({torch.backends.cpu.get_cpu_capability()}): {problem}; unset {GEMM_ENV_VAR} or set it to fp32"
+                )
         return forced
     return _probe()[0]
+
+
+def int_mm_problem() -> str | None:
+    """Why ``torch._int_mm`` cannot compute this CPU's exact products (it is missing, or its result
+    differs from the exact one at the probe's extreme codes), or None where it can (probed once)."""
+    return _probe()[1].get("int_mm_error")
 
 
 def cpu_int8_gemm_probe_info() -> dict:

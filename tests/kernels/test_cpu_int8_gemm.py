@@ -64,7 +64,9 @@ def test_extreme_sums_are_exact():
     b[1, 7] = 126
     expected = _int64_product(a, b)
     assert expected[0, 0] == -4097 * 127**2
-    for way in FAST_WAYS.values():
+    for name, way in FAST_WAYS.items():
+        if name == "int_mm" and GEMM_MODULE.int_mm_problem():
+            continue  # refused on this CPU (test_forcing_int_mm_where_it_is_wrong_is_an_error)
         assert torch.equal(way(a, b).long(), expected)
 
 
@@ -123,3 +125,17 @@ def test_environment_forces_a_way_and_rejects_unknown_names(monkeypatch):
     monkeypatch.setenv("BYTETUNE_CPU_INT8_GEMM", "float64")
     with pytest.raises(ValueError, match="BYTETUNE_CPU_INT8_GEMM='float64': use one of"):
         int32_matmul_nt(a, b)
+
+
+def test_forcing_int_mm_where_it_is_wrong_is_an_error(monkeypatch):
+    # Held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), torch 2.13's _int_mm returned -131072 for a product
+    # of -16,516,096: forcing it there must say so, not compute a wrong product silently.
+    a, b = _codes(4, 40, 6), _codes(5, 40, 7)
+    monkeypatch.setenv("BYTETUNE_CPU_INT8_GEMM", "int_mm")
+    GEMM_MODULE._probe.cache_clear()
+    try:
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32))
+        with pytest.raises(ValueError, match="BYTETUNE_CPU_INT8_GEMM=int_mm, but torch._int_mm cannot be used"):
+            int32_matmul_nt(a, b)
+    finally:
+        GEMM_MODULE._probe.cache_clear()
