@@ -23,3 +23,13 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
         scale = 1.0
     atol = (rtol if scale_rtol is None else scale_rtol) * scale
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
+
+
+def assert_close_in_norm(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, name: str = "") -> None:
+    """``||actual - expected|| <= rel * ||expected||`` in float64: the two agree to ``rel`` of the
+    tensor's size. For trained weights compared across process layouts (FSDP shards, pipeline
+    stages vs one process): an element of a LoRA B near 0 may round apart by more than ``rel`` of
+    itself, or than a fixed 1e-5, when the gradient sums are taken in another order."""
+    error = (actual.double() - expected.double()).norm()
+    bound = rel * expected.double().norm()
+    assert error <= bound, f"{name}: |difference| {float(error):.3g} > {rel} x |expected| ({float(bound):.3g})"

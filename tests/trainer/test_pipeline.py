@@ -28,6 +28,8 @@ from bytetune.trainer.checkpoint import list_checkpoints
 from bytetune.trainer.pipeline import PipelineTrainer, split_blocks
 from bytetune.trainer.trainer import Trainer
 
+from tests.tolerances import assert_close_in_norm
+
 from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
@@ -97,11 +99,6 @@ def case(name: str, overrides: dict, schedule: str, resume_check: bool = False) 
                           "output_dir": str(Path(overrides["output_dir"]) / name)}}
 
 
-def assert_close_to_magnitude(got: torch.Tensor, want: torch.Tensor, name: str, rel: float = 1e-5) -> None:
-    """Equal to ``rel`` of the tensor's size (an element of a LoRA B near 0 may round apart by
-    more than ``rel`` of itself when the sums are ordered differently)."""
-    error = (got.double() - want.double()).norm()
-    assert error <= rel * want.double().norm(), (name, float(error), float(want.double().norm()))
 
 
 def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int) -> None:
@@ -112,7 +109,7 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
     assert result["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert result["adapter"].keys() == single["adapter"].keys()
     for name, weight in single["adapter"].items():
-        assert_close_to_magnitude(torch.tensor(result["adapter"][name]), weight, name)
+        assert_close_in_norm(torch.tensor(result["adapter"][name]), weight, name=name)
 
     # each rank holds its own blocks only: the split's blocks, their adapters and int8 codes
     ranges = split_blocks(4, stages)
@@ -224,7 +221,7 @@ def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, 
     mine = {k.replace(".default", ""): v for k, v in single["adapter"].items()}
     assert set(saved) == set(mine)
     for name, weight in saved.items():
-        assert_close_to_magnitude(weight, mine[name], name)
+        assert_close_in_norm(weight, mine[name], name=name)
 
 
 # ------------------------------------------------------------------------- no processes needed
