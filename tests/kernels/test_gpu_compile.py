@@ -283,3 +283,55 @@ def test_no_fallback_from_sm80():
             assert all(gpu_arch._dot_runs_on(capability) for capability in (80, 86, 89, 90))
     finally:
         gpu_arch._dot_runs_on.cache_clear()
+
+
+# ------------------------------------------------------------------ Triton-version rules
+
+
+def test_launchable_keeps_a_config_off_the_triton_release_it_spills_on():
+    big = ARCHS[90].max_shared_bytes
+    on_sm90 = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=8, spills_on=(("3.8", 90),))
+    assert gpu_arch.launchable(on_sm90, 90, big, lambda t: 0, version="3.8") == "spills under triton 3.8"
+    assert gpu_arch.launchable(on_sm90, 90, big, lambda t: 0, version="3.9") is None
+    assert gpu_arch.launchable(on_sm90, 86, ARCHS[86].max_shared_bytes, lambda t: 0, version="3.8") is None
+    everywhere = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=8, spills_on=(("3.6", 0),))
+    for capability, arch in ARCHS.items():
+        assert gpu_arch.launchable(everywhere, capability, arch.max_shared_bytes, lambda t: 0, version="3.6")
+        assert gpu_arch.launchable(everywhere, capability, arch.max_shared_bytes, lambda t: 0, version="3.8") is None
+
+
+def test_first_launchable_falls_back_where_the_first_choice_spills(monkeypatch):
+    monkeypatch.setattr(gpu_arch, "triton_version", lambda: "3.8")
+    spills = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=8, spills_on=(("3.8", 90),))
+    fallback = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=16)
+    assert gpu_arch.first_launchable([spills, fallback], 90, ARCHS[90].max_shared_bytes) is fallback
+    assert gpu_arch.first_launchable([spills, fallback], 86, ARCHS[86].max_shared_bytes) is spills
+    with pytest.raises(RuntimeError, match=r"no launch config fits sm_90 under triton 3\.8"):
+        gpu_arch.first_launchable([spills], 90, ARCHS[90].max_shared_bytes)
+
+
+def test_triton_version_is_the_installed_major_minor():
+    major, minor = triton.__version__.split(".")[:2]
+    assert gpu_arch.triton_version() == f"{major}.{minor}"
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.8", "3.9"])
+def test_each_elementwise_launch_is_the_one_config_the_gate_checks(gate, monkeypatch, version):
+    # The gate lists every config an element-wise launch may take; under each Triton release and
+    # on each generation exactly one of them is launchable there, and it is the launch's pick.
+    from bytetune.kernels import blockwise
+
+    monkeypatch.setattr(gpu_arch, "triton_version", lambda: version)
+    rows: dict[tuple, list] = {}
+    for launch in gate.blockwise_launches():
+        rows.setdefault((launch.kernel.fn.__name__, launch.dtypes, launch.config["BLOCK_SIZE"]), []).append(launch)
+    kernels = {"_quantize_blockwise_kernel": "quantize_blockwise", "_dequantize_blockwise_kernel": "dequantize_blockwise"}
+    for capability, arch in ARCHS.items():
+        monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (capability, arch.max_shared_bytes))
+        for (fn_name, _, block_size), launches in rows.items():
+            pick = blockwise.elementwise_tile(kernels[fn_name], block_size, torch.device("cuda", 0))
+            checked = [l.config for l in launches if l.blocked(capability, arch.max_shared_bytes) is None]
+            assert checked == [pick], (fn_name, block_size, capability, version)
+            expected_warps = 16 if (version, capability, fn_name, block_size) == (
+                "3.8", 90, "_quantize_blockwise_kernel", 4096) else blockwise.num_warps_for(block_size)
+            assert pick.num_warps == expected_warps
