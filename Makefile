@@ -8,7 +8,7 @@ RECIPE ?= smollm2_lora8
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU run.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup train test bench gpu-check gpu-compile clean gpu-compile-venvs gpu-compile-versions
+.PHONY: setup train test bench gpu-check gpu-compile clean gpu-compile-venvs gpu-compile-versions test-triton-versions
 
 setup: $(VENV)/.stamp
 
@@ -34,7 +34,7 @@ gpu-check: setup
 	bash bench/gpu_check.sh
 
 # Every Triton kernel x config x dtype compiled for sm_75/80/86/89/90 on this machine (no GPU
-# needed); the table goes to bench/results/gpu_compile.md, the exit status fails on a config
+# needed); the table goes to bench/results/gpu_compile_triton-<version>.md, the exit status fails on a config
 # that can launch but does not compile, exceeds shared memory or spills.
 gpu-compile: setup
 	$(PY) bench/gpu_compile.py $(ARGS)
@@ -63,6 +63,13 @@ gpu-compile-versions: gpu-compile-venvs
 	@status=0; for v in $(GATE_TRITONS); do \
 		echo "== triton $$v"; \
 		.venv-triton$$v/bin/python bench/gpu_compile.py --output bench/results/gpu_compile_triton-$$v.md $(ARGS) || status=1; \
+	done; exit $$status
+
+# The compile gate's tests (its CI subset for sm_86 and sm_90 included) under each version.
+test-triton-versions: gpu-compile-venvs
+	@status=0; for v in $(GATE_TRITONS); do \
+		echo "== triton $$v"; \
+		TRITON_INTERPRET=1 .venv-triton$$v/bin/python -m pytest -q tests/kernels/test_gpu_compile.py $(ARGS) || status=1; \
 	done; exit $$status
 
 clean:
