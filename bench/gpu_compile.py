@@ -254,16 +254,17 @@ def optim_update_launches() -> Iterator[Launch]:
         for dtype in FLOAT_DTYPES:
             sizes = _block_sizes(dtype) if kind == optim_update.UpdateKind.ADAM else (256, 4096)
             for block_size in sizes:
-                warps = optim_update.num_warps_for(block_size, kind)
-                cfg = gpu_arch.tile(BLOCK_SIZE=block_size, num_warps=warps)
-                yield Launch(
-                    optim_update._optimizer_update_8bit_kernel, cfg,
-                    f"{kind.name.lower()}{' nesterov' if nesterov else ''} {SHORT[dtype]}",
-                    (T(torch.int64), T(torch.int32), *book, *book, *scalars),
-                    dict(KIND=int(kind), NESTEROV=nesterov, BLOCK_SIZE=block_size,
-                         PARAM_DTYPE=optim_update._TL_DTYPES[dtype]),
-                    ci=kind == optim_update.UpdateKind.ADAM and dtype == torch.bfloat16 and block_size == 4096,
-                )  # fmt: skip
+                tiles = optim_update.launch_tiles(block_size, kind)
+                for i, cfg in enumerate(tiles):
+                    yield Launch(
+                        optim_update._optimizer_update_8bit_kernel, cfg,
+                        f"{kind.name.lower()}{' nesterov' if nesterov else ''} {SHORT[dtype]}",
+                        (T(torch.int64), T(torch.int32), *book, *book, *scalars),
+                        dict(KIND=int(kind), NESTEROV=nesterov, BLOCK_SIZE=block_size,
+                             PARAM_DTYPE=optim_update._TL_DTYPES[dtype]),
+                        ci=i == 0 and kind == optim_update.UpdateKind.ADAM and dtype == torch.bfloat16 and block_size == 4096,
+                        preferred=tuple(tiles[:i]),
+                    )  # fmt: skip
 
 
 def int8_head_launches() -> Iterator[Launch]:
