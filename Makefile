@@ -8,7 +8,7 @@ RECIPE ?= smollm2_lora8
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU run.
 THREADS ?= $(shell nproc)
 
-.PHONY: setup train test bench gpu-check gpu-compile clean gpu-bundle device-replica test-hosts
+.PHONY: setup train test bench gpu-check gpu-compile clean gpu-bundle device-replica test-hosts gpu-compile-venvs gpu-compile-versions test-triton-versions
 
 setup: $(VENV)/.stamp
 
@@ -41,10 +41,43 @@ gpu-bundle:
 	PYTHON=$(PYTHON) bash bench/gpu_bundle.sh
 
 # Every Triton kernel x config x dtype compiled for sm_75/80/86/89/90 on this machine (no GPU
-# needed); the table goes to bench/results/gpu_compile.md, the exit status fails on a config
+# needed); the table goes to bench/results/gpu_compile_triton-<version>.md, the exit status fails on a config
 # that can launch but does not compile, exceeds shared memory or spills.
 gpu-compile: setup
 	$(PY) bench/gpu_compile.py $(ARGS)
+
+# The compile gate under every Triton version pyproject admits and users get (docs/triton_versions.md):
+# 3.6 (the GPU machine's image, beside torch 2.11), 3.8 (what torch 2.14.1, the newest torch pip
+# allows here, pins) and 3.9 (what .venv resolves to). One git-ignored venv per version, made on
+# first use: the CPU torch build plus that triton plus bytetune's own dependencies. Triton's
+# compiler does not import torch, so the torch beside it does not change a verdict; each table
+# names both versions.
+GATE_TRITONS ?= 3.6.0 3.8.0 3.9.0
+GATE_TORCH_SPEC ?= $(TORCH_SPEC)
+
+.venv-triton%/.stamp: pyproject.toml
+	$(PYTHON) -m venv .venv-triton$*
+	.venv-triton$*/bin/python -m pip install -q --upgrade pip
+	.venv-triton$*/bin/python -m pip install -q "$(GATE_TORCH_SPEC)" "triton==$*" -e ".[dev]"
+	.venv-triton$*/bin/python -c "import sys, triton; sys.exit(triton.__version__ != '$*')"
+	touch $@
+
+gpu-compile-venvs: $(foreach v,$(GATE_TRITONS),.venv-triton$(v)/.stamp)
+
+# One full table per version, bench/results/gpu_compile_triton-<version>.md; fails when any
+# version fails (every version still runs). ARGS reach each run, e.g. ARGS="--subset".
+gpu-compile-versions: gpu-compile-venvs
+	@status=0; for v in $(GATE_TRITONS); do \
+		echo "== triton $$v"; \
+		.venv-triton$$v/bin/python bench/gpu_compile.py --output bench/results/gpu_compile_triton-$$v.md $(ARGS) || status=1; \
+	done; exit $$status
+
+# The compile gate's tests (its CI subset for sm_86 and sm_90 included) under each version.
+test-triton-versions: gpu-compile-venvs
+	@status=0; for v in $(GATE_TRITONS); do \
+		echo "== triton $$v"; \
+		TRITON_INTERPRET=1 .venv-triton$$v/bin/python -m pytest -q tests/kernels/test_gpu_compile.py $(ARGS) || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,9 +10,12 @@ Shared memory comes from ``.metadata.shared``, registers and spills (STACK) from
 ``cuobjdump -res-usage`` on the cubin.
 
 A config is *launchable* on a generation when ``bytetune.kernels.gpu_arch.launchable`` (the rule
-the kernels prune their menus with at launch) keeps it and the kernel can run there at all. The
-gate exits 1 when a launchable config fails to compile, needs more shared memory than that
-generation has per block, or spills. The table goes to bench/results/gpu_compile.md.
+the kernels prune their menus with at launch, under the installed Triton version) keeps it, no
+config the launch prefers is launchable there, and the kernel can run there at all. The gate
+exits 1 when a launchable config fails to compile, needs more shared memory than that
+generation has per block, or spills. The table goes to
+bench/results/gpu_compile_triton-<version>.md: verdicts depend on the Triton release
+(``make gpu-compile-versions`` runs the gate under each one the project supports).
 
 Adding a kernel: write a function that yields :class:`Launch` rows (one per config x dtype, the
 arguments built as the kernel's launch code builds them) and append it to ``REGISTRY``.
@@ -53,7 +56,7 @@ from bytetune.kernels import (  # noqa: E402
 from bytetune.kernels.gpu_arch import ARCHS, Tile  # noqa: E402
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-RESULTS = Path(__file__).resolve().parent / "results" / "gpu_compile.md"
+RESULTS = Path(__file__).resolve().parent / "results" / f"gpu_compile_triton-{triton.__version__}.md"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8"}
 
@@ -79,12 +82,18 @@ class Launch:
     shared_bytes: Callable[[Tile], int] | None = None
     min_capability: int = 0  # below it the kernel cannot run at all (the op falls back)
     ci: bool = False  # part of the fast subset the test suite runs
+    # For a kernel with one config per shape: the configs its launch tries first
+    # (gpu_arch.first_launchable); this one launches only where none of them may.
+    preferred: tuple[Tile, ...] = ()
 
     def blocked(self, capability: int, max_shared_bytes: int) -> str | None:
         """None when this config may launch on the generation, else why not (the kernels' rule)."""
         if capability < self.min_capability:
             return f"kernel needs sm_{self.min_capability}+"
         estimate = self.shared_bytes or (lambda config: 0)
+        for earlier in self.preferred:
+            if gpu_arch.launchable(earlier, capability, max_shared_bytes, estimate) is None:
+                return f"{earlier.label()} launches instead"
         return gpu_arch.launchable(self.config, capability, max_shared_bytes, estimate)
 
     @property
@@ -215,16 +224,23 @@ def blockwise_launches() -> Iterator[Launch]:
     numel = 1 << 20
     for dtype in FLOAT_DTYPES:
         for block_size in _block_sizes(dtype):
-            cfg = gpu_arch.tile(BLOCK_SIZE=block_size, num_warps=blockwise.num_warps_for(block_size))
             ci = dtype == torch.bfloat16 and block_size == blockwise.DEFAULT_BLOCK_SIZE
-            yield Launch(
-                blockwise._quantize_blockwise_kernel, cfg, f"{SHORT[dtype]} -> u8",
-                (T(dtype), T(torch.uint8), T(torch.float32), T(torch.float32), numel), cfg.kwargs, ci=ci,
-            )  # fmt: skip
-            yield Launch(
-                blockwise._dequantize_blockwise_kernel, cfg, f"u8 -> {SHORT[dtype]}",
-                (T(torch.uint8), T(torch.float32), T(torch.float32), T(dtype), numel), cfg.kwargs, ci=ci,
-            )  # fmt: skip
+            # Every config the launch may take (blockwise.elementwise_tile), each after the ones
+            # it prefers.
+            tiles = blockwise.elementwise_tiles("quantize_blockwise", block_size)
+            for i, cfg in enumerate(tiles):
+                yield Launch(
+                    blockwise._quantize_blockwise_kernel, cfg, f"{SHORT[dtype]} -> u8",
+                    (T(dtype), T(torch.uint8), T(torch.float32), T(torch.float32), numel), cfg.kwargs,
+                    ci=ci and i == 0, preferred=tuple(tiles[:i]),
+                )  # fmt: skip
+            tiles = blockwise.elementwise_tiles("dequantize_blockwise", block_size)
+            for i, cfg in enumerate(tiles):
+                yield Launch(
+                    blockwise._dequantize_blockwise_kernel, cfg, f"u8 -> {SHORT[dtype]}",
+                    (T(torch.uint8), T(torch.float32), T(torch.float32), T(dtype), numel), cfg.kwargs,
+                    ci=ci and i == 0, preferred=tuple(tiles[:i]),
+                )  # fmt: skip
 
 
 def optim_update_launches() -> Iterator[Launch]:
@@ -238,16 +254,17 @@ def optim_update_launches() -> Iterator[Launch]:
         for dtype in FLOAT_DTYPES:
             sizes = _block_sizes(dtype) if kind == optim_update.UpdateKind.ADAM else (256, 4096)
             for block_size in sizes:
-                warps = optim_update.num_warps_for(block_size, kind)
-                cfg = gpu_arch.tile(BLOCK_SIZE=block_size, num_warps=warps)
-                yield Launch(
-                    optim_update._optimizer_update_8bit_kernel, cfg,
-                    f"{kind.name.lower()}{' nesterov' if nesterov else ''} {SHORT[dtype]}",
-                    (T(torch.int64), T(torch.int32), *book, *book, *scalars),
-                    dict(KIND=int(kind), NESTEROV=nesterov, BLOCK_SIZE=block_size,
-                         PARAM_DTYPE=optim_update._TL_DTYPES[dtype]),
-                    ci=kind == optim_update.UpdateKind.ADAM and dtype == torch.bfloat16 and block_size == 4096,
-                )  # fmt: skip
+                tiles = optim_update.launch_tiles(block_size, kind)
+                for i, cfg in enumerate(tiles):
+                    yield Launch(
+                        optim_update._optimizer_update_8bit_kernel, cfg,
+                        f"{kind.name.lower()}{' nesterov' if nesterov else ''} {SHORT[dtype]}",
+                        (T(torch.int64), T(torch.int32), *book, *book, *scalars),
+                        dict(KIND=int(kind), NESTEROV=nesterov, BLOCK_SIZE=block_size,
+                             PARAM_DTYPE=optim_update._TL_DTYPES[dtype]),
+                        ci=i == 0 and kind == optim_update.UpdateKind.ADAM and dtype == torch.bfloat16 and block_size == 4096,
+                        preferred=tuple(tiles[:i]),
+                    )  # fmt: skip
 
 
 def int8_head_launches() -> Iterator[Launch]:
@@ -472,8 +489,8 @@ def render(rows: list[Row], capabilities: list[int], wall_s: float, jobs: int, s
     lines = [
         "# Compile gate: every Triton kernel x config x dtype x GPU generation",
         "",
-        f"Generated by `bench/gpu_compile.py` on {datetime.date.today()} with triton {triton.__version__}, "
-        f"ptxas from the triton wheel, no GPU. Wall time {wall_s:.0f} s with {jobs} worker processes on "
+        f"Generated by `bench/gpu_compile.py` on {datetime.date.today()} with **triton {triton.__version__}** "
+        f"(torch {torch.__version__}), ptxas from the triton wheel, no GPU. Wall time {wall_s:.0f} s with {jobs} worker processes on "
         f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end; fresh Triton cache).",
         "",
         f"Scope: {scope or 'every kernel in the registry'}.",
@@ -616,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in failures:
         print(f"FAIL {row.launch.name} {row.launch.config.label()} {row.launch.dtypes} sm_{row.capability}: "
               f"{row.failure} {row.result.error}".rstrip())  # fmt: skip
+    if any(row.failure == "spills" for row in failures):
+        print(f"a config that spills only under some Triton releases: add ({gpu_arch.triton_version()!r}, "
+              "<capability>) to its Tile.spills_on and give the launch a config to fall back to")
     print(f"{len(rows)} cells, {sum(r.blocked is None for r in rows)} launchable, {len(failures)} failing; "
           f"{sum(not r.result.skipped for r in rows)} compiled in {wall:.0f} s"
           + ("" if str(args.output) == "-" else f"; table in {args.output}"))  # fmt: skip

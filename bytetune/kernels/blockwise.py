@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from bytetune.kernels import gpu_arch
 from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, use_triton
 from bytetune.kernels.quant_maps import N_CODES, code_midpoints
 
@@ -196,6 +197,39 @@ def num_warps_for(block_size: int, cap: int = 8) -> int:
     return max(1, min(cap, block_size // 128))
 
 
+# Where the compile gate saw an element-wise config spill under one Triton release:
+# (kernel, block size, warps) -> gpu_arch.Tile.spills_on. On sm_90 triton 3.6 and 3.8 give the
+# quantize kernel over 4096 elements and 8 warps an 8-byte stack (3.9 does not), and 3.6 gives
+# Adam's update one over 256 elements and 2 warps and over 512 and 4; twice the warps do not.
+ELEMENTWISE_SPILLS: dict[tuple[str, int, int], tuple[tuple[str, int], ...]] = {
+    ("quantize_blockwise", 4096, 8): (("3.6", 90), ("3.8", 90)),
+    ("optimizer_update_adam", 256, 2): (("3.6", 90),),
+    ("optimizer_update_adam", 512, 4): (("3.6", 90),),
+}
+
+
+def elementwise_tiles(kernel: str, block_size: int, cap: int = 8) -> list[gpu_arch.Tile]:
+    """The configs a launch of the element-wise ``kernel`` over ``block_size`` tries, in order:
+    :func:`num_warps_for`'s, then (only while the last one spills somewhere) twice and half its
+    warps. The compile gate checks the same list."""
+    first = num_warps_for(block_size, cap)
+    tiles = []
+    for warps in (first, first * 2, first // 2):
+        if warps < 1 or warps > 16 or (tiles and not tiles[-1].spills_on):
+            continue
+        spills = ELEMENTWISE_SPILLS.get((kernel, block_size, warps), ())
+        tiles.append(gpu_arch.tile(BLOCK_SIZE=block_size, num_warps=warps, spills_on=spills))
+    return tiles
+
+
+def elementwise_tile(kernel: str, block_size: int, device: torch.device, cap: int = 8) -> gpu_arch.Tile:
+    """The config ``kernel`` launches with on ``device``: the first of :func:`elementwise_tiles`
+    that :func:`gpu_arch.launchable` keeps there (the first one off CUDA)."""
+    tiles = elementwise_tiles(kernel, block_size, cap)
+    arch = gpu_arch.device_arch(device)
+    return tiles[0] if arch is None else gpu_arch.first_launchable(tiles, *arch)
+
+
 def quantize_blockwise_triton(
     x: torch.Tensor, code_map: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +244,7 @@ def quantize_blockwise_triton(
         with launch_device(flat):
             _quantize_blockwise_kernel[(absmax.numel(),)](
                 flat, codes, absmax, code_midpoints(code_map), numel, BLOCK_SIZE=block_size,
-                num_warps=num_warps_for(block_size),
+                num_warps=elementwise_tile("quantize_blockwise", block_size, x.device).num_warps,
             )
     return codes.reshape(x.shape), absmax
 
@@ -231,7 +265,7 @@ def dequantize_blockwise_triton(
         with launch_device(flat):
             _dequantize_blockwise_kernel[(absmax.numel(),)](
                 flat, absmax, code_map, out, flat.numel(), BLOCK_SIZE=block_size,
-                num_warps=num_warps_for(block_size),
+                num_warps=elementwise_tile("dequantize_blockwise", block_size, codes.device).num_warps,
             )
     return out.reshape(codes.shape)
 

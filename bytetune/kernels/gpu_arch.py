@@ -9,6 +9,11 @@ generation has, or spills registers.
 Shared memory cannot be known before compiling, so a config carries an estimate (the kernel's
 ``shared_bytes`` function); the gate prints the estimate beside the compiled figure, so an
 estimate that runs low shows up as a failed row, never as a crash on a card.
+
+Registers depend on the compiler too: the same config can spill under one Triton release and
+not under the next. A config records where the gate saw it spill (``Tile.spills_on``, keyed by
+``triton.__version__``'s major.minor), and :func:`launchable` keeps it off there, at launch
+and in the gate alike (docs/triton_versions.md).
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ class Tile:
     """One launch config: constexpr tile sizes plus warps and pipeline stages.
 
     ``min_capability`` keeps a config off older generations where it spills (the gate shows
-    which)."""
+    which). ``spills_on`` lists ``("major.minor" triton version, capability)`` pairs where the
+    gate saw it spill under that Triton release (capability 0: every generation)."""
 
     block: tuple[tuple[str, int], ...]
     num_warps: int = 4
     num_stages: int = 3
     min_capability: int = 0
+    spills_on: tuple[tuple[str, int], ...] = ()
 
     @property
     def kwargs(self) -> dict[str, int]:
@@ -73,8 +80,21 @@ class Tile:
         return " ".join(part for part in (sizes, f"w{self.num_warps} s{self.num_stages}", extra) if part)
 
 
-def tile(num_warps: int = 4, num_stages: int = 3, min_capability: int = 0, **block: int) -> Tile:
-    return Tile(tuple(block.items()), num_warps, num_stages, min_capability)
+def tile(
+    num_warps: int = 4, num_stages: int = 3, min_capability: int = 0,
+    spills_on: tuple[tuple[str, int], ...] = (), **block: int,
+) -> Tile:  # fmt: skip
+    return Tile(tuple(block.items()), num_warps, num_stages, min_capability, tuple(spills_on))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str:
+    """``"major.minor"`` of the installed triton (``""`` without one): the key of ``Tile.spills_on``."""
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return ".".join(triton.__version__.split(".")[:2])
 
 
 def config_key(config) -> tuple:
@@ -89,11 +109,19 @@ def triton_configs(tiles: list[Tile]) -> list:
 
 
 def launchable(
-    config: Tile, capability: int, max_shared_bytes: int, shared_bytes: Callable[[Tile], int]
+    config: Tile,
+    capability: int,
+    max_shared_bytes: int,
+    shared_bytes: Callable[[Tile], int],
+    version: str | None = None,
 ) -> str | None:
-    """None when ``config`` may launch on this device, else the reason it may not."""
+    """None when ``config`` may launch on this device under triton ``version`` (default: the
+    installed one), else the reason it may not."""
     if capability < config.min_capability:
         return f"needs sm_{config.min_capability}+"
+    version = triton_version() if version is None else version
+    if any(v == version and cap in (0, capability) for v, cap in config.spills_on):
+        return f"spills under triton {version}"
     needed = shared_bytes(config)
     if needed > max_shared_bytes:
         return f"shared {needed} > {max_shared_bytes}"
@@ -104,6 +132,20 @@ def prune(
     configs: list[Tile], capability: int, max_shared_bytes: int, shared_bytes: Callable[[Tile], int]
 ) -> list[Tile]:
     return [c for c in configs if launchable(c, capability, max_shared_bytes, shared_bytes) is None]
+
+
+def first_launchable(
+    candidates: list[Tile], capability: int, max_shared_bytes: int, shared_bytes: Callable[[Tile], int] = lambda t: 0
+) -> Tile:
+    """The first of ``candidates`` (in order of preference) that may launch on this device: how a
+    kernel with one fixed config per shape falls back where its first choice spills."""
+    for config in candidates:
+        if launchable(config, capability, max_shared_bytes, shared_bytes) is None:
+            return config
+    raise RuntimeError(
+        f"no launch config fits sm_{capability} under triton {triton_version()}: "
+        + ", ".join(c.label() for c in candidates)
+    )
 
 
 def autotune_enabled() -> bool:

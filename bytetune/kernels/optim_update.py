@@ -50,6 +50,8 @@ from bytetune.kernels.blockwise import (
     HAS_TRITON,
     check_block_size,
     dequantize_blocks_reference,
+    elementwise_tile,
+    elementwise_tiles,
     n_blocks,
     num_warps_for as blockwise_num_warps,
     quantize_blocks_reference,
@@ -534,6 +536,17 @@ def num_warps_for(block_size: int, kind: UpdateKind = UpdateKind.ADAM) -> int:
     return blockwise_num_warps(block_size, cap=16 if kind == UpdateKind.ADAM else 8)
 
 
+def launch_tiles(block_size: int, kind: UpdateKind) -> list:
+    """The configs the update kernel may launch with, in order of preference (the first:
+    :func:`num_warps_for`); the compile gate checks each where the launch would take it."""
+    return elementwise_tiles(f"optimizer_update_{kind.name.lower()}", block_size, cap=16 if kind == UpdateKind.ADAM else 8)
+
+
+def launch_tile(block_size: int, kind: UpdateKind, device: torch.device):
+    """The config of the update kernel on ``device`` (blockwise.elementwise_tile's rule)."""
+    return elementwise_tile(f"optimizer_update_{kind.name.lower()}", block_size, device, cap=16 if kind == UpdateKind.ADAM else 8)
+
+
 def optimizer_update_8bit_triton(
     kind: UpdateKind,
     scalars: UpdateScalars,
@@ -577,7 +590,7 @@ def optimizer_update_8bit_triton(
                 state1.book.codes, state1.book.midpoints, state2.book.codes, state2.book.midpoints,
                 *(getattr(scalars, f.name) for f in dataclasses.fields(scalars)),
                 KIND=int(kind), NESTEROV=bool(nesterov), BLOCK_SIZE=block_size, PARAM_DTYPE=_TL_DTYPES[dtype],
-                num_warps=num_warps_for(block_size, kind),
+                num_warps=launch_tile(block_size, kind, device).num_warps,
             )  # fmt: skip
         launch_count["optimizer_update_8bit"] += 1
     for param, work in write_back:

@@ -283,3 +283,76 @@ def test_no_fallback_from_sm80():
             assert all(gpu_arch._dot_runs_on(capability) for capability in (80, 86, 89, 90))
     finally:
         gpu_arch._dot_runs_on.cache_clear()
+
+
+# ------------------------------------------------------------------ Triton-version rules
+
+
+def test_launchable_keeps_a_config_off_the_triton_release_it_spills_on():
+    big = ARCHS[90].max_shared_bytes
+    on_sm90 = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=8, spills_on=(("3.8", 90),))
+    assert gpu_arch.launchable(on_sm90, 90, big, lambda t: 0, version="3.8") == "spills under triton 3.8"
+    assert gpu_arch.launchable(on_sm90, 90, big, lambda t: 0, version="3.9") is None
+    assert gpu_arch.launchable(on_sm90, 86, ARCHS[86].max_shared_bytes, lambda t: 0, version="3.8") is None
+    everywhere = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=8, spills_on=(("3.6", 0),))
+    for capability, arch in ARCHS.items():
+        assert gpu_arch.launchable(everywhere, capability, arch.max_shared_bytes, lambda t: 0, version="3.6")
+        assert gpu_arch.launchable(everywhere, capability, arch.max_shared_bytes, lambda t: 0, version="3.8") is None
+
+
+def test_first_launchable_falls_back_where_the_first_choice_spills(monkeypatch):
+    monkeypatch.setattr(gpu_arch, "triton_version", lambda: "3.8")
+    spills = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=8, spills_on=(("3.8", 90),))
+    fallback = gpu_arch.tile(BLOCK_SIZE=4096, num_warps=16)
+    assert gpu_arch.first_launchable([spills, fallback], 90, ARCHS[90].max_shared_bytes) is fallback
+    assert gpu_arch.first_launchable([spills, fallback], 86, ARCHS[86].max_shared_bytes) is spills
+    with pytest.raises(RuntimeError, match=r"no launch config fits sm_90 under triton 3\.8"):
+        gpu_arch.first_launchable([spills], 90, ARCHS[90].max_shared_bytes)
+
+
+def test_triton_version_is_the_installed_major_minor():
+    major, minor = triton.__version__.split(".")[:2]
+    assert gpu_arch.triton_version() == f"{major}.{minor}"
+
+
+# Where the gate saw the first-choice element-wise config spill (on sm_90), and the warps the
+# launch takes there instead: (triton, kernel, block size) -> warps.
+MEASURED_FALLBACKS = {
+    ("3.6", "quantize_blockwise", 4096): 16,
+    ("3.8", "quantize_blockwise", 4096): 16,
+    ("3.6", "optimizer_update_adam", 256): 4,
+    ("3.6", "optimizer_update_adam", 512): 8,
+}
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.8", "3.9"])
+def test_each_elementwise_launch_is_the_one_config_the_gate_checks(gate, monkeypatch, version):
+    # The gate lists every config an element-wise launch may take; under each Triton release and
+    # on each generation exactly one of them is launchable there, and it is the launch's pick.
+    from bytetune.kernels import blockwise, optim_update
+
+    monkeypatch.setattr(gpu_arch, "triton_version", lambda: version)
+    rows: dict[tuple, list] = {}
+    for launch in [*gate.blockwise_launches(), *gate.optim_update_launches()]:
+        if launch.name.endswith("_optimizer_update_8bit_kernel"):
+            kind = optim_update.UpdateKind(launch.constexprs["KIND"])
+            kernel = f"optimizer_update_{kind.name.lower()}"
+        else:
+            kernel = launch.kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        rows.setdefault((kernel, launch.dtypes, launch.config["BLOCK_SIZE"]), []).append(launch)
+    assert {key[0] for key in rows} >= {"quantize_blockwise", "dequantize_blockwise", "optimizer_update_adam"}
+    device = torch.device("cuda", 0)
+    for capability, arch in ARCHS.items():
+        monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (capability, arch.max_shared_bytes))
+        for (kernel, _, block_size), launches in rows.items():
+            if kernel.startswith("optimizer_update_"):
+                kind = optim_update.UpdateKind[kernel.removeprefix("optimizer_update_").upper()]
+                pick = optim_update.launch_tile(block_size, kind, device)
+                first = optim_update.num_warps_for(block_size, kind)
+            else:
+                pick = blockwise.elementwise_tile(kernel, block_size, device)
+                first = blockwise.num_warps_for(block_size)
+            checked = [l.config for l in launches if l.blocked(capability, arch.max_shared_bytes) is None]
+            assert checked == [pick], (kernel, block_size, capability, version)
+            fallback = MEASURED_FALLBACKS.get((version, kernel, block_size)) if capability == 90 else None
+            assert pick.num_warps == (fallback or first), (kernel, block_size, capability, version)
