@@ -75,6 +75,9 @@ def gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", fake.current_device)
     monkeypatch.setattr(torch.cuda, "device", fake.device)
     monkeypatch.setattr(gpu_arch, "dot_supported", lambda device: True)
+    # an sm_90 card with its shared memory: the launch-config choice asks the device
+    monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (90, gpu_arch.ARCHS[90].max_shared_bytes)
+                        if torch.device(device).type == "cuda" else None)
     for module, names in KERNELS.items():
         for name in names:
             monkeypatch.setattr(module, name, fake.kernel(name))
