@@ -53,9 +53,11 @@ from bytetune.trainer.trainer import (
     Trainer,
     TrainingError,
     _accelerator,
+    _choose_threads,
     build_model,
     build_optimizer,
     build_scheduler,
+    preflight,
 )
 
 STRATEGY_PIPELINE = "pipeline"
@@ -283,11 +285,13 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
 class PipelineTrainer(Trainer):
     """The Trainer's loop (train(), logging, summary) over one pipeline stage per process."""
 
-    def __init__(self, cfg, ranges: list[range] | None = None):
+    def __init__(self, cfg, ranges: list[range] | None = None, threads: dict | None = None):
         from accelerate.utils import set_seed
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.cfg = cfg
+        # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
+        self.threads = threads if threads is not None else _choose_threads(cfg)
         self.fsdp = False
         self.memory_plan = None  # the planner's pipeline model is `python -m bytetune.plan ... parallel=pipeline`
         self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[cfg.training.precision])
@@ -352,13 +356,11 @@ class PipelineTrainer(Trainer):
 
     @classmethod
     def from_config(cls, cfg, ranges: list[range] | None = None) -> "PipelineTrainer":
-        # Everything that can fail cheaply fails before the model loads.
-        from bytetune.recipe import check_local_paths
-
-        ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
-        check_local_paths(cfg)
+        # Everything that can fail cheaply fails before the model loads (and before any process
+        # group is needed): the same checks as Trainer.from_config, then the pipeline's own.
+        threads = preflight(cfg)
         check_pipeline_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        return cls(cfg, ranges)
+        return cls(cfg, ranges, threads=threads)
 
     # ------------------------------------------------------------------------ identity
     parallel_mode = STRATEGY_PIPELINE
@@ -568,6 +570,15 @@ class PipelineTrainer(Trainer):
             torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
             (temporary / ckpt.STATE_FILE).write_text(json.dumps(self._trainer_state(), indent=1))
             ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+            if getattr(self, "_set_aside_newer", None) is not None:
+                # as Trainer.save_checkpoint: the checkpoints past the one resumed from belong to
+                # the continuation given up on
+                moved = ckpt.set_aside_newer(self.output_dir, final)
+                if moved:
+                    warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
+                                  f"{', '.join(moved)} belonged to the continuation given up on and were "
+                                  "renamed superseded-<name>")
+        self._set_aside_newer = None
         dist.barrier()
         return final
 
@@ -585,6 +596,7 @@ class PipelineTrainer(Trainer):
                 f"checkpoint {checkpoint} was written by pipeline stages {state.get('pipeline')}, this run has "
                 f"{self.layout()}: resume with the same number of processes and stage split"
             )
+        ckpt.check_recipe_matches(checkpoint, state, self._identity())
         path = checkpoint / STAGE_FILE.format(self.rank)
         if not path.is_file():
             raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no {path.name}: it was not written by this pipeline")

@@ -213,6 +213,11 @@ def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, 
     assert summary["parallel"] == "pipeline" and summary["steps"] == 4 and summary["steps_this_session"] == 2
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000002", "step-00000004"]
     assert {p.name for p in (run_dir / "checkpoints" / "step-00000004").glob("stage*.pt")} == {"stage0.pt", "stage1.pt"}
+    # the run owns its folder the way a one-process run does: run.json and every checkpoint carry
+    # the recipe's hash (so a resume with another recipe is refused)
+    owner = json.loads((run_dir / "run.json").read_text())["recipe_hash"]
+    for checkpoint in list_checkpoints(run_dir):
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["recipe"]["hash"] == owner
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]
@@ -267,3 +272,21 @@ def test_one_process_asked_for_a_pipeline_trains_unsplit_with_a_warning(tmp_path
     with pytest.warns(UserWarning, match="only process: one stage"):
         trainer = Trainer.from_recipe("tiny_lora8", **overrides)
     assert trainer.train()["parallel"] == "none"
+
+
+def test_a_pipeline_run_into_a_used_output_dir_is_refused_before_any_process_group(tmp_path, monkeypatch):
+    from bytetune.trainer import checkpoint as ckpt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # from_config's checks run before the group is needed
+    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "pipeline"})
+    other = load_recipe("tiny_lora8", {**overrides, "lora.r": 3})
+    run_dir = Path(overrides["output_dir"])
+    run_dir.mkdir(parents=True)
+    ckpt.write_run_file(run_dir, ckpt.recipe_identity(other))
+    with pytest.raises(ckpt.CheckpointError, match=f"output_dir {run_dir} holds another run .*checkpoint.overwrite=true"):
+        PipelineTrainer.from_recipe("tiny_lora8", **overrides)
+    # with checkpoint.overwrite=true the checks pass and it goes on to need the process group
+    monkeypatch.delenv("WORLD_SIZE")  # (accelerate would look for torchrun's other variables)
+    with pytest.raises(RecipeError, match="needs a process group"):
+        PipelineTrainer.from_recipe("tiny_lora8", **{**overrides, "checkpoint.overwrite": True})
+    assert (run_dir / "run.json").is_file()  # nothing removed before the run can start
