@@ -155,6 +155,26 @@ def split_blocks(num_blocks: int, stages: int) -> list[range]:
     return ranges
 
 
+def default_ranges(cfg, model_config, num_blocks: int, stages: int) -> list[range]:
+    """The planner's stage ranges (bytetune.plan.pipeline_stages: balanced for memory and FLOPs,
+    the embeddings on stage 0, the head on the last) for the model this run builds (its bundled
+    or local config); :func:`split_blocks` when the planner cannot model it."""
+    from bytetune.plan import pipeline_stages, spec_from_recipe
+
+    if not 1 <= stages <= num_blocks:
+        return split_blocks(num_blocks, stages)  # which says what is wrong
+    try:
+        ranges = pipeline_stages(spec_from_recipe(cfg, model_config=model_config), stages)
+    except (ValueError, KeyError, TypeError, NotImplementedError) as error:
+        warnings.warn(f"the planner cannot split this model ({str(error).splitlines()[0] if str(error) else error!r}): "
+                      "even block ranges instead")
+        return split_blocks(num_blocks, stages)
+    ranges = [range(r.start, r.stop) for r in ranges]
+    if [i for r in ranges for i in r] != list(range(num_blocks)):
+        return split_blocks(num_blocks, stages)  # the planner modelled another block count
+    return ranges
+
+
 def check_ranges(ranges: list[range], num_blocks: int) -> None:
     """The ranges cover blocks 0..num_blocks-1 in order, each stage at least one block."""
     flat = [index for r in ranges for index in r]
@@ -259,7 +279,7 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
     # the seed's), LoRA of every block drawn in the one-process order
     model, tokenizer = build_model(cfg, empty=local)
     total = num_blocks_of(model)
-    ranges = list(ranges) if ranges is not None else split_blocks(total, stages)
+    ranges = list(ranges) if ranges is not None else default_ranges(cfg, model.get_base_model().config, total, stages)
     check_ranges(ranges, total)
     if len(ranges) != stages:
         raise RecipeError(f"{len(ranges)} stage ranges for {stages} pipeline processes")

@@ -25,7 +25,7 @@ import torch
 
 from bytetune.recipe import RecipeError, load_recipe
 from bytetune.trainer.checkpoint import list_checkpoints
-from bytetune.trainer.pipeline import PipelineTrainer, split_blocks
+from bytetune.trainer.pipeline import PipelineTrainer, default_ranges, split_blocks
 from bytetune.trainer.trainer import Trainer
 
 from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
@@ -104,8 +104,10 @@ def assert_close_to_magnitude(got: torch.Tensor, want: torch.Tensor, name: str, 
     assert error <= rel * want.double().norm(), (name, float(error), float(want.double().norm()))
 
 
-def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int) -> None:
+def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int, overrides: dict) -> None:
     import re
+
+    from bytetune.plan import pipeline_stages
 
     assert len(result["losses"]) == len(single["losses"]) == 4
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
@@ -114,8 +116,9 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
     for name, weight in single["adapter"].items():
         assert_close_to_magnitude(torch.tensor(result["adapter"][name]), weight, name)
 
-    # each rank holds its own blocks only: the split's blocks, their adapters and int8 codes
-    ranges = split_blocks(4, stages)
+    # each rank holds its own blocks only: the planner's split, their adapters and int8 codes
+    ranges = pipeline_stages(load_recipe("tiny_lora8", overrides), stages)
+    assert [f["blocks"] for f in result["ranks"]] == [[r.start, r.stop] for r in ranges]
     for rank, facts in enumerate(result["ranks"]):
         blocks = set(ranges[rank])
         assert facts["block_indices"] == sorted(blocks)
@@ -156,7 +159,7 @@ def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_
         assert math.isnan(facts["losses"][1]) and math.isfinite(facts["losses"][2]), facts
     for name, overrides, model in (("bloom_1f1b", bloom, "bloom"), ("llama_gpipe", llama, "llama")):
         check_against_single_process(results[name], single_process(tmp_path, overrides), 2,
-                                     safetensors_bytes(checkpoints[model]))
+                                     safetensors_bytes(checkpoints[model]), overrides)
     # stopped after the step-2 checkpoint and resumed by new trainers: bit for bit
     resumed = results["bloom_1f1b"]
     assert resumed["resumed_losses"] == resumed["losses"]
@@ -181,9 +184,9 @@ def test_four_stages_bloom_gpipe_and_llama_1f1b_equal_one_process(tmp_path, chec
     results = run_pipeline(tmp_path, 4, [case("bloom_gpipe", bloom, "gpipe"), case("llama_1f1b", llama, "1f1b")],
                            port=29572)
     check_against_single_process(results["bloom_gpipe"], single_process(tmp_path, bloom), 4,
-                                 safetensors_bytes(checkpoints["bloom"]))
+                                 safetensors_bytes(checkpoints["bloom"]), bloom)
     check_against_single_process(results["llama_1f1b"], single_process(tmp_path, llama), 4,
-                                 safetensors_bytes(checkpoints["llama"]))
+                                 safetensors_bytes(checkpoints["llama"]), llama)
 
 
 def kill_launcher_and_ranks(process: subprocess.Popen) -> None:
@@ -290,3 +293,31 @@ def test_a_pipeline_run_into_a_used_output_dir_is_refused_before_any_process_gro
     with pytest.raises(RecipeError, match="needs a process group"):
         PipelineTrainer.from_recipe("tiny_lora8", **{**overrides, "checkpoint.overwrite": True})
     assert (run_dir / "run.json").is_file()  # nothing removed before the run can start
+
+
+def test_default_stage_ranges_are_the_planners_for_bloom_lora8_pp():
+    from bytetune.plan import pipeline_stages
+    from bytetune.plan.spec import model_config_from_recipe
+
+    cfg = load_recipe("bloom_lora8_pp")
+    config = model_config_from_recipe(cfg)
+    ranges = default_ranges(cfg, config, config.n_layer, 8)
+    assert ranges == pipeline_stages(cfg, 8)
+    assert [i for r in ranges for i in r] == list(range(70))
+    # the planner keeps the embedding table off stage 0's GPU (cpu_embeddings), so its split is
+    # not the even one: the runtime follows the planner
+    assert ranges != split_blocks(70, 8)
+
+
+def test_default_stage_ranges_fall_back_to_the_even_split_when_the_planner_cannot_model_it(monkeypatch):
+    import bytetune.plan
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no model of this")
+
+    monkeypatch.setattr(bytetune.plan, "pipeline_stages", refuse)
+    cfg = load_recipe("tiny_lora8", {"model.shrink.num_layers": 5})
+    from bytetune.plan.spec import model_config_from_recipe
+
+    with pytest.warns(UserWarning, match="the planner cannot split this model"):
+        assert default_ranges(cfg, model_config_from_recipe(cfg), 5, 2) == split_blocks(5, 2)
