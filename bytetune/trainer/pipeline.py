@@ -91,10 +91,53 @@ def micro_batches(cfg) -> int:
     return cfg.parallel.pipeline.micro_batches or cfg.training.grad_accum_steps
 
 
+# What a stage needs of a hub repository: the weights, the configs, the tokenizer's files.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def hub_model_id(cfg) -> str | None:
+    """model.name_or_path when it names a hub repository (not a local path, not pypi:)."""
+    name = cfg.model.name_or_path
+    if cfg.model.from_config or cfg.model.gguf_file or name.startswith(("pypi:", "/", "./", "../", "~")):
+        return None
+    return None if Path(name).exists() else name
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model's safetensors, configs and tokenizer files, downloaded
+    once into the Hugging Face cache (every later call, and every other stage, finds it there)."""
+    import huggingface_hub
+
+    try:
+        directory = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # network, authentication, a repository that does not exist
+        raise RecipeError(f"model.name_or_path={repo_id!r}: could not download its safetensors files "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): check the name "
+                          "and the network, or download it (huggingface-cli download NAME --local-dir DIR) and set "
+                          "model.name_or_path=DIR") from None
+    if not any(directory.glob("*.safetensors")):
+        raise RecipeError(f"model.name_or_path={repo_id!r} has no safetensors files on the hub: a pipeline stage reads "
+                          "its own tensors from them; convert the model (save_pretrained) and set model.name_or_path=DIR")
+    return directory
+
+
+def with_local_model(cfg, directory: Path):
+    """A copy of the recipe naming ``directory`` as the model (the run's own recipe, and so its
+    identity and fingerprint, keep the hub id)."""
+    import copy
+
+    local = copy.deepcopy(cfg)
+    local.model.name_or_path = str(directory)
+    return local
+
+
 def can_load_stage_only(cfg) -> bool:
-    """A local directory of safetensors files: each stage reads its own tensors of it."""
+    """A local directory of safetensors files, or a hub repository (downloaded to one): each
+    stage reads its own tensors of it."""
     if cfg.model.from_config or cfg.model.gguf_file:
         return False
+    if hub_model_id(cfg) is not None:
+        return True  # hub_snapshot says so in one line when it has no safetensors files
     try:
         directory = Path(resolve_model_dir(cfg.model.name_or_path))
     except FileNotFoundError:
@@ -275,6 +318,9 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
     ``info``: "ranges", "fingerprint_shapes" (trainable names and shapes of the whole model),
     "bytes_read" (checkpoint bytes this stage read; None when built from a config)."""
     local = can_load_stage_only(cfg)
+    repo_id = hub_model_id(cfg)
+    if repo_id is not None:
+        cfg = with_local_model(cfg, hub_snapshot(repo_id))
     # the whole model on the meta device (a from_config model is drawn whole: its random init is
     # the seed's), LoRA of every block drawn in the one-process order
     model, tokenizer = build_model(cfg, empty=local)
@@ -321,6 +367,12 @@ class PipelineTrainer(Trainer):
         self.rank, self.stages = dist.get_rank(), dist.get_world_size()
         check_pipeline_recipe(cfg, self.stages)
         device = self.accelerator.device
+        repo_id = hub_model_id(cfg)
+        if repo_id is not None:
+            # one process downloads (into the shared cache); the others find it there
+            if self.rank == 0:
+                hub_snapshot(repo_id)
+            dist.barrier()
         self.stage_module, self.tokenizer, info = build_stage(cfg, self.rank, self.stages, device, ranges)
         self.ranges = info["ranges"]
         self.bytes_read = info["bytes_read"]

@@ -67,7 +67,7 @@ def single_process(tmp_path: Path, overrides: dict) -> dict:
     key = json.dumps({k: v for k, v in overrides.items() if k not in ("output_dir", "data.cache_dir")}, sort_keys=True)
     if key not in _SINGLE:
         trainer = Trainer.from_recipe("tiny_lora8", **{**overrides, "parallel.strategy": "none",
-                                                       "output_dir": str(tmp_path / "single")})
+                                                       "output_dir": str(tmp_path / f"single{len(_SINGLE)}")})
         trainer.train()
         _SINGLE[key] = {
             "losses": [h["loss"] for h in trainer.history],
@@ -107,7 +107,7 @@ def assert_close_to_magnitude(got: torch.Tensor, want: torch.Tensor, name: str, 
 def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int, overrides: dict) -> None:
     import re
 
-    from bytetune.plan import pipeline_stages
+    from bytetune.plan import pipeline_stages, spec_from_recipe
 
     assert len(result["losses"]) == len(single["losses"]) == 4
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
@@ -117,7 +117,10 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
         assert_close_to_magnitude(torch.tensor(result["adapter"][name]), weight, name)
 
     # each rank holds its own blocks only: the planner's split, their adapters and int8 codes
-    ranges = pipeline_stages(load_recipe("tiny_lora8", overrides), stages)
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(overrides["model.name_or_path"])  # the checkpoint's model
+    ranges = pipeline_stages(spec_from_recipe(load_recipe("tiny_lora8", overrides), model_config), stages)
     assert [f["blocks"] for f in result["ranks"]] == [[r.start, r.stop] for r in ranges]
     for rank, facts in enumerate(result["ranks"]):
         blocks = set(ranges[rank])
@@ -255,7 +258,7 @@ def test_split_blocks_refuses_more_stages_than_blocks():
     ({"training.precision": "fp16"}, "fp16 needs a gradient scaler"),
     ({"export.merged": True}, "export.merged is not available under the pipeline"),
     ({"training.grad_accum_steps": 1}, "micro_batches=1 is fewer than the 2 stages"),
-    ({"model.from_config": False, "model.name_or_path": "bigscience/bloom"}, "reads only its own tensors from a local"),
+    ({"model.from_config": False, "model.name_or_path": "pypi:bytetune"}, "reads only its own tensors from a local"),
 ])
 def test_what_the_pipeline_cannot_do_fails_before_loading(tmp_path, monkeypatch, override, message):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing loads, so no group is needed
@@ -321,3 +324,26 @@ def test_default_stage_ranges_fall_back_to_the_even_split_when_the_planner_canno
 
     with pytest.warns(UserWarning, match="the planner cannot split this model"):
         assert default_ranges(cfg, model_config_from_recipe(cfg), 5, 2) == split_blocks(5, 2)
+
+
+def test_a_hub_model_id_is_read_from_its_downloaded_snapshot(tmp_path, monkeypatch, checkpoints):
+    """No network: snapshot_download is replaced by the local checkpoint it would have made."""
+    import huggingface_hub
+
+    from bytetune.trainer.pipeline import HUB_PATTERNS, build_stage, check_pipeline_recipe
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append((repo_id, list(allow_patterns)))
+        return str(checkpoints["bloom"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    overrides = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2, **{"parallel.strategy": "pipeline"})
+    cfg = load_recipe("tiny_lora8", {**overrides, "model.name_or_path": "someone/tiny-bloom"})
+    check_pipeline_recipe(cfg, 2)  # no longer refused
+    stage, _, info = build_stage(cfg, 1, 2, torch.device("cpu"))
+    assert asked == [("someone/tiny-bloom", HUB_PATTERNS)] and "*.safetensors" in HUB_PATTERNS
+    assert info["bytes_read"] > 0 and info["ranges"] == [range(0, 2), range(2, 4)]
+    assert stage.last and not stage.first
+    assert cfg.model.name_or_path == "someone/tiny-bloom"  # the run's recipe keeps the hub id
