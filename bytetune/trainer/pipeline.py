@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bytetune.quant_layers.int8_embedding import Int8Head
 from bytetune.quant_layers.loading import load_float_checkpoint, tied_aliases
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
@@ -164,9 +165,6 @@ def check_pipeline_recipe(cfg, stages: int) -> None:
         raise RecipeError("training.precision=fp16 needs a gradient scaler, which the pipeline path does not run: use bf16")
     if cfg.quantization.zeroquant:
         raise RecipeError("quantization.zeroquant is not supported by the pipeline yet (untested): use quantization.int8")
-    if cfg.quantization.embeddings is not None:
-        raise RecipeError("quantization.embeddings=int8 ties an int8 head to the first stage's table, which the pipeline "
-                          "does not split yet: set quantization.embeddings=null")
     if cfg.export.merged:
         raise RecipeError("export.merged is not available under the pipeline (no process holds the whole base): train, "
                           "then merge the saved adapter in one process (bytetune.quant_layers.lora.export_merged)")
@@ -280,6 +278,26 @@ def prune_to_stage(peft_model, blocks: range, first: bool, last: bool) -> None:
             setattr(backbone, name, nn.Identity())
         head_name = next(name for name, child in inner.named_children() if child is inner.get_output_embeddings())
         setattr(inner, head_name, None)
+    elif not first:
+        _untie_int8_head(inner)
+
+
+def _untie_int8_head(inner: nn.Module) -> None:
+    """quantization.embeddings=int8 on a last stage that dropped the embeddings: its tied
+    Int8Head would read the scales of a table this process no longer holds. It becomes an untied
+    Int8Head of its own (codes and scales of the same table, read under the embeddings' name in
+    the checkpoint), which is what the tied one computes."""
+    head = inner.get_output_embeddings()
+    if not (isinstance(head, Int8Head) and head.tied):
+        return
+    embedding = head._tied_embedding[0]
+    untied = Int8Head(head.in_features, head.out_features, bias=head.bias is not None, device="meta",
+                      bias_dtype=None if head.bias is None else head.bias.dtype)
+    if head.bias is not None:
+        untied.bias = head.bias
+    untied.source_dtype = embedding.output_dtype  # the float table's dtype before quantizing
+    untied.train(head.training)
+    inner.set_output_embeddings(untied)
 
 
 class StageModule(nn.Module):
