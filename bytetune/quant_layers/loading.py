@@ -150,3 +150,17 @@ def _load_int8_table(module: nn.Module, weight: torch.Tensor, where: str) -> Non
     codes, scales = quantize_rows_in_slabs(weight.to(device=module.weight.device, dtype=dtype))
     module.weight.copy_(codes)
     scale.copy_(scales)
+
+
+@torch.no_grad()
+def load_table(module: nn.Module, checkpoint: SafetensorsCheckpoint, key: str) -> None:
+    """Fill an allocated embedding table (nn.Embedding, or Int8Embedding: quantized as the
+    one-process path does) from ``checkpoint``'s float tensor ``key``."""
+    weight = checkpoint.rows(key)
+    if isinstance(module, (Int8Embedding, Int8Head)):
+        _load_int8_table(module, weight, f"{key} in {checkpoint.directory}")
+    elif tuple(weight.shape) != tuple(module.weight.shape):
+        raise ValueError(f"{key} in {checkpoint.directory} has shape {tuple(weight.shape)}, the model expects "
+                         f"{list(module.weight.shape)}")
+    else:
+        module.weight.copy_(weight)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bytetune.quant_layers.int8_embedding import Int8Head
-from bytetune.quant_layers.loading import load_float_checkpoint, tied_aliases
+from bytetune.quant_layers.loading import SafetensorsCheckpoint, load_float_checkpoint, load_table, tied_aliases
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import DataError, build_token_blocks
@@ -300,6 +300,31 @@ def _untie_int8_head(inner: nn.Module) -> None:
     inner.set_output_embeddings(untied)
 
 
+class HostEmbedding(nn.Module):
+    """parallel.pipeline.cpu_embeddings: the first stage's input-embedding table stays in host
+    memory and the lookup runs there; only the looked-up rows (micro_batch x seq_len x hidden) go
+    to the stage's device, as the planner assumes (bytetune/plan/pipeline.py)."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.table(input_ids.to(self.table.weight.device)).to(input_ids.device)
+
+    def _apply(self, fn, recurse=True):
+        return self  # stays in host memory (and its dtype) whatever .to() the stage is given
+
+
+def _take_embeddings(peft_model) -> tuple[str, nn.Module]:
+    """Detach the first stage's input-embedding module from the backbone (name, module)."""
+    _, backbone, (embeddings, _, _) = _parts(peft_model)
+    name = embeddings[0]
+    table = getattr(backbone, name)
+    setattr(backbone, name, None)
+    return name, table
+
+
 class StageModule(nn.Module):
     """One stage's forward: token ids (first stage) or the previous stage's hidden states in,
     hidden states out (after the final norm on the last stage). The transformers backbone runs
@@ -312,7 +337,11 @@ class StageModule(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        inner = self.peft_model.get_base_model()
+        return self.backbone_of(self.peft_model)
+
+    @staticmethod
+    def backbone_of(peft_model) -> nn.Module:
+        inner = peft_model.get_base_model()
         return getattr(inner, inner.base_model_prefix)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,12 +384,28 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
         model.enable_input_require_grads()
     first, last = stage == 0, stage == stages - 1
     prune_to_stage(model, ranges[stage], first, last)
+    # the first stage's table out of the model while it is moved to (or allocated on) the device
+    host = _take_embeddings(model) if first and not last and cfg.parallel.pipeline.cpu_embeddings else None
     bytes_read = None
     if local:
-        reader = load_float_checkpoint(model, Path(model.get_base_model().bytetune_checkpoint), device, aliases)
+        directory = Path(model.get_base_model().bytetune_checkpoint)
+        reader = load_float_checkpoint(model, directory, device, aliases)
         bytes_read = reader.bytes_read
+        if host is not None:
+            name, table = host
+            table.to_empty(device="cpu")
+            prefix = model.get_base_model().base_model_prefix
+            checkpoint = SafetensorsCheckpoint(directory)
+            key = checkpoint.key_for(f"{prefix}.{name}.weight", prefix)
+            if key is None:
+                raise FileNotFoundError(f"{directory} has no tensor for {prefix}.{name}.weight")
+            load_table(table, checkpoint, key)
+            bytes_read += checkpoint.bytes_read
     else:
         model.to(device)
+    if host is not None:
+        name, table = host
+        setattr(StageModule.backbone_of(model), name, HostEmbedding(table.to("cpu")))
     info = {"ranges": ranges, "fingerprint_shapes": shapes, "bytes_read": bytes_read}
     return StageModule(model, first, last), tokenizer, info
 

@@ -349,29 +349,45 @@ def test_a_hub_model_id_is_read_from_its_downloaded_snapshot(tmp_path, monkeypat
     assert cfg.model.name_or_path == "someone/tiny-bloom"  # the run's recipe keeps the hub id
 
 
-def test_int8_embeddings_split_over_two_stages_give_the_one_process_codes_and_loss(tmp_path, checkpoints):
-    """quantization.embeddings=int8 (bloom_lora8_pp): stage 0 holds the int8 table, the last stage
-    an untied int8 head of the same codes; run one after the other in this process, the two
-    stages give the loss of the whole model loaded and quantized the one-process way."""
+@pytest.mark.parametrize("embeddings,cpu_embeddings", [("int8", True), ("int8", False), (None, True)])
+def test_split_embeddings_give_the_one_process_codes_and_loss(tmp_path, checkpoints, embeddings, cpu_embeddings):
+    """quantization.embeddings=int8 and parallel.pipeline.cpu_embeddings (bloom_lora8_pp): stage 0
+    holds the (int8) table, in host memory with cpu_embeddings, the last stage an untied int8 head
+    of the same codes; run one after the other in this process, the two stages give the loss of
+    the whole model loaded and quantized the one-process way."""
     from bytetune.quant_layers.int8_embedding import Int8Embedding, Int8Head
     from bytetune.trainer.loss import _summed_ce_of_logits
-    from bytetune.trainer.pipeline import build_stage
+    from bytetune.trainer.pipeline import HostEmbedding, build_stage
     from bytetune.trainer.trainer import build_model
 
-    overrides = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2, **{"quantization.embeddings": "int8"})
-    cfg = load_recipe("tiny_lora8", {**overrides, "parallel.strategy": "pipeline"})
-    first, _, _ = build_stage(cfg, 0, 2, torch.device("cpu"))
+    overrides = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2, **{"quantization.embeddings": embeddings})
+    cfg = load_recipe("tiny_lora8", {**overrides, "parallel.strategy": "pipeline",
+                                     "parallel.pipeline.cpu_embeddings": cpu_embeddings})
+    first, _, first_info = build_stage(cfg, 0, 2, torch.device("cpu"))
     last, _, _ = build_stage(cfg, 1, 2, torch.device("cpu"))
     whole, _ = build_model(load_recipe("tiny_lora8", overrides))
     table = first.peft_model.get_base_model().get_input_embeddings()
+    if cpu_embeddings:
+        assert isinstance(table, HostEmbedding)
+        table = table.table
+        # the table stays in host memory whatever device the stage is moved to (meta standing
+        # in for a GPU here): the blocks move, the table does not
+        first.peft_model.to("meta")
+        assert table.weight.device.type == "cpu"
+        assert all(p.device.type == "meta" for n, p in first.peft_model.named_parameters() if ".h." in n)
+        first, _, info = build_stage(cfg, 0, 2, torch.device("cpu"))
+        assert info["bytes_read"] == first_info["bytes_read"]  # the table was read (once)
+        table = first.peft_model.get_base_model().get_input_embeddings().table
     head = last.peft_model.get_base_model().get_output_embeddings()
     reference = whole.get_base_model().get_input_embeddings()
-    assert isinstance(table, Int8Embedding) and isinstance(reference, Int8Embedding)
-    assert isinstance(head, Int8Head) and not head.tied
     assert first.peft_model.get_base_model().get_output_embeddings() is None
-    assert table.weight.dtype == head.weight.dtype == torch.int8
+    if embeddings == "int8":
+        assert isinstance(table, Int8Embedding) and isinstance(reference, Int8Embedding)
+        assert isinstance(head, Int8Head) and not head.tied
+        assert table.weight.dtype == head.weight.dtype == torch.int8
+        assert torch.equal(table.weight_scale, reference.weight_scale)
+        assert torch.equal(head.row_scale, reference.weight_scale)
     assert torch.equal(table.weight, reference.weight) and torch.equal(head.weight, reference.weight)
-    assert torch.equal(table.weight_scale, reference.weight_scale) and torch.equal(head.row_scale, reference.weight_scale)
 
     generator = torch.Generator().manual_seed(20)
     ids = torch.randint(0, whole.get_base_model().config.vocab_size, (2, 17), generator=generator)
