@@ -295,6 +295,9 @@ def _untie_int8_head(inner: nn.Module) -> None:
                       bias_dtype=None if head.bias is None else head.bias.dtype)
     if head.bias is not None:
         untied.bias = head.bias
+    if head.weight.device.type != "meta":  # a model drawn from its config: the codes are real already
+        untied.weight = head.weight
+        untied.weight_scale = embedding.weight_scale
     untied.source_dtype = embedding.output_dtype  # the float table's dtype before quantizing
     untied.train(head.training)
     inner.set_output_embeddings(untied)

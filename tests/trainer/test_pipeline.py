@@ -62,11 +62,12 @@ def overrides_for(tmp_path: Path, checkpoint: Path, micro_batches: int, **extra)
 _SINGLE: dict[str, dict] = {}
 
 
-def single_process(tmp_path: Path, overrides: dict) -> dict:
+def single_process(tmp_path: Path, overrides: dict, recipe: str = "tiny_lora8") -> dict:
     """The same recipe in this process (no pipeline): losses, eval loss, adapters, parameters."""
-    key = json.dumps({k: v for k, v in overrides.items() if k not in ("output_dir", "data.cache_dir")}, sort_keys=True)
+    key = json.dumps({k: v for k, v in {**overrides, "recipe": recipe}.items() if k not in ("output_dir", "data.cache_dir")},
+                     sort_keys=True)
     if key not in _SINGLE:
-        trainer = Trainer.from_recipe("tiny_lora8", **{**overrides, "parallel.strategy": "none",
+        trainer = Trainer.from_recipe(recipe, **{**overrides, "parallel.strategy": "none",
                                                        "output_dir": str(tmp_path / f"single{len(_SINGLE)}")})
         trainer.train()
         _SINGLE[key] = {
@@ -138,6 +139,17 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
     assert sum(f["bytes_read"] for f in result["ranks"]) >= checkpoint_bytes - 4096
 
 
+def shrunk_pipeline_recipe(tmp_path: Path) -> dict:
+    from .test_recipes_shrunk import SHRINK
+
+    # dropout off: each stage draws its own masks, the one-process reference compares exactly;
+    # 2 micro-batches of 2 rows per step (the reference accumulates 2 steps of 2 rows); fp32: the
+    # ranks run the other cases in fp32 and accelerate's state cannot change precision under torchrun
+    return tiny_overrides(tmp_path / "pp", **{**SHRINK, "lora.dropout": 0.0, "training.grad_accum_steps": 2,
+                                              "parallel.pipeline.micro_batches": 2, "eval.at_start": False,
+                                              "training.precision": "fp32"})
+
+
 def safetensors_bytes(directory: Path) -> int:
     from safetensors import safe_open
 
@@ -154,8 +166,19 @@ def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=2)
     poisoned = {**case("bloom_poisoned", {**bloom, "schedule.warmup_steps": 0}, "1f1b"), "poisoned_step": 2}
+    # the shipped pipeline recipe, shrunk as test_recipes_shrunk.py shrinks the others (int8
+    # embeddings, the table in host memory, the planner's split), through 2 real stages
+    pp = shrunk_pipeline_recipe(tmp_path)
+    pp_case = {**case("bloom_lora8_pp", pp, "1f1b"), "recipe": "bloom_lora8_pp"}
     results = run_pipeline(tmp_path, 2, [case("bloom_1f1b", bloom, "1f1b", resume_check=True),
-                                         case("llama_gpipe", llama, "gpipe"), poisoned], port=29571)
+                                         case("llama_gpipe", llama, "gpipe"), poisoned, pp_case], port=29571)
+    shipped = results["bloom_lora8_pp"]
+    single = single_process(tmp_path, pp, recipe="bloom_lora8_pp")
+    assert len(shipped["losses"]) == 2 and all(math.isfinite(loss) for loss in shipped["losses"])
+    torch.testing.assert_close(torch.tensor(shipped["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert shipped["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+    assert shipped["adapter"].keys() == single["adapter"].keys()
+    assert [f["blocks"] for f in shipped["ranks"]] == [[0, 1], [1, 2]]
     # a NaN loss on the last stage at step 2: every stage skips that update, and only that one
     for facts in results["bloom_poisoned"]["ranks"]:
         assert facts["changed"] == [True, False, True] and facts["nonfinite_steps"] == 1, facts
