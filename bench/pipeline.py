@@ -88,6 +88,23 @@ def run(command: list[str], threads: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def modelled_gpu_speeds(args, model_dir: Path, out: Path) -> dict:
+    """The planner's modelled step of this model on 2 GPUs of kind ``args.gpu`` (bytetune.plan.
+    throughput): tokens/s of device_map, pipeline and FSDP2, and the memory verdicts."""
+    from transformers import AutoConfig
+
+    from bytetune.plan import plan_memory, spec_from_recipe
+    from bytetune.recipe import load_recipe
+
+    recipe = load_recipe("tiny_lora8", {**recipe_overrides(args, model_dir, out), "parallel.strategy": "pipeline"})
+    spec = spec_from_recipe(recipe, model_config=AutoConfig.from_pretrained(model_dir))
+    plan = plan_memory(spec, f"2x{args.gpu_memory}", find_min=False, parallel="pipeline", throughput=True, gpu=args.gpu)
+    model = plan.throughput
+    return {"gpu": model.gpu.name, "link": model.link,
+            "tokens_per_s": {s.strategy: s.tokens_per_s for s in model.strategies},
+            "fits": {s.strategy: s.fits for s in model.strategies}}
+
+
 def make_model(args, directory: Path) -> int:
     from bytetune.recipe import load_recipe
     from bytetune.trainer.models import load_base_model
@@ -109,6 +126,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per side; the first is not timed")
+    parser.add_argument("--gpu", default="rtx4090", help="GPU kind of the planner's modelled speed-up (bytetune.plan.throughput)")
+    parser.add_argument("--gpu-memory", default="24GiB", help="memory of each of the 2 modelled GPUs")
     parser.add_argument("--worker", choices=["pipeline", "single"], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -130,6 +149,7 @@ def main() -> None:
             overrides = json.dumps(recipe_overrides(args, tmp / "model", tmp / f"single{threads}"))
             single = run([*me, "--worker", "single", "--threads", str(threads), "--overrides", overrides, *common], threads)
             rows.append((f"one process, {threads} thread{'s' if threads > 1 else ''}", single))
+        modelled = modelled_gpu_speeds(args, tmp / "model", tmp / "plan")
 
     p, m = 2, args.micro_batches
     print(f"# bench/pipeline.py on {platform.node()} ({platform.processor() or platform.machine()}, "
@@ -147,6 +167,22 @@ def main() -> None:
         timed = result["step_s"][1:]
         print(f"| {name} | {sum(timed) / len(timed):.2f} | {result['tokens_per_s']:.0f} | "
               f"{result['tokens_per_s'] / base1:.2f}x | {result['tokens_per_s'] / base2:.2f}x |")
+
+    # What the planner's model says the same comparison is worth on GPUs (one process over a
+    # device map is the GPU analogue of the one-process, one-thread side: the stages run in turn).
+    speeds = modelled["tokens_per_s"]
+    device_map = speeds.get("device_map") or float("nan")
+    print()
+    print(f"Modelled on 2 x {modelled['gpu']} ({args.gpu_memory}, link {modelled['link']}; bytetune.plan.throughput, "
+          "not measured) next to the measured CPU ratio:")
+    print()
+    print("| strategy | modelled GPU tokens/s | modelled vs device_map | measured CPU vs one process, 1 thread |")
+    print("|---|---|---|---|")
+    measured = {"device_map": 1.0, "pipeline": rows[0][1]["tokens_per_s"] / base1}
+    for strategy, rate in speeds.items():
+        fits = "" if modelled["fits"][strategy] else " (does not fit)"
+        cpu = f"{measured[strategy]:.2f}x" if strategy in measured else "-"
+        print(f"| {strategy}{fits} | {rate:.0f} | {rate / device_map:.2f}x | {cpu} |")
 
 
 if __name__ == "__main__":

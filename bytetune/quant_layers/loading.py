@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bytetune.quant_layers.int8_embedding import Int8Embedding, Int8Head, quantize_rows_in_slabs
 from bytetune.quant_layers.int8_linear import Int8Linear
 from bytetune.quant_layers.shards import local_rows, local_tensor
 
@@ -124,6 +125,11 @@ def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.devic
         if isinstance(module, Int8Linear):
             module.load_float_weight(checkpoint.rows(checkpoint_key(f"{name}.weight")), where=f"{name}.weight in {directory}")
             filled.update({id(module.weight), id(module.weight_scale)})
+        elif isinstance(module, (Int8Embedding, Int8Head)) and id(module.weight) not in filled:
+            # quantization.embeddings=int8: the float table as the one-process path quantizes it
+            # (cast to the model's dtype first, then row-wise int8); a tied head shares the codes
+            _load_int8_table(module, checkpoint.rows(checkpoint_key(f"{name}.weight")), f"{name}.weight in {directory}")
+            filled.update({id(module.weight), id(module.row_scale if isinstance(module, Int8Head) else module.weight_scale)})
     for name, tensor in named_tensors(base):
         if id(tensor) in filled:
             continue
@@ -131,3 +137,30 @@ def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.devic
         local_tensor(tensor).copy_(checkpoint.rows(checkpoint_key(name), start, end))
         filled.add(id(tensor))
     return checkpoint
+
+
+@torch.no_grad()
+def _load_int8_table(module: nn.Module, weight: torch.Tensor, where: str) -> None:
+    """Quantize a float vocabulary table into an allocated Int8Embedding / untied Int8Head."""
+    if tuple(weight.shape) != tuple(module.weight.shape):
+        raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects {list(module.weight.shape)}")
+    # the dtype the one-process model held the float table in before quantizing it
+    dtype = module.output_dtype if isinstance(module, Int8Embedding) else getattr(module, "source_dtype", weight.dtype)
+    scale = module.weight_scale if isinstance(module, Int8Embedding) else module.row_scale
+    codes, scales = quantize_rows_in_slabs(weight.to(device=module.weight.device, dtype=dtype))
+    module.weight.copy_(codes)
+    scale.copy_(scales)
+
+
+@torch.no_grad()
+def load_table(module: nn.Module, checkpoint: SafetensorsCheckpoint, key: str) -> None:
+    """Fill an allocated embedding table (nn.Embedding, or Int8Embedding: quantized as the
+    one-process path does) from ``checkpoint``'s float tensor ``key``."""
+    weight = checkpoint.rows(key)
+    if isinstance(module, (Int8Embedding, Int8Head)):
+        _load_int8_table(module, weight, f"{key} in {checkpoint.directory}")
+    elif tuple(weight.shape) != tuple(module.weight.shape):
+        raise ValueError(f"{key} in {checkpoint.directory} has shape {tuple(weight.shape)}, the model expects "
+                         f"{list(module.weight.shape)}")
+    else:
+        module.weight.copy_(weight)

@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bytetune.quant_layers.loading import load_float_checkpoint, tied_aliases
+from bytetune.quant_layers.int8_embedding import Int8Head
+from bytetune.quant_layers.loading import SafetensorsCheckpoint, load_float_checkpoint, load_table, tied_aliases
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import DataError, build_token_blocks
@@ -53,9 +54,11 @@ from bytetune.trainer.trainer import (
     Trainer,
     TrainingError,
     _accelerator,
+    _choose_threads,
     build_model,
     build_optimizer,
     build_scheduler,
+    preflight,
 )
 
 STRATEGY_PIPELINE = "pipeline"
@@ -89,10 +92,53 @@ def micro_batches(cfg) -> int:
     return cfg.parallel.pipeline.micro_batches or cfg.training.grad_accum_steps
 
 
+# What a stage needs of a hub repository: the weights, the configs, the tokenizer's files.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def hub_model_id(cfg) -> str | None:
+    """model.name_or_path when it names a hub repository (not a local path, not pypi:)."""
+    name = cfg.model.name_or_path
+    if cfg.model.from_config or cfg.model.gguf_file or name.startswith(("pypi:", "/", "./", "../", "~")):
+        return None
+    return None if Path(name).exists() else name
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model's safetensors, configs and tokenizer files, downloaded
+    once into the Hugging Face cache (every later call, and every other stage, finds it there)."""
+    import huggingface_hub
+
+    try:
+        directory = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # network, authentication, a repository that does not exist
+        raise RecipeError(f"model.name_or_path={repo_id!r}: could not download its safetensors files "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): check the name "
+                          "and the network, or download it (huggingface-cli download NAME --local-dir DIR) and set "
+                          "model.name_or_path=DIR") from None
+    if not any(directory.glob("*.safetensors")):
+        raise RecipeError(f"model.name_or_path={repo_id!r} has no safetensors files on the hub: a pipeline stage reads "
+                          "its own tensors from them; convert the model (save_pretrained) and set model.name_or_path=DIR")
+    return directory
+
+
+def with_local_model(cfg, directory: Path):
+    """A copy of the recipe naming ``directory`` as the model (the run's own recipe, and so its
+    identity and fingerprint, keep the hub id)."""
+    import copy
+
+    local = copy.deepcopy(cfg)
+    local.model.name_or_path = str(directory)
+    return local
+
+
 def can_load_stage_only(cfg) -> bool:
-    """A local directory of safetensors files: each stage reads its own tensors of it."""
+    """A local directory of safetensors files, or a hub repository (downloaded to one): each
+    stage reads its own tensors of it."""
     if cfg.model.from_config or cfg.model.gguf_file:
         return False
+    if hub_model_id(cfg) is not None:
+        return True  # hub_snapshot says so in one line when it has no safetensors files
     try:
         directory = Path(resolve_model_dir(cfg.model.name_or_path))
     except FileNotFoundError:
@@ -119,9 +165,6 @@ def check_pipeline_recipe(cfg, stages: int) -> None:
         raise RecipeError("training.precision=fp16 needs a gradient scaler, which the pipeline path does not run: use bf16")
     if cfg.quantization.zeroquant:
         raise RecipeError("quantization.zeroquant is not supported by the pipeline yet (untested): use quantization.int8")
-    if cfg.quantization.embeddings is not None:
-        raise RecipeError("quantization.embeddings=int8 ties an int8 head to the first stage's table, which the pipeline "
-                          "does not split yet: set quantization.embeddings=null")
     if cfg.export.merged:
         raise RecipeError("export.merged is not available under the pipeline (no process holds the whole base): train, "
                           "then merge the saved adapter in one process (bytetune.quant_layers.lora.export_merged)")
@@ -150,6 +193,26 @@ def split_blocks(num_blocks: int, stages: int) -> list[range]:
     for size in sizes:
         ranges.append(range(start, start + size))
         start += size
+    return ranges
+
+
+def default_ranges(cfg, model_config, num_blocks: int, stages: int) -> list[range]:
+    """The planner's stage ranges (bytetune.plan.pipeline_stages: balanced for memory and FLOPs,
+    the embeddings on stage 0, the head on the last) for the model this run builds (its bundled
+    or local config); :func:`split_blocks` when the planner cannot model it."""
+    from bytetune.plan import pipeline_stages, spec_from_recipe
+
+    if not 1 <= stages <= num_blocks:
+        return split_blocks(num_blocks, stages)  # which says what is wrong
+    try:
+        ranges = pipeline_stages(spec_from_recipe(cfg, model_config=model_config), stages)
+    except (ValueError, KeyError, TypeError, NotImplementedError) as error:
+        warnings.warn(f"the planner cannot split this model ({str(error).splitlines()[0] if str(error) else error!r}): "
+                      "even block ranges instead")
+        return split_blocks(num_blocks, stages)
+    ranges = [range(r.start, r.stop) for r in ranges]
+    if [i for r in ranges for i in r] != list(range(num_blocks)):
+        return split_blocks(num_blocks, stages)  # the planner modelled another block count
     return ranges
 
 
@@ -215,6 +278,54 @@ def prune_to_stage(peft_model, blocks: range, first: bool, last: bool) -> None:
             setattr(backbone, name, nn.Identity())
         head_name = next(name for name, child in inner.named_children() if child is inner.get_output_embeddings())
         setattr(inner, head_name, None)
+    elif not first:
+        _untie_int8_head(inner)
+
+
+def _untie_int8_head(inner: nn.Module) -> None:
+    """quantization.embeddings=int8 on a last stage that dropped the embeddings: its tied
+    Int8Head would read the scales of a table this process no longer holds. It becomes an untied
+    Int8Head of its own (codes and scales of the same table, read under the embeddings' name in
+    the checkpoint), which is what the tied one computes."""
+    head = inner.get_output_embeddings()
+    if not (isinstance(head, Int8Head) and head.tied):
+        return
+    embedding = head._tied_embedding[0]
+    untied = Int8Head(head.in_features, head.out_features, bias=head.bias is not None, device="meta",
+                      bias_dtype=None if head.bias is None else head.bias.dtype)
+    if head.bias is not None:
+        untied.bias = head.bias
+    if head.weight.device.type != "meta":  # a model drawn from its config: the codes are real already
+        untied.weight = head.weight
+        untied.weight_scale = embedding.weight_scale
+    untied.source_dtype = embedding.output_dtype  # the float table's dtype before quantizing
+    untied.train(head.training)
+    inner.set_output_embeddings(untied)
+
+
+class HostEmbedding(nn.Module):
+    """parallel.pipeline.cpu_embeddings: the first stage's input-embedding table stays in host
+    memory and the lookup runs there; only the looked-up rows (micro_batch x seq_len x hidden) go
+    to the stage's device, as the planner assumes (bytetune/plan/pipeline.py)."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.table(input_ids.to(self.table.weight.device)).to(input_ids.device)
+
+    def _apply(self, fn, recurse=True):
+        return self  # stays in host memory (and its dtype) whatever .to() the stage is given
+
+
+def _take_embeddings(peft_model) -> tuple[str, nn.Module]:
+    """Detach the first stage's input-embedding module from the backbone (name, module)."""
+    _, backbone, (embeddings, _, _) = _parts(peft_model)
+    name = embeddings[0]
+    table = getattr(backbone, name)
+    setattr(backbone, name, None)
+    return name, table
 
 
 class StageModule(nn.Module):
@@ -229,7 +340,11 @@ class StageModule(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        inner = self.peft_model.get_base_model()
+        return self.backbone_of(self.peft_model)
+
+    @staticmethod
+    def backbone_of(peft_model) -> nn.Module:
+        inner = peft_model.get_base_model()
         return getattr(inner, inner.base_model_prefix)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,11 +368,14 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
     ``info``: "ranges", "fingerprint_shapes" (trainable names and shapes of the whole model),
     "bytes_read" (checkpoint bytes this stage read; None when built from a config)."""
     local = can_load_stage_only(cfg)
+    repo_id = hub_model_id(cfg)
+    if repo_id is not None:
+        cfg = with_local_model(cfg, hub_snapshot(repo_id))
     # the whole model on the meta device (a from_config model is drawn whole: its random init is
     # the seed's), LoRA of every block drawn in the one-process order
     model, tokenizer = build_model(cfg, empty=local)
     total = num_blocks_of(model)
-    ranges = list(ranges) if ranges is not None else split_blocks(total, stages)
+    ranges = list(ranges) if ranges is not None else default_ranges(cfg, model.get_base_model().config, total, stages)
     check_ranges(ranges, total)
     if len(ranges) != stages:
         raise RecipeError(f"{len(ranges)} stage ranges for {stages} pipeline processes")
@@ -269,12 +387,28 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
         model.enable_input_require_grads()
     first, last = stage == 0, stage == stages - 1
     prune_to_stage(model, ranges[stage], first, last)
+    # the first stage's table out of the model while it is moved to (or allocated on) the device
+    host = _take_embeddings(model) if first and not last and cfg.parallel.pipeline.cpu_embeddings else None
     bytes_read = None
     if local:
-        reader = load_float_checkpoint(model, Path(model.get_base_model().bytetune_checkpoint), device, aliases)
+        directory = Path(model.get_base_model().bytetune_checkpoint)
+        reader = load_float_checkpoint(model, directory, device, aliases)
         bytes_read = reader.bytes_read
+        if host is not None:
+            name, table = host
+            table.to_empty(device="cpu")
+            prefix = model.get_base_model().base_model_prefix
+            checkpoint = SafetensorsCheckpoint(directory)
+            key = checkpoint.key_for(f"{prefix}.{name}.weight", prefix)
+            if key is None:
+                raise FileNotFoundError(f"{directory} has no tensor for {prefix}.{name}.weight")
+            load_table(table, checkpoint, key)
+            bytes_read += checkpoint.bytes_read
     else:
         model.to(device)
+    if host is not None:
+        name, table = host
+        setattr(StageModule.backbone_of(model), name, HostEmbedding(table.to("cpu")))
     info = {"ranges": ranges, "fingerprint_shapes": shapes, "bytes_read": bytes_read}
     return StageModule(model, first, last), tokenizer, info
 
@@ -283,11 +417,13 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
 class PipelineTrainer(Trainer):
     """The Trainer's loop (train(), logging, summary) over one pipeline stage per process."""
 
-    def __init__(self, cfg, ranges: list[range] | None = None):
+    def __init__(self, cfg, ranges: list[range] | None = None, threads: dict | None = None):
         from accelerate.utils import set_seed
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.cfg = cfg
+        # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
+        self.threads = threads if threads is not None else _choose_threads(cfg)
         self.fsdp = False
         self.memory_plan = None  # the planner's pipeline model is `python -m bytetune.plan ... parallel=pipeline`
         self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[cfg.training.precision])
@@ -297,6 +433,12 @@ class PipelineTrainer(Trainer):
         self.rank, self.stages = dist.get_rank(), dist.get_world_size()
         check_pipeline_recipe(cfg, self.stages)
         device = self.accelerator.device
+        repo_id = hub_model_id(cfg)
+        if repo_id is not None:
+            # one process downloads (into the shared cache); the others find it there
+            if self.rank == 0:
+                hub_snapshot(repo_id)
+            dist.barrier()
         self.stage_module, self.tokenizer, info = build_stage(cfg, self.rank, self.stages, device, ranges)
         self.ranges = info["ranges"]
         self.bytes_read = info["bytes_read"]
@@ -352,13 +494,11 @@ class PipelineTrainer(Trainer):
 
     @classmethod
     def from_config(cls, cfg, ranges: list[range] | None = None) -> "PipelineTrainer":
-        # Everything that can fail cheaply fails before the model loads.
-        from bytetune.recipe import check_local_paths
-
-        ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
-        check_local_paths(cfg)
+        # Everything that can fail cheaply fails before the model loads (and before any process
+        # group is needed): the same checks as Trainer.from_config, then the pipeline's own.
+        threads = preflight(cfg)
         check_pipeline_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        return cls(cfg, ranges)
+        return cls(cfg, ranges, threads=threads)
 
     # ------------------------------------------------------------------------ identity
     parallel_mode = STRATEGY_PIPELINE
@@ -568,6 +708,15 @@ class PipelineTrainer(Trainer):
             torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
             (temporary / ckpt.STATE_FILE).write_text(json.dumps(self._trainer_state(), indent=1))
             ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+            if getattr(self, "_set_aside_newer", None) is not None:
+                # as Trainer.save_checkpoint: the checkpoints past the one resumed from belong to
+                # the continuation given up on
+                moved = ckpt.set_aside_newer(self.output_dir, final)
+                if moved:
+                    warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
+                                  f"{', '.join(moved)} belonged to the continuation given up on and were "
+                                  "renamed superseded-<name>")
+        self._set_aside_newer = None
         dist.barrier()
         return final
 
@@ -585,6 +734,7 @@ class PipelineTrainer(Trainer):
                 f"checkpoint {checkpoint} was written by pipeline stages {state.get('pipeline')}, this run has "
                 f"{self.layout()}: resume with the same number of processes and stage split"
             )
+        ckpt.check_recipe_matches(checkpoint, state, self._identity())
         path = checkpoint / STAGE_FILE.format(self.rank)
         if not path.is_file():
             raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no {path.name}: it was not written by this pipeline")

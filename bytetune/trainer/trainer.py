@@ -192,6 +192,19 @@ def _as_recipe(config: Any) -> DictConfig:
     return cfg
 
 
+def preflight(cfg: DictConfig) -> dict:
+    """The checks every trainer (one process, DDP, FSDP, pipeline) runs before its model loads:
+    the run folder (another run in it, a file in its place, read-only), the checkpoint to resume
+    (damaged, another run's), the paths and data files the recipe names, seq_len and LoRA targets
+    against the model's config. Returns the thread choice (``_choose_threads``)."""
+    ckpt.check_run_dir(cfg.output_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, ckpt.recipe_identity(cfg))
+    threads = _choose_threads(cfg)
+    check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
+    check_data_files(cfg.data)  # and so do their bad rows
+    check_before_loading(cfg)  # seq_len and LoRA targets against the model's config
+    return threads
+
+
 def _refuse_pipeline_processes(cfg) -> None:
     if cfg.parallel.strategy == "pipeline" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # one stage per process is bytetune/trainer/pipeline.py's PipelineTrainer
@@ -291,11 +304,7 @@ class Trainer:
         # run in it, a file in its place, read-only), the checkpoint to resume (damaged, another
         # run's), the paths the recipe names; a pipeline recipe reaching the plain Trainer.
         _refuse_pipeline_processes(cfg)
-        ckpt.check_run_dir(cfg.output_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, ckpt.recipe_identity(cfg))
-        threads = _choose_threads(cfg)
-        check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
-        check_data_files(cfg.data)  # and so do their bad rows
-        check_before_loading(cfg)  # seq_len and LoRA targets against the model's config
+        threads = preflight(cfg)
         fsdp = distributed.use_fsdp(cfg)
         if fsdp:
             distributed.check_fsdp_recipe(cfg)
