@@ -584,15 +584,7 @@ class PipelineTrainer(Trainer):
         mean_loss = (loss_sum.sum() / step_targets.clamp_min(1)).item()
         if not torch.isfinite(loss_sum).all():
             # every stage sees the same reduced sum, so all skip together
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-            warnings.warn(f"step {self.step + 1}: non-finite loss {mean_loss}; skipped the update "
-                          f"({self.nonfinite_steps}/{self.cfg.training.max_nonfinite_steps} allowed)")
-            if self.nonfinite_steps > self.cfg.training.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{self.nonfinite_steps} steps had non-finite losses (training.max_nonfinite_steps="
-                    f"{self.cfg.training.max_nonfinite_steps}): lower optimizer.lr or check the data"
-                )
+            self._skip_nonfinite_step(mean_loss)
             return mean_loss, tokens
         if self.cfg.training.max_grad_norm is not None:
             self.clip_grad_norm_(self.cfg.training.max_grad_norm)

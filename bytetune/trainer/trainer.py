@@ -591,6 +591,18 @@ class Trainer:
         return directory
 
     # --------------------------------------------------------------------------------- training
+    def _skip_nonfinite_step(self, mean_loss: float) -> None:
+        """A step whose reduced loss is not finite updates nothing; too many of them end the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        warnings.warn(f"step {self.step + 1}: non-finite loss {mean_loss}; skipped the update "
+                      f"({self.nonfinite_steps}/{self.cfg.training.max_nonfinite_steps} allowed)")
+        if self.nonfinite_steps > self.cfg.training.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_steps} steps had non-finite losses (training.max_nonfinite_steps="
+                f"{self.cfg.training.max_nonfinite_steps}): lower optimizer.lr or check the data"
+            )
+
     def _train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum_steps micro-batches: (loss per target token over all
         ranks, tokens)."""
@@ -623,15 +635,7 @@ class Trainer:
         mean_loss = (losses.sum() / step_targets.clamp_min(1)).item()
         if not torch.isfinite(losses).all():
             # every rank sees the same gathered losses, so all skip together
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-            warnings.warn(f"step {self.step + 1}: non-finite loss {mean_loss}; skipped the update "
-                          f"({self.nonfinite_steps}/{self.cfg.training.max_nonfinite_steps} allowed)")
-            if self.nonfinite_steps > self.cfg.training.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{self.nonfinite_steps} steps had non-finite losses (training.max_nonfinite_steps="
-                    f"{self.cfg.training.max_nonfinite_steps}): lower optimizer.lr or check the data"
-                )
+            self._skip_nonfinite_step(mean_loss)
             return mean_loss, tokens
         if self.cfg.training.max_grad_norm is not None:
             if self.fsdp:  # accelerate clips only models it prepared
