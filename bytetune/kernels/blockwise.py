@@ -205,6 +205,8 @@ ELEMENTWISE_SPILLS: dict[tuple[str, int, int], tuple[tuple[str, int], ...]] = {
     ("quantize_blockwise", 4096, 8): (("3.6", 90), ("3.8", 90)),
     ("optimizer_update_adam", 256, 2): (("3.6", 90),),
     ("optimizer_update_adam", 512, 4): (("3.6", 90),),
+    # 3.6 on sm_75: momentum's update over 4096 elements and 8 warps with bf16 params, 8-16 bytes
+    ("optimizer_update_momentum", 4096, 8): (("3.6", 75),),
 }
 
 
