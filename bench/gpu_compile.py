@@ -176,7 +176,7 @@ def groupwise_launches() -> Iterator[Launch]:
     ]  # fmt: skip
     def menu_and_fixed(menu: list[Tile], menu_fp32: list[Tile], fp32: bool) -> list[tuple[Tile, bool]]:
         """(config, is a fixed tile) for each config this dtype may launch with, each once."""
-        fixed = [groupwise.FIXED_GPU_TILE_FP32] if fp32 else list(groupwise.FIXED_GPU_TILES.values())
+        fixed = [groupwise.FIXED_GPU_TILE_FP32] if fp32 else [c for cs in groupwise.FIXED_GPU_TILES.values() for c in cs]
         configs = menu_fp32 if fp32 else menu
         return [(c, c in fixed) for c in configs] + [(c, True) for c in fixed if c not in configs]
 
@@ -194,7 +194,7 @@ def groupwise_launches() -> Iterator[Launch]:
                 dict(GROUP_SIZE=group_size, INT4=bits == 4, X_INT8=x_int8, HAS_BIAS=True, FP32_DOT=fp32, **cfg.kwargs),
                 shared_bytes=functools.partial(groupwise.matmul_shared_bytes, x_bytes=x_bytes),
                 min_capability=gpu_arch.DOT_MIN_CAPABILITY,
-                ci=cfg == groupwise.FIXED_GPU_TILES[64] and x_int8 and bits == 4,
+                ci=cfg == groupwise.FIXED_GPU_TILES[64][0] and x_int8 and bits == 4,
             )  # fmt: skip
     for grad_dtype in FLOAT_DTYPES:
         fp32 = grad_dtype == torch.float32
@@ -208,7 +208,7 @@ def groupwise_launches() -> Iterator[Launch]:
                     dict(GROUP_SIZE=group_size, INT4=bits == 4, FP32_DOT=fp32, **cfg.kwargs),
                     shared_bytes=functools.partial(groupwise.grad_input_shared_bytes, grad_bytes=grad_dtype.itemsize),
                     min_capability=gpu_arch.DOT_MIN_CAPABILITY,
-                    ci=cfg == groupwise.FIXED_GPU_TILES[64] and grad_dtype == torch.bfloat16 and bits == 4,
+                    ci=cfg == groupwise.FIXED_GPU_TILES[64][0] and grad_dtype == torch.bfloat16 and bits == 4,
                 )  # fmt: skip
 
 

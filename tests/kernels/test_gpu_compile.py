@@ -357,3 +357,14 @@ def test_each_elementwise_launch_is_the_one_config_the_gate_checks(gate, monkeyp
             assert checked == [pick], (kernel, block_size, capability, version)
             fallback = MEASURED_FALLBACKS.get((version, kernel, block_size, capability))
             assert pick.num_warps == (fallback or first), (kernel, block_size, capability, version)
+
+
+@pytest.mark.parametrize("version,capability,block_k", [("3.6", 80, 32), ("3.6", 90, 64), ("3.8", 80, 64), ("3.9", 80, 64)])
+def test_groupwise_fixed_tile_falls_back_where_it_spills(monkeypatch, version, capability, block_k):
+    # BYTETUNE_AUTOTUNE=0 on a GPU launches one fixed tile; under triton 3.6 on sm_80 the
+    # 64x64x64 one spilled with W4 weights, so a K tile of 32 takes its place there.
+    from bytetune.kernels import groupwise
+
+    monkeypatch.setattr(gpu_arch, "triton_version", lambda: version)
+    pick = gpu_arch.first_launchable(groupwise.FIXED_GPU_TILES[64], capability, ARCHS[capability].max_shared_bytes)
+    assert (pick["BLOCK_M"], pick["BLOCK_N"], pick["BLOCK_K"]) == (64, 64, block_k)
