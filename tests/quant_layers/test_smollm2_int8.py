@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import bytetune
 from bytetune import Int8Linear, quantize_model
 
 pytestmark = [
@@ -31,9 +30,11 @@ def smollm2():
 @pytest.fixture(scope="module")
 def heldout_ids(smollm2):
     _, tokenizer = smollm2
-    # Python source from this repository, not the host's stdlib (whose files differ between
-    # Python builds): the same text, so the same verdict, on every clone of a commit.
-    text = (Path(bytetune.__file__).parent / "kernels" / "llm_int8.py").read_text()[: WINDOW * N_WINDOWS * 6]
+    # Python source frozen in a test data file (bytetune's llm_int8.py as of 2026-11-29): not the
+    # host's stdlib (whose files differ between Python builds), nor a live source file (its edits
+    # changed the text and moved the verdict: +1.1 % -> +2.4 % of ppl with no change to the int8
+    # math on CPU). The same text on every clone and host.
+    text = (Path(__file__).parent / "data" / "heldout_python_source.txt").read_text()[: WINDOW * N_WINDOWS * 6]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     assert ids.numel() >= WINDOW * N_WINDOWS
     return ids[: WINDOW * N_WINDOWS].view(N_WINDOWS, WINDOW)
