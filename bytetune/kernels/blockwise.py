@@ -205,8 +205,9 @@ ELEMENTWISE_SPILLS: dict[tuple[str, int, int], tuple[tuple[str, int], ...]] = {
     ("quantize_blockwise", 4096, 8): (("3.6", 90), ("3.8", 90)),
     ("optimizer_update_adam", 256, 2): (("3.6", 90),),
     ("optimizer_update_adam", 512, 4): (("3.6", 90),),
-    # 3.6 on sm_75: momentum's update over 4096 elements and 8 warps with bf16 params, 8-16 bytes
-    ("optimizer_update_momentum", 4096, 8): (("3.6", 75),),
+    # momentum's update over 4096 elements and 8 warps: 3.6 on sm_75 (bf16 params, 8-16 bytes),
+    # 3.8 on sm_86/89/90 (fp32 params)
+    ("optimizer_update_momentum", 4096, 8): (("3.6", 75), ("3.8", 86), ("3.8", 89), ("3.8", 90)),
 }
 
 

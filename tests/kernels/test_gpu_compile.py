@@ -323,6 +323,9 @@ MEASURED_FALLBACKS = {
     ("3.6", "optimizer_update_adam", 256, 90): 4,
     ("3.6", "optimizer_update_adam", 512, 90): 8,
     ("3.6", "optimizer_update_momentum", 4096, 75): 16,
+    ("3.8", "optimizer_update_momentum", 4096, 86): 16,
+    ("3.8", "optimizer_update_momentum", 4096, 89): 16,
+    ("3.8", "optimizer_update_momentum", 4096, 90): 16,
 }
 
 
