@@ -699,16 +699,8 @@ class PipelineTrainer(Trainer):
         if self.rank == 0:
             torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
             (temporary / ckpt.STATE_FILE).write_text(json.dumps(self._trainer_state(), indent=1))
-            ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
-            if getattr(self, "_set_aside_newer", None) is not None:
-                # as Trainer.save_checkpoint: the checkpoints past the one resumed from belong to
-                # the continuation given up on
-                moved = ckpt.set_aside_newer(self.output_dir, final)
-                if moved:
-                    warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
-                                  f"{', '.join(moved)} belonged to the continuation given up on and were "
-                                  "renamed superseded-<name>")
-        self._set_aside_newer = None
+            self._commit_checkpoint(temporary, final)
+        self._set_aside_newer = None  # every stage: the next save sets nothing aside
         dist.barrier()
         return final
 

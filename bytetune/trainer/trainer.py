@@ -512,14 +512,7 @@ class Trainer:
                 self.accelerator.wait_for_everyone()
                 final = ckpt.final_dir(self.output_dir, self.step)
                 if main:
-                    ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
-                    if getattr(self, "_set_aside_newer", None) is not None:
-                        moved = ckpt.set_aside_newer(self.output_dir, final)
-                        if moved:
-                            warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
-                                          f"{', '.join(moved)} belonged to the continuation given up on and were "
-                                          "renamed superseded-<name>")
-                        self._set_aside_newer = None
+                    self._commit_checkpoint(temporary, final)
         except BaseException:
             if main:  # nothing half-written stays behind (the rename never happened)
                 ckpt.remove_temporaries(self.output_dir)
@@ -591,6 +584,20 @@ class Trainer:
         return directory
 
     # --------------------------------------------------------------------------------- training
+    def _commit_checkpoint(self, temporary: Path, final: Path) -> None:
+        """Main process: after a resume from an older checkpoint, first set aside the ones past
+        this step (they belong to the continuation given up on), then rename the written one into
+        place and keep the newest ``keep_last``: rotating first counted the abandoned ones and
+        deleted this run's older intact checkpoints instead."""
+        if getattr(self, "_set_aside_newer", None) is not None:
+            moved = ckpt.set_aside_newer(self.output_dir, final)
+            if moved:
+                warnings.warn(f"resumed from {self._set_aside_newer.name}: the newer checkpoints "
+                              f"{', '.join(moved)} belonged to the continuation given up on and were "
+                              "renamed superseded-<name>")
+            self._set_aside_newer = None
+        ckpt.commit(temporary, self.output_dir, self.step, self.cfg.checkpoint.keep_last)
+
     def _skip_nonfinite_step(self, mean_loss: float) -> None:
         """A step whose reduced loss is not finite updates nothing; too many of them end the run."""
         self.optimizer.zero_grad(set_to_none=True)

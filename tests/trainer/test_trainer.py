@@ -177,3 +177,21 @@ def test_resume_refuses_a_checkpoint_of_another_model_built_by_hand(tmp_path):
     other = Trainer(model(4), None, rows, config, memory_plan=None)
     with pytest.raises(CheckpointError, match="from a different model"):
         other.train()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    # Checkpoints at steps 2, 4, 6; resuming from step 2 and ending at step 3 sets 4 and 6 aside,
+    # so "latest" never mixes the abandoned continuation with this one.
+    overrides = tiny_overrides(tmp_path, **{**SMALL, "checkpoint.keep_last": 3, "checkpoint.every_steps": 2})
+    Trainer.from_recipe("tiny_lora8", **overrides).train()
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004", "step-00000006"]
+    older = list_checkpoints(run)[0]
+    resumed = Trainer.from_recipe("tiny_lora8", **{**overrides, "checkpoint.resume": str(older),
+                                                   "training.max_steps": 3})
+    with pytest.warns(UserWarning, match="superseded"):
+        resumed.train()
+    # the resumed-from checkpoint and the new one stay (keep_last counts only this continuation)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in run.glob("checkpoints/superseded-*")) == [
+        "superseded-step-00000004", "superseded-step-00000006"]
