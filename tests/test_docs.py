@@ -289,3 +289,28 @@ def test_named_paths_exist():
 def test_path_finder_finds_paths():
     text = "see `bench/results/e2e_cpu.md`, bytetune/kernels/ and (docs/validation.md); `gpu_compile_triton-<v>.md`"
     assert named_paths(text) == {"bench/results/e2e_cpu.md", "bytetune/kernels", "docs/validation.md"}
+
+
+# A dotted name of the package (`bytetune.quant_layers.lora.lora_config`): its modules exist and the
+# first name past them is written in that module (or the package's __init__.py).
+DOTTED = re.compile(r"(?<![\w./-])(bytetune(?:\.\w+)+)")
+
+
+def dotted_name_resolves(name: str) -> bool:
+    parts = name.split(".")
+    path, index = ROOT / "bytetune", 1
+    while index < len(parts) and (path / parts[index]).is_dir():
+        path, index = path / parts[index], index + 1
+    if index < len(parts) and (path / f"{parts[index]}.py").is_file():
+        source, index = path / f"{parts[index]}.py", index + 1
+    else:
+        source = path / "__init__.py"
+    rest = parts[index:]
+    return not rest or re.search(rf"\b{rest[0]}\b", source.read_text(encoding="utf-8")) is not None
+
+
+def test_named_modules_exist():
+    missing = [f"{rel(page)}: {name}" for page in PAGES for name in sorted(set(DOTTED.findall(page_text(page))))
+               if not dotted_name_resolves(name)]
+    assert not missing, "modules named in the docs that do not exist:\n" + "\n".join(missing)
+    assert not dotted_name_resolves("bytetune.quant_layers.no_such_module_here")
