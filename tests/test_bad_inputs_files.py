@@ -21,6 +21,7 @@ import torch
 
 from bytetune.cli import train_main
 from bytetune.trainer import checkpoint as ckpt
+from tests.trainer.helpers import with_stalled_checkpoint_write
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
@@ -377,7 +378,7 @@ def test_truncated_log_line_is_dropped_on_resume(used, finished, capsys):
 def test_ctrl_c_mid_checkpoint_write_leaves_nothing_half_written_and_resumes_bitwise(tmp_path, finished):
     run = tmp_path / "run"
     command = [sys.executable, str(REPO / "train.py"), *tiny(run, finished["cache"])]
-    process = subprocess.Popen(command, cwd=REPO, env={**ENV, ckpt.WRITE_DELAY_ENV: "4:120"},
+    process = subprocess.Popen(with_stalled_checkpoint_write(command), cwd=REPO, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     half_written = run / "checkpoints" / ".tmp-step-00000004"
     deadline = time.monotonic() + 240

@@ -4,11 +4,9 @@ transient phases (the loss, one block's backward) sized from shapes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 from torch import nn
-from transformers import masking_utils
 
 from bytetune.kernels.fused_linear_ce import default_chunk_tokens
 from bytetune.kernels.int8_head import REFERENCE_CHUNK_ROWS
@@ -112,9 +110,45 @@ def _attach_lora(model: nn.Module, spec: PlanSpec) -> nn.Module:
     return model
 
 
-def trace_activations(spec: PlanSpec) -> ActivationTrace:
-    """Run a two-block copy of the model forward on the meta device and count what autograd keeps."""
+# The trace's attention, under a name of its own in transformers' attention interface: SDPA itself,
+# with the mask that an all-ones attention mask gets (bytetune packs its batches: no token is
+# padding). The stock SDPA mask builder reads the mask's values to decide whether SDPA may run with
+# is_causal instead of a materialized mask, which meta tensors cannot answer; this builder decides
+# as for a mask without padding, then builds what the stock one would. Both registrations are
+# transformers' documented extension points (docs: attention_interface).
+META_TRACE_ATTENTION = "bytetune_meta_trace_sdpa"
+
+
+def _sdpa_mask_without_padding(*, attention_mask=None, allow_is_causal_skip: bool = True, **kwargs):
+    from transformers.masking_utils import sdpa_mask
+
+    if allow_is_causal_skip and sdpa_mask(attention_mask=None, allow_is_causal_skip=True, **kwargs) is None:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs)
+
+
+def _use_meta_trace_attention(model: nn.Module) -> None:
+    """Switch a meta model built for SDPA to META_TRACE_ATTENTION. Models that run attention in
+    their own code (BLOOM, Falcon) keep theirs: their mask builders (eager masks, or a mask they
+    materialize on purpose) do not read the mask's values."""
+    # Imported here, as peft is: transformers' modeling code loads with the first model built,
+    # not with `import bytetune`.
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if model.config._attn_implementation != "sdpa" or not type(model).is_backend_compatible():
+        return
+    if META_TRACE_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(META_TRACE_ATTENTION, ALL_ATTENTION_FUNCTIONS["sdpa"])
+        AttentionMaskInterface.register(META_TRACE_ATTENTION, _sdpa_mask_without_padding)
+    model.set_attn_implementation(META_TRACE_ATTENTION)
+
+
+def _trace_model(spec: PlanSpec) -> nn.Module:
+    """A two-block copy of the model on the meta device, frozen, with LoRA attached as the trainer
+    attaches it, in training mode."""
     model = build_meta_model(spec.model_config, spec.compute_dtype, num_layers=2)
+    _use_meta_trace_attention(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model = _attach_lora(model, spec)
@@ -123,95 +157,125 @@ def trace_activations(spec: PlanSpec) -> ActivationTrace:
     # Gradients reach the first block's LoRA through the embeddings output, as the trainer arranges
     # (enable_input_require_grads) so that checkpointed blocks see an input that requires grad.
     model.enable_input_require_grads()
-    inner = model.get_base_model()
-    blocks = block_list(inner)
+    return model
 
-    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
-    param_storages |= {b.untyped_storage()._cdata for b in model.buffers()}
-    region = ["before"]
-    owners: dict[int, set[str]] = {}
-    sizes: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor):
+class _SavedTensorCounter:
+    """Which region of the forward (before the blocks, block 0, block 1, after them) saved each
+    storage autograd keeps for the backward, and its size. Parameters and buffers are not counted."""
+
+    REGIONS = ("before", "block0", "block1", "after")
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]]):
+        self.param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.param_storages |= {b.untyped_storage()._cdata for b in model.buffers()}
+        self.region = "before"
+        self.owners: dict[int, set[str]] = {}
+        self.sizes: dict[int, int] = {}
+        self.block_input_bytes: list[int] = []
+        for index, (_, block) in enumerate(blocks):
+            block.register_forward_pre_hook(lambda *_, i=index: self._enter(f"block{i}"))
+            block.register_forward_hook(lambda *_: self._enter("after"))
+        blocks[1][1].register_forward_pre_hook(self._record_block_input, with_kwargs=True)
+
+    def _enter(self, region: str) -> None:
+        self.region = region
+
+    def _record_block_input(self, module, args, kwargs) -> None:
+        self.block_input_bytes.append(_first_tensor(args, kwargs).untyped_storage().nbytes())
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key not in param_storages:
-            owners.setdefault(key, set()).add(region[0])
-            sizes[key] = storage.nbytes()
+        if key not in self.param_storages:
+            self.owners.setdefault(key, set()).add(self.region)
+            self.sizes[key] = storage.nbytes()
         return tensor
 
-    for index, (_, block) in enumerate(blocks):
-        block.register_forward_pre_hook(lambda *_, i=index: region.__setitem__(0, f"block{i}"))
-        block.register_forward_hook(lambda *_: region.__setitem__(0, "after"))
+    def totals(self) -> dict[str, int]:
+        """Bytes saved per block, shared by all blocks, before and after them. Blocks are identical:
+        a storage saved by both is shared by all (mask, ALiBi); one saved only by the second block
+        is that block's own (the first block's copy is the same size and not needed)."""
+        counts = {"per_block": 0, "shared": 0, "before": 0, "after": 0}
+        for key, regions in self.owners.items():
+            in_blocks = regions & {"block0", "block1"}
+            if len(in_blocks) == 2:
+                counts["shared"] += self.sizes[key]
+            elif in_blocks == {"block1"}:
+                counts["per_block"] += self.sizes[key]
+            elif in_blocks:
+                continue
+            elif "before" in regions:
+                counts["before"] += self.sizes[key]
+            else:
+                counts["after"] += self.sizes[key]
+        return counts
 
-    batch, seq = spec.micro_batch, spec.seq_len
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    block_inputs: list[int] = []
-    blocks[1][1].register_forward_pre_hook(
-        lambda mod, args, kwargs: block_inputs.append(_first_tensor(args, kwargs).untyped_storage().nbytes()),
-        with_kwargs=True,
-    )
-    # The trainer passes an attention mask; that also keeps the mask builders off a data-dependent
-    # check (packed-sequence detection) that cannot run on meta tensors. Its packed batches have no
-    # padding, which is what the SDPA mask builder would find if it could read the mask.
-    head = inner.get_output_embeddings()
+
+def _uses_fused_loss(spec: PlanSpec, head: nn.Module) -> bool:
     # The trainer's fused loss takes a bias-free head (float or Int8Head) of a model that FSDP2
     # does not shard (bytetune.trainer.loss.head_of); otherwise it falls back to the full logits.
-    fused = spec.fused_cross_entropy and getattr(head, "bias", None) is None and spec.parallel != "fsdp"
+    return spec.fused_cross_entropy and getattr(head, "bias", None) is None and spec.parallel != "fsdp"
+
+
+def _run_traced_forward(model: nn.Module, spec: PlanSpec, fused: bool, counter: _SavedTensorCounter) -> None:
+    """The trainer's forward on meta input ids, every saved tensor reported to ``counter``."""
+    ids = torch.zeros(spec.micro_batch, spec.seq_len, dtype=torch.long, device="meta")
     # Fused: the trainer's call (last position's logits only, the hidden states returned); the
-    # chunked loss itself is a custom kernel sized from shapes below. Plain: HF's loss on the
-    # full logits, traced.
+    # chunked loss itself is a custom kernel sized from shapes. Plain: HF's loss on the full logits,
+    # traced. The trainer passes an attention mask; that also keeps the mask builders off a
+    # data-dependent check (packed-sequence detection) that cannot run on meta tensors.
     loss_kwargs = dict(logits_to_keep=1, output_hidden_states=True) if fused else dict(labels=ids)
     try:
-        with mock.patch.object(masking_utils, "fast_all", lambda tensor: True), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **loss_kwargs)
     except RuntimeError as error:
+        inner = model.get_base_model()
         raise NotImplementedError(
             f"cannot trace {type(inner).__name__} on the meta device: {str(error).splitlines()[0]}"
         ) from None
 
-    # Blocks are identical: a storage saved by both is shared by all (mask, ALiBi); one saved only by
-    # the second block is that block's own (the first block's copy is the same size and not needed).
-    counts = {"per_block": 0, "shared": 0, "before": 0, "after": 0}
-    for key, regs in owners.items():
-        in_blocks = regs & {"block0", "block1"}
-        if len(in_blocks) == 2:
-            counts["shared"] += sizes[key]
-        elif in_blocks == {"block1"}:
-            counts["per_block"] += sizes[key]
-        elif in_blocks:
-            continue
-        elif "before" in regs:
-            counts["before"] += sizes[key]
-        else:
-            counts["after"] += sizes[key]
-    per_block, shared, before, after = counts["per_block"], counts["shared"], counts["before"], counts["after"]
 
+def block_backward_scratch(spec: PlanSpec, hidden: int) -> int:
+    """One block's backward: the attention-score gradients (two fp32 buffers around the softmax
+    and one in the model's dtype) or three of the MLP's widest gradients, whichever is larger,
+    plus the hidden-state gradients in flight. The buffer counts are what CPU runs of BLOOM shapes
+    needed (tests/plan/test_plan_measured.py); autograd does not report them."""
     cfg = spec.model_config
-    vocab, hidden = head.out_features, head.in_features
+    batch, seq = spec.micro_batch, spec.seq_len
     compute = dtype_bytes(spec.compute_dtype)
     tokens = batch * seq
-    int8_head = spec.embeddings == "int8"
-    loss = fused_loss_phase(batch, seq, hidden, vocab, compute, int8_head) if fused else \
-        plain_loss_phase(tokens, hidden, vocab, compute, int8_head)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
     ffn = getattr(cfg, "intermediate_size", None) or 4 * hidden
-    # One block's backward: the attention-score gradients (two fp32 buffers around the softmax and
-    # one in the model's dtype) or three of the MLP's widest gradients, whichever is larger, plus the
-    # hidden-state gradients in flight. The buffer counts are what CPU runs of BLOOM shapes needed
-    # (tests/plan/test_plan_measured.py); autograd does not report them.
     attention_scratch = batch * heads * seq * seq * (4 + 4 + compute)
     mlp_scratch = 3 * tokens * ffn * compute
-    block_scratch = max(attention_scratch, mlp_scratch) + 2 * tokens * hidden * compute
+    return max(attention_scratch, mlp_scratch) + 2 * tokens * hidden * compute
+
+
+def trace_activations(spec: PlanSpec) -> ActivationTrace:
+    """Run a two-block copy of the model forward on the meta device and count what autograd keeps."""
+    model = _trace_model(spec)
+    inner = model.get_base_model()
+    head = inner.get_output_embeddings()
+    fused = _uses_fused_loss(spec, head)
+    counter = _SavedTensorCounter(model, block_list(inner))
+    _run_traced_forward(model, spec, fused, counter)
+    totals = counter.totals()
+
+    vocab, hidden = head.out_features, head.in_features
+    batch, seq = spec.micro_batch, spec.seq_len
+    compute = dtype_bytes(spec.compute_dtype)
+    int8_head = spec.embeddings == "int8"
+    loss = fused_loss_phase(batch, seq, hidden, vocab, compute, int8_head) if fused else \
+        plain_loss_phase(batch * seq, hidden, vocab, compute, int8_head)
     return ActivationTrace(
-        per_block=per_block,
-        block_input=block_inputs[0],
-        shared=shared,
-        before_blocks=before,
-        after_blocks=after,
+        per_block=totals["per_block"],
+        block_input=counter.block_input_bytes[0],
+        shared=totals["shared"],
+        before_blocks=totals["before"],
+        after_blocks=totals["after"],
         loss=loss,
-        block_backward_scratch=block_scratch,
+        block_backward_scratch=block_backward_scratch(spec, hidden),
     )
 
 

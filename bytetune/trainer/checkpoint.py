@@ -42,9 +42,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 RUN_FILE = "run.json"  # in output_dir: the recipe hash of the run that owns the folder
-# Test hook, "STEP:SECONDS": while writing the checkpoint of STEP, sleep SECONDS inside the
-# temporary directory after the adapter files are written (the kill -9 test kills it then).
-WRITE_DELAY_ENV = "BYTETUNE_CHECKPOINT_SLEEP_AT"
 # checkpoint.resume words: the newest checkpoint; the newest one that verifies intact
 LATEST_WORDS = ("true", "latest", "yes", "1")
 INTACT_WORDS = ("previous_intact", "latest_intact")
@@ -464,19 +461,9 @@ def begin(output_dir: str | Path, step: int) -> Path:
 def write_main(temporary: Path, unwrapped_model, optimizer, scheduler, state: dict) -> None:
     """Main process: adapter, optimizer, scheduler, then the state file that marks completeness."""
     unwrapped_model.save_pretrained(temporary, save_embedding_layers=False)  # as Trainer.save_adapter
-    write_delay_hook(state["step"])
     torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
     (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-
-def write_delay_hook(step: int) -> None:
-    """The test hook of WRITE_DELAY_ENV: sleep inside the checkpoint write of that step."""
-    hook = os.environ.get(WRITE_DELAY_ENV)
-    if hook:
-        hook_step, seconds = hook.split(":")
-        if int(hook_step) == step:
-            time.sleep(float(seconds))
 
 
 def write_rank_rng(temporary: Path, rank: int) -> None:

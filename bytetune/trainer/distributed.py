@@ -230,8 +230,6 @@ def write_checkpoint(temporary: Path, model: nn.Module, optimizer, scheduler, st
     every rank's shards of the adapters and optimizer states, then the scheduler and the state file
     that marks the checkpoint complete."""
     save_adapter(model, temporary, is_main)
-    if is_main:
-        ckpt.write_delay_hook(state["step"])
     sharded = {"adapter": {name: param.detach() for name, param in _named_trainable(model).items()},
                "optimizer": _optimizer_by_name(model, optimizer)}
     dcp.save(sharded, checkpoint_id=str(temporary / SHARDED_DIR))

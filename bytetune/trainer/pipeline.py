@@ -690,8 +690,6 @@ class PipelineTrainer(Trainer):
         dist.barrier()
         ckpt.write_rank_rng(temporary, self.rank)
         self._write_peft_adapter(temporary, with_tokenizer=False)
-        if self.rank == 0:
-            ckpt.write_delay_hook(self.step)
         torch.save({"adapter": self.stage_state(), "optimizer": self.optimizer.state_dict()},
                    temporary / STAGE_FILE.format(self.rank))
         dist.barrier()

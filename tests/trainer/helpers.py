@@ -6,9 +6,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from bytetune.trainer.checkpoint import WRITE_DELAY_ENV
-
 REPO = Path(__file__).resolve().parents[2]
+TRAIN_PY = str(REPO / "train.py")
+STALL_WRAPPER = str(REPO / "tests" / "stall_checkpoint_write.py")
 
 
 def tiny_overrides(tmp_path: Path, **extra) -> dict:
@@ -31,14 +31,23 @@ def kill_9(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def with_stalled_checkpoint_write(command: list[str], step: int = 4, seconds: float = 120) -> list[str]:
+    """``command`` (which runs train.py, directly or under a launcher) with train.py replaced by
+    tests/stall_checkpoint_write.py: the step-``step`` checkpoint write sleeps ``seconds`` once
+    its adapter is on disk."""
+    assert command.count(TRAIN_PY) == 1, f"no single {TRAIN_PY} in {command}"
+    at = command.index(TRAIN_PY)
+    return [*command[:at], STALL_WRAPPER, str(step), str(seconds), *command[at + 1:]]
+
+
 def start_until_checkpoint_write(
-    command: list[str], run_dir: Path, env: dict, kill=kill_9
+    command: list[str], run_dir: Path, env: dict, kill=kill_9, **popen
 ) -> tuple[subprocess.Popen, Path]:
-    """Start a training command whose step-4 checkpoint write stalls (WRITE_DELAY_ENV) and return
-    once that write is under way: (the process, the half-written checkpoint directory). The
-    caller kills the process; if the write never starts, ``kill`` does before the error rises."""
-    process = subprocess.Popen(command, cwd=REPO, env={**env, WRITE_DELAY_ENV: "4:120"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start a training command whose step-4 checkpoint write stalls (with_stalled_checkpoint_write)
+    and return once that write is under way: (the process, the half-written checkpoint directory).
+    The caller kills the process; if the write never starts, ``kill`` does before the error rises."""
+    popen = popen or dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(with_stalled_checkpoint_write(command), cwd=REPO, env=env, **popen)
     half_written = run_dir / "checkpoints" / ".tmp-step-00000004"
     deadline = time.monotonic() + 240
     try:
