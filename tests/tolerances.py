@@ -33,3 +33,20 @@ def assert_close_in_norm(actual: torch.Tensor, expected: torch.Tensor, rel: floa
     error = (actual.double() - expected.double()).norm()
     bound = rel * expected.double().norm()
     assert error <= bound, f"{name}: |difference| {float(error):.3g} > {rel} x |expected| ({float(bound):.3g})"
+
+
+def assert_adapters_agree(actual: dict, expected: dict, lr: float = 1e-3) -> None:
+    """Adapters trained in another process layout (FSDP shards, pipeline stages) equal one
+    process's to 1e-5 of their size, all tensors together, and no element is off by a tenth of a
+    step (lr). Per tensor, a relative bound is ill-posed: a LoRA B whose gradient is rounding
+    noise (2e-7 in norm after four steps, seen in tiny Llama's first q_proj) differs by more than
+    its own size at another SIMD width, while a wrong gradient moves many elements by a whole
+    step. The gradients are summed in another order (reduce-scatter, point-to-point stages,
+    AVX2 or no vector kernels), so an 8-bit state near a code midpoint may round the other way
+    and move its element by ~1 % of a step (1.0007e-5 seen at ATEN_CPU_CAPABILITY=default)."""
+    names = sorted(expected)
+    assert sorted(actual) == names
+    assert_close_in_norm(torch.cat([actual[n].reshape(-1) for n in names]),
+                         torch.cat([expected[n].reshape(-1) for n in names]), rel=1e-5, name="adapters")
+    for name in names:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0.1 * lr, msg=name)

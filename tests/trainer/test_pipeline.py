@@ -28,7 +28,7 @@ from bytetune.trainer.checkpoint import list_checkpoints
 from bytetune.trainer.pipeline import PipelineTrainer, default_ranges, split_blocks
 from bytetune.trainer.trainer import Trainer
 
-from tests.tolerances import assert_close_in_norm
+from tests.tolerances import assert_adapters_agree
 
 from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
 
@@ -111,8 +111,7 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
     assert result["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert result["adapter"].keys() == single["adapter"].keys()
-    for name, weight in single["adapter"].items():
-        assert_close_in_norm(torch.tensor(result["adapter"][name]), weight, name=name)
+    assert_adapters_agree({name: torch.tensor(weight) for name, weight in result["adapter"].items()}, single["adapter"])
 
     # each rank holds its own blocks only: the planner's split, their adapters and int8 codes
     from transformers import AutoConfig
@@ -253,9 +252,7 @@ def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, 
     single = single_process(tmp_path, overrides)
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     mine = {k.replace(".default", ""): v for k, v in single["adapter"].items()}
-    assert set(saved) == set(mine)
-    for name, weight in saved.items():
-        assert_close_in_norm(weight, mine[name], name=name)
+    assert_adapters_agree(saved, mine)
 
 
 # ------------------------------------------------------------------------- no processes needed
