@@ -42,6 +42,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from bytetune.quant_layers.blocks import NoDecoderBlocks
+from bytetune.quant_layers.blocks import decoder_blocks as find_decoder_blocks
 from bytetune.quant_layers.loading import load_float_checkpoint
 from bytetune.quant_layers.shards import local_tensor as _local
 from bytetune.recipe import RecipeError
@@ -99,16 +101,11 @@ def _reshard_after_forward(cfg) -> bool:
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks: modules whose class transformers will not split (``_no_split_modules``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [module for module in base.modules() if type(module).__name__ in names]
-    if not blocks:
-        raise RecipeError(
-            f"{type(base).__name__} names no decoder block class (_no_split_modules is empty): FSDP needs one "
-            "fully_shard group per block"
-        )
-    return blocks
+    """The decoder blocks (bytetune.quant_layers.blocks: the planner's, LKD's and the pipeline's)."""
+    try:
+        return [block for _, block in find_decoder_blocks(model)]
+    except NoDecoderBlocks as error:
+        raise RecipeError(f"{error}; FSDP needs one fully_shard group per block") from None
 
 
 def can_load_sharded(cfg) -> bool:

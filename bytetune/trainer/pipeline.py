@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bytetune.quant_layers.blocks import NoDecoderBlocks, decoder_block_list
 from bytetune.quant_layers.int8_embedding import Int8Head
 from bytetune.quant_layers.loading import SafetensorsCheckpoint, load_float_checkpoint, load_table, tied_aliases
 from bytetune.recipe import RecipeError
@@ -241,11 +242,16 @@ class StageBlocks(nn.ModuleList):
         return modules[index]
 
 
-def _blocks_list(backbone: nn.Module, block_classes: set[str]) -> tuple[str, nn.ModuleList]:
-    for name, child in backbone.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in block_classes:
-            return name, child
-    raise RecipeError(f"{type(backbone).__name__} has no list of decoder blocks: the pipeline cannot split it")
+def _blocks_list(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(attribute name, list) of the backbone's decoder blocks (bytetune.quant_layers.blocks)."""
+    try:
+        name, blocks = decoder_block_list(backbone)
+    except NoDecoderBlocks as error:
+        raise RecipeError(f"{error}; the pipeline cannot split it") from None
+    if "." in name or not name:
+        raise RecipeError(f"{type(backbone).__name__}'s decoder blocks ({name or 'the backbone itself'}) are not a "
+                          "list attribute of the backbone: the pipeline cannot split it")
+    return name, blocks
 
 
 def _parts(peft_model):
@@ -260,13 +266,13 @@ def _parts(peft_model):
 
 def num_blocks_of(peft_model) -> int:
     inner, backbone, _ = _parts(peft_model)
-    return len(_blocks_list(backbone, set(inner._no_split_modules or []))[1])
+    return len(_blocks_list(backbone)[1])
 
 
 def prune_to_stage(peft_model, blocks: range, first: bool, last: bool) -> None:
     """Drop every module stage (blocks, first, last) does not run, in place."""
     inner, backbone, (embeddings, after_embeddings, final) = _parts(peft_model)
-    list_name, all_blocks = _blocks_list(backbone, set(inner._no_split_modules or []))
+    list_name, all_blocks = _blocks_list(backbone)
     setattr(backbone, list_name, StageBlocks({index: all_blocks[index] for index in blocks}))
     if not first:
         for name in embeddings:
