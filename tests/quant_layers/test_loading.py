@@ -132,3 +132,28 @@ def test_a_layer_refuses_a_checkpoint_tensor_of_the_wrong_shape_naming_it(tmp_pa
     embedding = Int8Embedding(10, 4)
     with pytest.raises(ValueError, match=r"emb.weight in DIR has shape \(10, 5\), the model expects \[10, 4\]"):
         embedding.load_from_checkpoint(lambda name: torch.randn(10, 5), where="emb.{} in DIR")
+
+
+def test_adapters_drawn_on_a_meta_base_keep_their_seeded_initial_weights(tmp_path):
+    from peft import get_peft_model
+
+    from bytetune.quant_layers.lora import LoraInt8Linear, lora_config
+
+    config = BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+
+    def with_adapters(base):
+        quantize_model(base, skip=("lm_head",))
+        torch.manual_seed(7)  # the adapters' draw, as the trainer seeds it
+        # init_lora_weights="gaussian": lora_B is drawn too, so both matrices must come back
+        return get_peft_model(base, lora_config(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+
+    expected = with_adapters(AutoModelForCausalLM.from_pretrained(tmp_path))
+    empty = with_adapters(_empty(config))
+    layers = [m for m in empty.modules() if isinstance(m, LoraInt8Linear)]
+    assert layers and all(p.device.type == "meta" for m in layers for p in m.parameters())
+    load_float_checkpoint(empty, tmp_path, torch.device("cpu"))
+    _assert_same_state(empty, expected)
+    # the copies are handed back once: a second fill has nothing left to restore
+    assert all(m.restore_initial_adapters() == [] for m in layers)
