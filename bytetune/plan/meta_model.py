@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from bytetune.plan.spec import as_dtype
+from bytetune.quant_layers.blocks import decoder_blocks
 
 
 def build_meta_model(model_config, dtype: str | torch.dtype, num_layers: int | None = None) -> nn.Module:
@@ -25,14 +26,9 @@ def build_meta_model(model_config, dtype: str | torch.dtype, num_layers: int | N
 
 
 def block_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated decoder blocks (the classes in ``model._no_split_modules``), with their names."""
-    classes = set(getattr(model, "_no_split_modules", None) or [])
-    if not classes:
-        raise ValueError(f"{type(model).__name__} declares no _no_split_modules: cannot tell its blocks")
-    blocks = [(name, mod) for name, mod in model.named_modules() if type(mod).__name__ in classes]
-    if not blocks:
-        raise ValueError(f"no module of classes {sorted(classes)} in {type(model).__name__}")
-    return blocks
+    """The repeated decoder blocks with their names, by the rule FSDP, LKD and the pipeline use
+    (bytetune.quant_layers.blocks); a ValueError when the model has none."""
+    return decoder_blocks(model)
 
 
 def target_linears(block: nn.Module, targets: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:

@@ -4,6 +4,8 @@ whose ``weight`` holds integer codes, with a float32 ``weight_scale`` buffer and
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -15,7 +17,8 @@ class FrozenQuantLinear(nn.Linear):
 
     ``weight`` is a frozen Parameter (not a buffer) and the class subclasses nn.Linear so that PEFT
     (``target_modules="all-linear"``) and transformers see a Linear. Subclasses implement
-    :meth:`_matmul`, ``from_linear``, ``set_weight`` and ``dequantized_weight``.
+    :meth:`_matmul`, ``from_linear``, ``set_weight``, ``load_float_weight`` and
+    ``dequantized_weight``.
     """
 
     def __init__(
@@ -72,6 +75,21 @@ class FrozenQuantLinear(nn.Linear):
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = scale.to(self.weight_scale.device)
         return self
+
+    @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
+        """Quantize a float weight read from a checkpoint into this layer's allocated storage (the
+        rows of the codes this rank holds, every scale). ``where`` names it in errors."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_from_checkpoint(self, read: Callable[[str], torch.Tensor], where: str) -> list[torch.Tensor]:
+        """Fill this allocated layer from a float checkpoint: ``read("weight")`` is the float
+        weight stored for it; ``where`` names its tensors in errors, ``{}`` standing for the
+        tensor's name (``"model.layers.0.mlp.up_proj.{} in DIR"``). Returns the tensors filled;
+        the bias, stored as it is held, is the loader's to copy."""
+        self.load_float_weight(read("weight"), where=where.format("weight"))
+        return [self.weight, self.weight_scale]
 
     def _check_float_weight(self, weight: torch.Tensor) -> None:
         # Against [out, in], not self.weight.shape: packed codes (INT4) are narrower.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bytetune.kernels.llm_int8 import quantize_rowwise
 from bytetune.quant_layers.convert import dequantize_model, is_quantizable, mark_kbit_loaded
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
@@ -30,18 +29,14 @@ from bytetune.quant_layers.hf_quantizer_base import (
 )
 from bytetune.quant_layers.int8_config import QUANT_METHOD, Int8Config
 from bytetune.quant_layers.int8_experts import EXPERT_PARAMETERS, Int8Experts, is_fused_experts, router_names
-from bytetune.kernels.int8_experts import quantize_experts
 from bytetune.quant_layers.int8_linear import Int8Linear, is_conv1d
 
 class Int8Quantize(QuantizeOnLoad):
     """Checkpoint weight (16/32-bit) -> {weight: int8 [out, in], weight_scale: float32 [out]}."""
 
     def quantize(self, module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(module, Int8Experts):  # a fused [E, N, K] expert weight
-            return quantize_experts(value.contiguous())
-        if module.source_is_conv1d:
-            value = value.t()  # Conv1D checkpoints store [in, out]
-        return quantize_rowwise(value.contiguous())
+        # the layer's own rule (an Int8Experts' fused [E, N, K] weight, a Conv1D's [in, out] one)
+        return module.quantize_checkpoint_weight(value)
 
 
     @torch.no_grad()

@@ -13,6 +13,8 @@ float32 scale tensor: one copy of the codes.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from bytetune.kernels.int8_head import embedding_lookup, int8_matmul_grad_input,
 from bytetune.kernels.llm_int8 import INT8_MAX
 from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
+from bytetune.quant_layers.shards import local_rows, local_tensor
 
 __all__ = ["Int8Embedding", "Int8Head", "WeightOnlyInt8Matmul", "dequantize_embeddings", "quantize_embeddings"]
 
@@ -95,6 +98,19 @@ class Int8Embedding(nn.Embedding):
         layer.train(embedding.training)
         return layer
 
+    @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
+        """Quantize a float table read from a checkpoint into this allocated embedding as the
+        one-process path does (cast to the lookup's dtype first, then row-wise int8)."""
+        _load_table(self, weight, self.output_dtype, self.weight_scale, where)
+
+    @torch.no_grad()
+    def load_from_checkpoint(self, read: Callable[[str], torch.Tensor], where: str) -> list[torch.Tensor]:
+        """Fill this allocated embedding from the float table ``read("weight")``; returns the
+        tensors filled (a head tied to it shares them)."""
+        self.load_float_weight(read("weight"), where=where.format("weight"))
+        return [self.weight, self.weight_scale]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return embedding_lookup(input_ids, self.weight, self.weight_scale, self.output_dtype)
 
@@ -126,6 +142,9 @@ class Int8Head(FrozenQuantLinear):
     """
 
     _tied_embedding: tuple = ()  # (Int8Embedding,) when tied; a tuple so it is not a submodule
+    # The dtype a checkpoint's float table is cast to before quantizing it (load_float_weight);
+    # None: the dtype it is read in. Set by untied_copy: the tied embedding's dtype.
+    source_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
                  bias_dtype: torch.dtype | None = None) -> None:
@@ -159,6 +178,25 @@ class Int8Head(FrozenQuantLinear):
         layer.train(embedding.training)
         return layer
 
+    def untied_copy(self) -> "Int8Head":
+        """This tied head as an untied Int8Head of its own, for a process that holds the head but
+        not the embedding (a pipeline's last stage): the same codes (the same Parameter, or the
+        meta tensor to be filled) and the same scales, filled from the table the checkpoint
+        stores under the embedding's name and quantized as the embedding would be."""
+        if not self.tied:
+            raise ValueError("the head is not tied to an embedding")
+        embedding = self._tied_embedding[0]
+        untied = Int8Head(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                          bias_dtype=None if self.bias is None else self.bias.dtype)
+        if self.bias is not None:
+            untied.bias = self.bias
+        if self.weight.device.type != "meta":  # a model drawn from its config: the codes are real already
+            untied.weight = self.weight
+            untied.weight_scale = embedding.weight_scale
+        untied.source_dtype = embedding.output_dtype
+        untied.train(self.training)
+        return untied
+
     @property
     def tied(self) -> bool:
         return bool(self._tied_embedding)
@@ -183,6 +221,24 @@ class Int8Head(FrozenQuantLinear):
         self.weight_scale = w_scale
 
     @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
+        """Quantize a float table read from a checkpoint into this allocated head (or, tied, into
+        the embedding whose table it shares), cast to :attr:`source_dtype` first when set."""
+        if self.tied:
+            self._tied_embedding[0].load_float_weight(weight, where)
+        else:
+            _load_table(self, weight, self.source_dtype or weight.dtype, self.weight_scale, where)
+
+    @torch.no_grad()
+    def load_from_checkpoint(self, read: Callable[[str], torch.Tensor], where: str) -> list[torch.Tensor]:
+        """Fill this allocated head from the float table ``read("weight")``; returns the tensors
+        filled. A tied head fills nothing of its own: its embedding fills the shared table."""
+        if self.tied:
+            return []
+        self.load_float_weight(read("weight"), where=where.format("weight"))
+        return [self.weight, self.weight_scale]
+
+    @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * (self.row_scale / INT8_MAX)[:, None]).to(dtype)
 
@@ -195,6 +251,18 @@ class Int8Head(FrozenQuantLinear):
             bias = None if bias is None else bias.to(x2d.dtype)
         with torch.autocast(device_type, enabled=False):
             return WeightOnlyInt8Matmul.apply(x2d, self.weight, self.row_scale, bias)
+
+
+@torch.no_grad()
+def _load_table(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor, where: str) -> None:
+    """Quantize a float vocabulary table, cast to ``dtype``, into ``module``'s allocated codes (the
+    rows this rank holds, all unless FSDP2 sharded them) and every row's ``scale``."""
+    if tuple(weight.shape) != tuple(module.weight.shape):
+        raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects {list(module.weight.shape)}")
+    codes, scales = quantize_rows_in_slabs(weight.to(device=scale.device, dtype=dtype))
+    start, end = local_rows(module.weight)
+    local_tensor(module.weight).copy_(codes[start:end])
+    scale.copy_(scales)
 
 
 def _is_tied(head: nn.Module | None, embedding: nn.Module) -> bool:

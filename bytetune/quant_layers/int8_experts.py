@@ -15,6 +15,8 @@ adapters on the experts attach through :attr:`Int8Experts.lora_hooks` (see
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -27,6 +29,7 @@ from bytetune.kernels.int8_experts import (
 )
 from bytetune.quant_layers.frozen_linear import ACTIVATION_DTYPES
 from bytetune.quant_layers.int8_linear import DEFAULT_THRESHOLD, default_outlier_capacity
+from bytetune.quant_layers.shards import local_rows, local_tensor
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
@@ -130,6 +133,40 @@ class Int8Experts(nn.Module):
             codes[e], scale[e] = c[0].to(param.device), s[0].to(param.device)
         param.data = codes
         setattr(self, f"{name}_scale", scale)
+
+    @staticmethod
+    @torch.no_grad()
+    def quantize_checkpoint_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [E, N, K], float32 row absmax [E, N]) of a fused float expert weight read
+        from a checkpoint, each expert row-wise: how the checkpoint loaders quantize."""
+        return quantize_experts(weight.contiguous())
+
+    @torch.no_grad()
+    def load_float_weight(self, name: str, weight: torch.Tensor, where: str = "the checkpoint") -> None:
+        """Quantize a float [E, N, K] weight read from a checkpoint into the allocated parameter
+        ``name``: the experts this rank holds (all, unless FSDP2 sharded it on dim 0) and every
+        expert's row scales. One expert at a time, so the float32 copy made on the way is one
+        expert's (a row's codes depend on that row alone: the same codes as all at once)."""
+        param, scale = getattr(self, name), getattr(self, f"{name}_scale")
+        if tuple(weight.shape) != tuple(param.shape):
+            raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects {list(param.shape)}")
+        start, end = local_rows(param)
+        codes = local_tensor(param)
+        for e in range(weight.shape[0]):
+            c, s = self.quantize_checkpoint_weight(weight[e : e + 1].to(scale.device))
+            scale[e] = s[0]
+            if start <= e < end:
+                codes[e - start] = c[0]
+
+    @torch.no_grad()
+    def load_from_checkpoint(self, read: Callable[[str], torch.Tensor], where: str) -> list[torch.Tensor]:
+        """Fill this allocated module from a float checkpoint: ``read(name)`` is the fused float
+        weight stored under each of :data:`EXPERT_PARAMETERS`. Returns the tensors filled."""
+        filled = []
+        for name in EXPERT_PARAMETERS:
+            self.load_float_weight(name, read(name), where=where.format(name))
+            filled += [getattr(self, name), getattr(self, f"{name}_scale")]
+        return filled
 
     @torch.no_grad()
     def dequantized_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -123,15 +123,24 @@ class Int8Linear(FrozenQuantLinear):
         the codes of the rows this rank holds (all of them, unless FSDP2 sharded ``weight``) and
         the scales of every row (a row's codes depend on that row alone). ``weight`` is laid out
         as the layer's source was ([in, out] for a Conv1D)."""
-        if self.source_is_conv1d:
-            weight = weight.t()
-        if tuple(weight.shape) != (self.out_features, self.in_features):
+        stored = tuple(weight.shape[::-1] if self.source_is_conv1d else weight.shape)
+        if stored != (self.out_features, self.in_features):
             raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects "
                              f"[{self.out_features}, {self.in_features}]")
-        codes, scales = quantize_rowwise(weight.to(self.weight_scale.device).contiguous())
+        codes, scales = self.quantize_checkpoint_weight(weight.to(self.weight_scale.device))
         start, end = local_rows(self.weight)
         local_tensor(self.weight).copy_(codes[start:end])
         self.weight_scale.copy_(scales)
+
+    @torch.no_grad()
+    def quantize_checkpoint_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [out, in], float32 row absmax [out]) of a float weight laid out as the
+        checkpoint stores it for this layer ([in, out] for a Conv1D), in the dtype it was read
+        in: how every checkpoint loader (transformers' quantizer, the FSDP and pipeline loader)
+        quantizes, so that all of them give the same codes."""
+        if self.source_is_conv1d:
+            weight = weight.t()
+        return quantize_rowwise(weight.contiguous())
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -30,6 +30,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from bytetune.kernels.dispatch import round_half_away
 from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for, quantize_tokenwise
+from bytetune.quant_layers.blocks import decoder_block_list
 from bytetune.quant_layers.convert import default_skip_names, mark_kbit_loaded
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.zeroquant import (
@@ -138,17 +139,9 @@ class FakeQuantLinear(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder blocks: the ModuleList with config.num_hidden_layers entries
-    (Llama ``model.layers``, Bloom/GPT-2 ``transformer.h``)."""
-    wanted = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    for module_list in candidates:
-        if wanted is None or len(module_list) == wanted:
-            return module_list
-    raise ValueError(
-        f"no nn.ModuleList of {wanted} decoder layers found in {type(model).__name__}; "
-        "LKD needs a model whose blocks are applied one after another"
-    )
+    """The model's stack of decoder blocks (Llama ``model.layers``, Bloom/GPT-2 ``transformer.h``),
+    by the rule the planner, FSDP and the pipeline use (bytetune.quant_layers.blocks)."""
+    return decoder_block_list(model)[1]
 
 
 class _StopForward(Exception):

@@ -3,23 +3,35 @@
 Both multi-process trainers use this: FSDP2 (each rank holds a dim-0 shard of every tensor: a
 DTensor) and the pipeline (each rank holds whole tensors of its own blocks only). A model whose
 base is still on the meta device is allocated (only the tensors it has), then every tensor is read
-from the checkpoint on its own: unquantized tensors as just this rank's rows of them, linear
-weights of :class:`Int8Linear` layers quantized by the layer (:meth:`Int8Linear.load_float_weight`)
-one at a time, so that no more than one float weight matrix is alive beyond the model's own
-storage. Nothing of the checkpoint that the model does not hold is read.
+from the checkpoint on its own: unquantized tensors as just this rank's rows of them, the float
+weights of the frozen quantized layers (Int8Linear, GroupQuantLinear, Int8Embedding / Int8Head,
+Int8Experts) by the layer itself (``layer.load_from_checkpoint``: the layer owns its storage
+format), one at a time, so that no more than one float weight matrix is alive beyond the model's
+own storage. Nothing of the checkpoint that the model does not hold is read.
+
+Who builds such a model says where its weights are with a :class:`DeferredBase` (the model
+builder takes it, the FSDP and pipeline loaders call its :meth:`DeferredBase.load`); the LoRA
+adapters drawn on the meta base keep their initial weights themselves
+(:meth:`LoraInt8Linear.restore_initial_adapters`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bytetune.quant_layers.int8_embedding import Int8Embedding, Int8Head, quantize_rows_in_slabs
-from bytetune.quant_layers.int8_linear import Int8Linear
+from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
+from bytetune.quant_layers.int8_embedding import Int8Embedding, Int8Head
+from bytetune.quant_layers.int8_experts import Int8Experts
+from bytetune.quant_layers.lora import LoraInt8Linear
 from bytetune.quant_layers.shards import local_rows, local_tensor
+
+# The layers that fill themselves from a float checkpoint (``load_from_checkpoint``).
+SELF_LOADING_LAYERS = (FrozenQuantLinear, Int8Embedding, Int8Experts)
 
 
 def named_tensors(model: nn.Module):
@@ -83,6 +95,22 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
             setattr(model.get_submodule(owner), attr, present[canonical])
 
 
+@dataclass(frozen=True)
+class DeferredBase:
+    """A base model built on the meta device (architecture only) whose weights are read later from
+    the float safetensors checkpoint in ``directory``, by whoever holds a part of the model: each
+    FSDP rank its shards, each pipeline stage its blocks. The model builder takes it
+    (``build_model(cfg, deferred=...)``) and the loader that fills the model calls :meth:`load`."""
+
+    directory: Path
+
+    def load(self, model: nn.Module, device: torch.device,
+             aliases: dict[str, str] | None = None) -> "SafetensorsCheckpoint":
+        """Allocate ``model`` (what it holds of the base) on ``device`` and fill it (see
+        :func:`load_float_checkpoint`); returns the reader (``bytes_read``)."""
+        return load_float_checkpoint(model, self.directory, device, aliases)
+
+
 @torch.no_grad()
 def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.device,
                           aliases: dict[str, str] | None = None) -> SafetensorsCheckpoint:
@@ -115,21 +143,16 @@ def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.devic
         return key
 
     for name, module in base.named_modules():
-        # the adapters' initial weights, kept aside while their layer was on the meta device
-        # (bytetune.quant_layers.lora.LoraInt8Linear)
-        for param_name, initial in module.__dict__.pop("initial_adapter_weights", {}).items():
-            param = module.get_parameter(param_name)
-            start, end = local_rows(param)
-            local_tensor(param).copy_(initial[start:end])
-            filled.add(id(param))
-        if isinstance(module, Int8Linear):
-            module.load_float_weight(checkpoint.rows(checkpoint_key(f"{name}.weight")), where=f"{name}.weight in {directory}")
-            filled.update({id(module.weight), id(module.weight_scale)})
-        elif isinstance(module, (Int8Embedding, Int8Head)) and id(module.weight) not in filled:
-            # quantization.embeddings=int8: the float table as the one-process path quantizes it
-            # (cast to the model's dtype first, then row-wise int8); a tied head shares the codes
-            _load_int8_table(module, checkpoint.rows(checkpoint_key(f"{name}.weight")), f"{name}.weight in {directory}")
-            filled.update({id(module.weight), id(module.row_scale if isinstance(module, Int8Head) else module.weight_scale)})
+        if isinstance(module, LoraInt8Linear):
+            # the adapters' initial weights, which the layer kept while its base was on the meta device
+            filled.update(id(param) for param in module.restore_initial_adapters())
+        if isinstance(module, SELF_LOADING_LAYERS) and not any(id(t) in filled for t in module.parameters(recurse=False)):
+            # the layer quantizes its float weights as the one-process path does (a tied head's
+            # table is its embedding's, already filled or filled when the embedding comes)
+            def read(tensor_name: str, prefix: str = name) -> torch.Tensor:
+                return checkpoint.rows(checkpoint_key(f"{prefix}.{tensor_name}"))
+
+            filled.update(id(t) for t in module.load_from_checkpoint(read, where=f"{name}.{{}} in {directory}"))
     for name, tensor in named_tensors(base):
         if id(tensor) in filled:
             continue
@@ -140,25 +163,12 @@ def load_float_checkpoint(model: nn.Module, directory: Path, device: torch.devic
 
 
 @torch.no_grad()
-def _load_int8_table(module: nn.Module, weight: torch.Tensor, where: str) -> None:
-    """Quantize a float vocabulary table into an allocated Int8Embedding / untied Int8Head."""
-    if tuple(weight.shape) != tuple(module.weight.shape):
-        raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects {list(module.weight.shape)}")
-    # the dtype the one-process model held the float table in before quantizing it
-    dtype = module.output_dtype if isinstance(module, Int8Embedding) else getattr(module, "source_dtype", weight.dtype)
-    scale = module.weight_scale if isinstance(module, Int8Embedding) else module.row_scale
-    codes, scales = quantize_rows_in_slabs(weight.to(device=module.weight.device, dtype=dtype))
-    module.weight.copy_(codes)
-    scale.copy_(scales)
-
-
-@torch.no_grad()
 def load_table(module: nn.Module, checkpoint: SafetensorsCheckpoint, key: str) -> None:
-    """Fill an allocated embedding table (nn.Embedding, or Int8Embedding: quantized as the
-    one-process path does) from ``checkpoint``'s float tensor ``key``."""
+    """Fill an allocated embedding table (nn.Embedding, or Int8Embedding: quantized by the layer
+    as the one-process path does) from ``checkpoint``'s float tensor ``key``."""
     weight = checkpoint.rows(key)
     if isinstance(module, (Int8Embedding, Int8Head)):
-        _load_int8_table(module, weight, f"{key} in {checkpoint.directory}")
+        module.load_float_weight(weight, f"{key} in {checkpoint.directory}")
     elif tuple(weight.shape) != tuple(module.weight.shape):
         raise ValueError(f"{key} in {checkpoint.directory} has shape {tuple(weight.shape)}, the model expects "
                          f"{list(module.weight.shape)}")

@@ -27,6 +27,7 @@ from torch import nn
 from bytetune.quant_layers.convert import dequantize_model, dequantized_linear, forget_quantization
 from bytetune.quant_layers.experts_lora import register_experts_lora
 from bytetune.quant_layers.int8_linear import Int8Linear
+from bytetune.quant_layers.shards import local_rows, local_tensor
 
 
 class LoraInt8Linear(LoraLinear):
@@ -51,14 +52,34 @@ class LoraInt8Linear(LoraLinear):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # PEFT moves new adapters to their base layer's device. A base still on the meta device
-        # (built empty; FSDP loads each rank's shard of it later) would take the adapters' seeded
-        # initial weights with it: keep a copy, by parameter name, for whoever loads the base.
+        # (built empty; an FSDP rank or a pipeline stage fills it later) would take the adapters'
+        # seeded initial weights with it: this layer keeps a copy, by parameter name, until
+        # restore_initial_adapters() puts them back.
         if self.get_base_layer().weight.device.type == "meta":
-            initial = self.__dict__.setdefault("initial_adapter_weights", {})
             for name, param in self.named_parameters():
                 if f".{adapter_name}." in f".{name}" and param.device.type != "meta":
-                    initial[name] = param.detach().clone()
+                    self._initial_adapters[name] = param.detach().clone()
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+
+    @property
+    def _initial_adapters(self) -> dict[str, torch.Tensor]:
+        # created on first use: PEFT's __init__ draws (and moves) the adapters before an
+        # __init__ of ours could set anything; read and cleared by restore_initial_adapters only
+        return self.__dict__.setdefault("_initial_adapter_copies", {})
+
+    @torch.no_grad()
+    def restore_initial_adapters(self) -> list[torch.Tensor]:
+        """Once the model around this layer is allocated (``to_empty``, possibly FSDP2-sharded):
+        copy this rank's rows of the adapters' initial weights, kept while the base was on the
+        meta device, into their parameters, and forget the copies. Returns the parameters
+        filled (none when the adapters were drawn on a real base)."""
+        filled = []
+        for name, initial in self.__dict__.pop("_initial_adapter_copies", {}).items():
+            param = self.get_parameter(name)
+            start, end = local_rows(param)
+            local_tensor(param).copy_(initial[start:end])
+            filled.append(param)
+        return filled
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, quantize_groupwise
+from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE
 from bytetune.quant_layers.convert import dequantize_model, mark_kbit_loaded
 from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.hf_quantizer_base import (
@@ -78,7 +78,7 @@ class GroupQuantize(QuantizeOnLoad):
     """Checkpoint weight (16/32-bit) -> {weight: codes, weight_scale: float32 group scales}."""
 
     def quantize(self, module: nn.Module, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_groupwise(value.float().contiguous(), module.bits, module.group_size)
+        return module.quantize_checkpoint_weight(value)
 
 
 class ZeroQuantHfQuantizer(FrozenLinearHfQuantizer):

@@ -42,7 +42,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from bytetune.quant_layers.loading import load_float_checkpoint
+from bytetune.quant_layers.blocks import NoDecoderBlocks
+from bytetune.quant_layers.blocks import decoder_blocks as find_decoder_blocks
+from bytetune.quant_layers.loading import DeferredBase
 from bytetune.quant_layers.shards import local_tensor as _local
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
@@ -99,35 +101,32 @@ def _reshard_after_forward(cfg) -> bool:
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks: modules whose class transformers will not split (``_no_split_modules``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [module for module in base.modules() if type(module).__name__ in names]
-    if not blocks:
-        raise RecipeError(
-            f"{type(base).__name__} names no decoder block class (_no_split_modules is empty): FSDP needs one "
-            "fully_shard group per block"
-        )
-    return blocks
+    """The decoder blocks (bytetune.quant_layers.blocks: the planner's, LKD's and the pipeline's)."""
+    try:
+        return [block for _, block in find_decoder_blocks(model)]
+    except NoDecoderBlocks as error:
+        raise RecipeError(f"{error}; FSDP needs one fully_shard group per block") from None
 
 
-def can_load_sharded(cfg) -> bool:
-    """The recipe's base is a local directory of safetensors files: each rank can read its shard
-    of it (from_config, GGUF and hub-id bases are still loaded whole, then sharded)."""
+def sharded_base(cfg) -> DeferredBase | None:
+    """Where each rank reads its shard of the base from, when the recipe's base is a local
+    directory of safetensors files; None for from_config, GGUF and hub-id bases (loaded whole,
+    then sharded)."""
     if cfg.model.from_config or cfg.model.gguf_file:
-        return False
+        return None
     try:
         directory = Path(resolve_model_dir(cfg.model.name_or_path))
     except FileNotFoundError:
-        return False
-    return directory.is_dir() and any(directory.glob("*.safetensors"))
+        return None
+    return DeferredBase(directory) if directory.is_dir() and any(directory.glob("*.safetensors")) else None
 
 
-def shard_model(model: nn.Module, device: torch.device, cfg) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, cfg, deferred: DeferredBase | None = None) -> nn.Module:
     """``fully_shard`` every decoder block, then the root; returns the (same, now sharded) model.
 
-    A base built empty (``load_base_model(empty=True)``: parameters on the meta device) is sharded
-    as it is, then each rank reads and quantizes its rows of the weights from the checkpoint."""
+    A base built empty (``build_model(cfg, deferred=deferred)``: parameters on the meta device) is
+    sharded as it is, then each rank reads and quantizes its rows of the weights from
+    ``deferred``'s checkpoint."""
     if not dist.is_initialized():
         raise RecipeError(
             "parallel.strategy=fsdp needs a process group: start with `accelerate launch --config_file "
@@ -135,24 +134,18 @@ def shard_model(model: nn.Module, device: torch.device, cfg) -> nn.Module:
         )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reshard = _reshard_after_forward(cfg)
-    source = getattr(model.get_base_model(), "bytetune_checkpoint", None)
-    if source is None:
+    if deferred is None:
         model.to(device)
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-    if source is not None:
-        load_shards(model, Path(source), device)
+    if deferred is not None:
+        # each rank allocates only its shards, reads only its rows of unquantized tensors, and
+        # each quantized layer quantizes its own weight, one at a time (a row's codes depend on
+        # that row alone; every row's scales are kept, as FSDP2 does not shard buffers); the
+        # loader is bytetune.quant_layers.loading's, shared with the pipeline stages
+        deferred.load(model, device)
     return model
-
-
-def load_shards(model: nn.Module, directory: Path, device: torch.device) -> None:
-    """Fill a sharded model whose base is still on the meta device from a safetensors checkpoint:
-    each rank allocates only its shards, reads only its rows of unquantized tensors, and
-    quantizes one linear weight at a time (a row's int8 codes depend on that row alone; the
-    scales of all rows are kept, as FSDP2 does not shard buffers). The protocol is the layers'
-    (bytetune.quant_layers.loading), shared with the pipeline stages."""
-    load_float_checkpoint(model, directory, device)
 
 
 class no_gradient_sync:

@@ -4,8 +4,8 @@ Returning the sum and the count (not a mean) is what lets the trainer weight eve
 equally across micro-batches and ranks: a micro-batch with 3 target tokens and one with 300 give
 the gradient of one batch holding both (the bug HF fixed with ``num_items_in_batch``).
 
-The default path is fused (:func:`bytetune.kernels.fused_linear_ce.fused_linear_cross_entropy`):
-the model runs through its usual forward (so DDP, PEFT and accelerate's hooks all see the call)
+The default path is fused (:func:`bytetune.quant_layers.head_loss.head_cross_entropy`, over the
+head's own storage, float or int8): the model runs through its usual forward (so DDP, PEFT and accelerate's hooks all see the call)
 with ``logits_to_keep=1`` and ``output_hidden_states=True``; the last hidden states go through the
 head in token chunks, so the ``[tokens, vocab]`` float32 logits and their gradient never exist.
 The first call on a model checks that the head applied to the last hidden state reproduces the
@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from bytetune.kernels.fused_linear_ce import fused_linear_cross_entropy
-from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
-from bytetune.quant_layers.int8_embedding import Int8Head
+from bytetune.quant_layers.head_loss import fusable_head, head_cross_entropy
 from bytetune.trainer.data import IGNORE_INDEX
 
 # Models already checked: True = fused path verified, False = plain path (warned once).
@@ -65,11 +63,7 @@ def head_of(model: nn.Module) -> nn.Linear | None:
         return None
     inner = causal_lm(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if isinstance(head, Int8Head) and head.bias is None:
-        return head
-    if isinstance(head, nn.Linear) and not isinstance(head, FrozenQuantLinear) and head.bias is None:
-        return head
-    return None
+    return head if fusable_head(head) else None
 
 
 # Config attributes of transformers models whose logits are not the plain head output.
@@ -83,11 +77,7 @@ def _transforms_logits(inner: nn.Module) -> bool:
 
 
 def _head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    hidden = hidden.to(head.weight.device)
-    targets = targets.to(head.weight.device)
-    if isinstance(head, Int8Head):
-        return fused_linear_cross_entropy(hidden, targets, w_int8=head.weight, w_scale=head.row_scale)
-    return fused_linear_cross_entropy(hidden, targets, weight=head.weight)
+    return head_cross_entropy(head, hidden, targets)
 
 
 def _fall_back(model: nn.Module, reason: str) -> None:

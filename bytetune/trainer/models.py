@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from bytetune.quant_layers import Int8Config, ZeroQuantConfig, quantize_model, quantize_model_zeroquant
 from bytetune.quant_layers.int8_embedding import quantize_embeddings
+from bytetune.quant_layers.loading import DeferredBase
 from bytetune.quant_layers.lora import prepare_for_kbit_training
 from bytetune.recipe import RecipeError, bundled_model_config, shrink_model_config, torch_dtype
 from bytetune.recipe.bundled import seq_len_error
@@ -157,13 +158,14 @@ def _check_saved_method(method: str, quantization, location: str) -> None:
         raise ValueError(f"model {location} is saved quantized with {method}: set {fix}")
 
 
-def load_base_model(cfg, device_map: dict | None = None, empty: bool = False, seq_len_key: str = "training.seq_len"):
+def load_base_model(cfg, device_map: dict | None = None, deferred: DeferredBase | None = None,
+                    seq_len_key: str = "training.seq_len"):
     """(model, tokenizer) as the recipe's ``model`` section says, no adapters. Hub/local models are
     quantized while loading when quantization.int8 is set; the others are quantized afterwards.
 
-    ``empty``: a local checkpoint's architecture only, its parameters on the meta device (buffers
-    real); ``model.bytetune_checkpoint`` names the directory each FSDP rank then reads its shard
-    of the weights from (bytetune.trainer.distributed)."""
+    ``deferred``: the architecture of the checkpoint in ``deferred.directory`` only, its parameters
+    on the meta device (buffers real); whoever holds the model later fills it with
+    ``deferred.load`` (each FSDP rank its shards, each pipeline stage its blocks)."""
     model_cfg = cfg.model
     dtype = torch_dtype(model_cfg.dtype)
     tokenizer = None
@@ -179,13 +181,13 @@ def load_base_model(cfg, device_map: dict | None = None, empty: bool = False, se
         location = resolve_model_dir(model_cfg.name_or_path)
         if model_cfg.gguf_file:
             model, tokenizer = load_gguf_cached(Path(location), model_cfg.gguf_file, dtype, model_cfg.cache_dir)
-        elif empty:
+        elif deferred is not None:
             from accelerate import init_empty_weights
 
+            location = str(deferred.directory)
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype)
             model.tie_weights()  # from_pretrained ties after loading; an empty model is tied here
-            model.bytetune_checkpoint = location
             tokenizer_source = location
         else:
             # the config is a small file: what it bounds fails here, before gigabytes of weights load
@@ -347,11 +349,11 @@ def check_before_loading(cfg) -> None:
             check_lora_targets(skeleton, lora, cfg.lora)
 
 
-def build_base(cfg, device_map: dict | None = None, empty: bool = False):
-    """(base model, tokenizer): loaded as the recipe says, its linear layers frozen in int8 /
-    ZeroQuant form when asked, no adapters."""
+def build_base(cfg, device_map: dict | None = None, deferred: DeferredBase | None = None):
+    """(base model, tokenizer): loaded as the recipe says (built empty, to be filled later, with a
+    ``deferred`` base), its linear layers frozen in int8 / ZeroQuant form when asked, no adapters."""
     try:
-        model, tokenizer = load_base_model(cfg, device_map=device_map, empty=empty)
+        model, tokenizer = load_base_model(cfg, device_map=device_map, deferred=deferred)
     except RecipeError:  # already one line naming the key
         raise
     except (FileNotFoundError, OSError, ValueError) as error:

@@ -42,8 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bytetune.quant_layers.blocks import NoDecoderBlocks, decoder_block_list
 from bytetune.quant_layers.int8_embedding import Int8Head
-from bytetune.quant_layers.loading import SafetensorsCheckpoint, load_float_checkpoint, load_table, tied_aliases
+from bytetune.quant_layers.loading import DeferredBase, SafetensorsCheckpoint, load_table, tied_aliases
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import DataError, build_token_blocks
@@ -241,11 +242,16 @@ class StageBlocks(nn.ModuleList):
         return modules[index]
 
 
-def _blocks_list(backbone: nn.Module, block_classes: set[str]) -> tuple[str, nn.ModuleList]:
-    for name, child in backbone.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in block_classes:
-            return name, child
-    raise RecipeError(f"{type(backbone).__name__} has no list of decoder blocks: the pipeline cannot split it")
+def _blocks_list(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(attribute name, list) of the backbone's decoder blocks (bytetune.quant_layers.blocks)."""
+    try:
+        name, blocks = decoder_block_list(backbone)
+    except NoDecoderBlocks as error:
+        raise RecipeError(f"{error}; the pipeline cannot split it") from None
+    if "." in name or not name:
+        raise RecipeError(f"{type(backbone).__name__}'s decoder blocks ({name or 'the backbone itself'}) are not a "
+                          "list attribute of the backbone: the pipeline cannot split it")
+    return name, blocks
 
 
 def _parts(peft_model):
@@ -260,13 +266,13 @@ def _parts(peft_model):
 
 def num_blocks_of(peft_model) -> int:
     inner, backbone, _ = _parts(peft_model)
-    return len(_blocks_list(backbone, set(inner._no_split_modules or []))[1])
+    return len(_blocks_list(backbone)[1])
 
 
 def prune_to_stage(peft_model, blocks: range, first: bool, last: bool) -> None:
     """Drop every module stage (blocks, first, last) does not run, in place."""
     inner, backbone, (embeddings, after_embeddings, final) = _parts(peft_model)
-    list_name, all_blocks = _blocks_list(backbone, set(inner._no_split_modules or []))
+    list_name, all_blocks = _blocks_list(backbone)
     setattr(backbone, list_name, StageBlocks({index: all_blocks[index] for index in blocks}))
     if not first:
         for name in embeddings:
@@ -288,19 +294,8 @@ def _untie_int8_head(inner: nn.Module) -> None:
     Int8Head of its own (codes and scales of the same table, read under the embeddings' name in
     the checkpoint), which is what the tied one computes."""
     head = inner.get_output_embeddings()
-    if not (isinstance(head, Int8Head) and head.tied):
-        return
-    embedding = head._tied_embedding[0]
-    untied = Int8Head(head.in_features, head.out_features, bias=head.bias is not None, device="meta",
-                      bias_dtype=None if head.bias is None else head.bias.dtype)
-    if head.bias is not None:
-        untied.bias = head.bias
-    if head.weight.device.type != "meta":  # a model drawn from its config: the codes are real already
-        untied.weight = head.weight
-        untied.weight_scale = embedding.weight_scale
-    untied.source_dtype = embedding.output_dtype  # the float table's dtype before quantizing
-    untied.train(head.training)
-    inner.set_output_embeddings(untied)
+    if isinstance(head, Int8Head) and head.tied:
+        inner.set_output_embeddings(head.untied_copy())
 
 
 class HostEmbedding(nn.Module):
@@ -373,7 +368,8 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
         cfg = with_local_model(cfg, hub_snapshot(repo_id))
     # the whole model on the meta device (a from_config model is drawn whole: its random init is
     # the seed's), LoRA of every block drawn in the one-process order
-    model, tokenizer = build_model(cfg, empty=local)
+    deferred = DeferredBase(Path(resolve_model_dir(cfg.model.name_or_path))) if local else None
+    model, tokenizer = build_model(cfg, deferred=deferred)
     total = num_blocks_of(model)
     ranges = list(ranges) if ranges is not None else default_ranges(cfg, model.get_base_model().config, total, stages)
     check_ranges(ranges, total)
@@ -390,9 +386,9 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
     # the first stage's table out of the model while it is moved to (or allocated on) the device
     host = _take_embeddings(model) if first and not last and cfg.parallel.pipeline.cpu_embeddings else None
     bytes_read = None
-    if local:
-        directory = Path(model.get_base_model().bytetune_checkpoint)
-        reader = load_float_checkpoint(model, directory, device, aliases)
+    if deferred is not None:
+        directory = deferred.directory
+        reader = deferred.load(model, device, aliases)
         bytes_read = reader.bytes_read
         if host is not None:
             name, table = host

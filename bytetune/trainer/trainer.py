@@ -37,6 +37,7 @@ from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.convert import forget_quantization
 from bytetune.quant_layers.int8_experts import router_names
 from bytetune.quant_layers.group_lora import register_zeroquant_lora
+from bytetune.quant_layers.loading import DeferredBase
 from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
@@ -67,11 +68,12 @@ class TrainingInterrupted(TrainingError):
     exit_status = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 
-def build_model(cfg: DictConfig, device_map: dict | None = None, empty: bool = False):
+def build_model(cfg: DictConfig, device_map: dict | None = None, deferred: DeferredBase | None = None):
     """(PEFT model, tokenizer): base model, int8 base layers if asked, LoRA adapters.
-    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``; ``empty``
-    builds the base on the meta device, for FSDP to load each rank's shard into."""
-    model, tokenizer = build_base(cfg, device_map, empty=empty)
+    ``device_map`` (the memory planner's) replaces the recipe's ``model.device_map``; a
+    ``deferred`` base is built on the meta device, for ``deferred.load`` to fill later (each FSDP
+    rank its shards, each pipeline stage its blocks)."""
+    model, tokenizer = build_base(cfg, device_map, deferred=deferred)
     targets = list(cfg.lora.target_modules)
     routers = router_names(model)
     if targets == ["all-linear"] and (cfg.lora.layers is not None or routers):
@@ -221,7 +223,10 @@ class Trainer:
     :class:`RecipeConfig`, or a nested dict over the schema's defaults).
     """
 
-    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto", threads=None):
+    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto", threads=None,
+                 deferred_base: DeferredBase | None = None):
+        # deferred_base: the model's base was built empty (build_model(..., deferred=...)); FSDP
+        # fills each rank's shards of it from there
 
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
@@ -234,6 +239,10 @@ class Trainer:
         if self.fsdp:
             distributed.check_fsdp_recipe(self.cfg)
             memory_plan = None  # the planner does not model FSDP yet
+        elif deferred_base is not None:
+            raise TypeError("a base built empty (deferred_base) is filled by FSDP's ranks only: this run is not "
+                            "sharded, build the model with its weights (build_model(cfg))")
+        self.deferred_base = deferred_base
         if self.cfg.parallel.strategy == "pipeline":
             _refuse_pipeline_processes(self.cfg)
             warnings.warn("a pipeline was asked for but this is the only process: one stage, training unsplit "
@@ -274,7 +283,7 @@ class Trainer:
         device_map = getattr(model, "hf_device_map", None) or {}
         split = len({str(d) for d in device_map.values()}) > 1
         if self.fsdp:  # sharded here, not by accelerate (see bytetune/trainer/distributed.py)
-            self.model = distributed.shard_model(model, self.accelerator.device, self.cfg)
+            self.model = distributed.shard_model(model, self.accelerator.device, self.cfg, deferred_base)
         else:
             self.model = self.accelerator.prepare_model(model, device_placement=not split)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -314,11 +323,12 @@ class Trainer:
         plan = None if fsdp else check_fits(cfg)
         split = plan is not None and cfg.model.device_map == "auto" and len(plan.devices) > 1
         # under FSDP a local checkpoint is read shard by shard (each rank holds only its part)
-        empty = fsdp and distributed.can_load_sharded(cfg)
-        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None, empty=empty)
+        deferred = distributed.sharded_base(cfg) if fsdp else None
+        model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None, deferred=deferred)
         train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
         eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
-        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan, threads=threads)
+        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan, threads=threads,
+                   deferred_base=deferred)
 
     # ---------------------------------------------------------------------------------- helpers
     @property

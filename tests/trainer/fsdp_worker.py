@@ -37,7 +37,7 @@ def main() -> None:
         "eval_loss": straight.eval_history[-1]["eval_loss"],
         "adapter": {k: v.tolist() for k, v in distributed.trainable_state(straight.unwrapped).items()},
         # set when the base was built empty and each rank read its shard from the checkpoint
-        "loaded_shard_by_shard": hasattr(straight.unwrapped.get_base_model(), "bytetune_checkpoint"),
+        "loaded_shard_by_shard": straight.deferred_base is not None,
     }
     int8_bytes = torch.tensor([distributed.local_frozen_int8_bytes(straight.unwrapped)])
     gathered = [torch.zeros_like(int8_bytes) for _ in range(straight.world)]
