@@ -393,6 +393,7 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
     # the seed's), LoRA of every block drawn in the one-process order
     model, tokenizer = build_model(cfg, empty=local)
     total = num_blocks_of(model)
+    check_pipeline_layout(cfg, stages // pipeline_stages_per_rank(cfg), total)  # p*V stages for these blocks
     ranges = list(ranges) if ranges is not None else default_ranges(cfg, model.get_base_model().config, total, stages)
     check_ranges(ranges, total)
     if len(ranges) != stages:
