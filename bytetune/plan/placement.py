@@ -546,6 +546,8 @@ def pipeline_stages(config, num_stages: int, devices: str | Sequence[Device] | N
     objects, one per stage); the split is the fastest (least FLOPs on the busiest stage) of those
     that fit, with the most headroom among equals, or when none fits the one closest to fitting.
     None: no memory limit, so the fastest split with the least memory on its fullest stage.
+    Interleaved 1F1B (the spec's ``pipeline_stages_per_rank`` V > 1): ``num_stages`` is p*V,
+    ``devices`` the p GPUs, and the runs are in stage order (GPU r runs runs r, r+p, ...).
     """
     spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
     spec = dataclasses.replace(spec, parallel="pipeline")
