@@ -11,6 +11,9 @@ step also infers the stages' shapes).
     python bench/pipeline.py                       # hidden 256, 8 blocks, seq 128, 8 micro-batches of 2
     python bench/pipeline.py --hidden 512 --blocks 8 --steps 4
 
+A third side runs the same pipeline under interleaved_1f1b: the 2 processes each run 2 stages
+(rank r stages r and r+2), idle (p-1)/(V*m+p-1), for twice the activation messages.
+
 The idle fraction of a p-stage GPipe/1F1B step with m micro-batches is (p-1)/(m+p-1); the CPU
 ratio here also carries the cost of sending activations between processes and of one thread per
 stage against a two-thread process.
@@ -67,7 +70,7 @@ def worker(kind: str, args) -> None:
 
         from bytetune.trainer.pipeline import PipelineTrainer
 
-        trainer = PipelineTrainer.from_recipe("tiny_lora8", **overrides, **{"parallel.strategy": "pipeline"})
+        trainer = PipelineTrainer.from_recipe("tiny_lora8", **{"parallel.strategy": "pipeline", **overrides})
         result = timed_steps(trainer, args.steps)
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)
@@ -90,19 +93,29 @@ def run(command: list[str], threads: int) -> dict:
 
 def modelled_gpu_speeds(args, model_dir: Path, out: Path) -> dict:
     """The planner's modelled step of this model on 2 GPUs of kind ``args.gpu`` (bytetune.plan.
-    throughput): tokens/s of device_map, pipeline and FSDP2, and the memory verdicts."""
+    throughput): tokens/s of device_map, pipeline (1F1B, and interleaved 1F1B with 2 stages per
+    GPU) and FSDP2, and the memory verdicts."""
     from transformers import AutoConfig
 
     from bytetune.plan import plan_memory, spec_from_recipe
     from bytetune.recipe import load_recipe
 
-    recipe = load_recipe("tiny_lora8", {**recipe_overrides(args, model_dir, out), "parallel.strategy": "pipeline"})
-    spec = spec_from_recipe(recipe, model_config=AutoConfig.from_pretrained(model_dir))
-    plan = plan_memory(spec, f"2x{args.gpu_memory}", find_min=False, parallel="pipeline", throughput=True, gpu=args.gpu)
-    model = plan.throughput
-    return {"gpu": model.gpu.name, "link": model.link,
-            "tokens_per_s": {s.strategy: s.tokens_per_s for s in model.strategies},
-            "fits": {s.strategy: s.fits for s in model.strategies}}
+    speeds, fits = {}, {}
+    for schedule in ("1f1b", "interleaved_1f1b"):
+        recipe = load_recipe("tiny_lora8", {**recipe_overrides(args, model_dir, out), "parallel.strategy": "pipeline",
+                                            "parallel.pipeline.schedule": schedule})
+        spec = spec_from_recipe(recipe, model_config=AutoConfig.from_pretrained(model_dir))
+        plan = plan_memory(spec, f"2x{args.gpu_memory}", find_min=False, parallel="pipeline", throughput=True,
+                           gpu=args.gpu)
+        model = plan.throughput
+        for strategy in model.strategies:
+            name = strategy.strategy
+            if schedule != "1f1b":
+                if name != "pipeline":
+                    continue
+                name = "pipeline (interleaved_1f1b)"
+            speeds[name], fits[name] = strategy.tokens_per_s, strategy.fits
+    return {"gpu": model.gpu.name, "link": model.link, "tokens_per_s": speeds, "fits": fits}
 
 
 def make_model(args, directory: Path) -> int:
@@ -145,10 +158,16 @@ def main() -> None:
         pipeline = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591",
                         me[1], "--worker", "pipeline", "--threads", "1", "--overrides", pipeline_overrides, *common], 1)
         rows.append(("pipeline, 2 stages (2 processes x 1 thread, 1F1B)", pipeline))
+        interleaved_overrides = json.dumps({**recipe_overrides(args, tmp / "model", tmp / "interleaved"),
+                                            "parallel.pipeline.schedule": "interleaved_1f1b"})
+        interleaved = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29591", me[1], "--worker", "pipeline", "--threads", "1", "--overrides",
+                           interleaved_overrides, *common], 1)
         for threads in (1, 2):
             overrides = json.dumps(recipe_overrides(args, tmp / "model", tmp / f"single{threads}"))
             single = run([*me, "--worker", "single", "--threads", str(threads), "--overrides", overrides, *common], threads)
             rows.append((f"one process, {threads} thread{'s' if threads > 1 else ''}", single))
+        rows.insert(1, ("pipeline, 2 x 2 stages (2 processes x 1 thread, interleaved 1F1B)", interleaved))
         modelled = modelled_gpu_speeds(args, tmp / "model", tmp / "plan")
 
     p, m = 2, args.micro_batches
@@ -158,11 +177,12 @@ def main() -> None:
     print(f"# BLOOM architecture, hidden {args.hidden}, {args.blocks} blocks, {params / 1e6:.1f}M parameters; int8 base, "
           f"LoRA r=4, AdamW8bit; seq {args.seq_len}, {m} micro-batches of {args.micro_batch} per step "
           f"({pipeline['tokens_per_step']} tokens); {args.steps - 1} timed steps after 1 untimed")
-    print(f"# GPipe/1F1B idle fraction for p={p}, m={m}: (p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.1%}")
+    print(f"# GPipe/1F1B idle fraction for p={p}, m={m}: (p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.1%}; "
+          f"interleaved 1F1B, V=2: (p-1)/(V*m+p-1) = {(p - 1) / (2 * m + p - 1):.1%}")
     print()
     print("| side | s/step (timed) | tokens/s | vs one process, 1 thread | vs one process, 2 threads |")
     print("|---|---|---|---|---|")
-    base1, base2 = rows[1][1]["tokens_per_s"], rows[2][1]["tokens_per_s"]
+    base1, base2 = rows[2][1]["tokens_per_s"], rows[3][1]["tokens_per_s"]
     for name, result in rows:
         timed = result["step_s"][1:]
         print(f"| {name} | {sum(timed) / len(timed):.2f} | {result['tokens_per_s']:.0f} | "
@@ -178,7 +198,8 @@ def main() -> None:
     print()
     print("| strategy | modelled GPU tokens/s | modelled vs device_map | measured CPU vs one process, 1 thread |")
     print("|---|---|---|---|")
-    measured = {"device_map": 1.0, "pipeline": rows[0][1]["tokens_per_s"] / base1}
+    measured = {"device_map": 1.0, "pipeline": rows[0][1]["tokens_per_s"] / base1,
+                "pipeline (interleaved_1f1b)": rows[1][1]["tokens_per_s"] / base1}
     for strategy, rate in speeds.items():
         fits = "" if modelled["fits"][strategy] else " (does not fit)"
         cpu = f"{measured[strategy]:.2f}x" if strategy in measured else "-"

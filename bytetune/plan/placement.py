@@ -47,6 +47,7 @@ from bytetune.plan.throughput import (
     device_map_speed,
     gpu_kind,
     link_bandwidth,
+    interleaved_pipeline_step,
     pipeline_step,
     token_flops,
 )
@@ -278,14 +279,23 @@ class Planner:
         """A pipeline, one process per device, stage k on device k (bytetune/plan/pipeline.py)."""
         stage_model = self.stage_model
         stages = stage_model.balanced_split(devices)
-        plans = [stage_model.stage_plan(d, k, len(devices), run.start, len(run))
-                 for k, (d, run) in enumerate(zip(devices, stages))]
         spec = self.spec
+        per_rank = spec.pipeline_stages_per_rank
+        if per_rank > 1:  # interleaved 1F1B: device r runs stages r, r+p, ...
+            plans = [stage_model.rank_plan(d, r, len(devices), stages) for r, d in enumerate(devices)]
+        else:
+            plans = [stage_model.stage_plan(d, k, len(devices), run.start, len(run))
+                     for k, (d, run) in enumerate(zip(devices, stages))]
         notes = [
             f"pipeline ({spec.pipeline_schedule}) over {len(devices)} stage(s), one process per device: 'in fl' is "
             "the micro-batches between their forward and backward on a stage (1F1B: min(m, p-k); GPipe: m), "
             "each keeping its blocks' inputs under checkpointing; 'bufs' the receive buffers "
             "torch.distributed.pipelining allocates for every micro-batch (input, output gradient)"
+        ] if per_rank == 1 else [
+            f"pipeline (interleaved_1f1b) over {len(devices)} devices x {per_rank} stages, one process per device, "
+            f"device r running stages r, r+{len(devices)}, ...: 'in fl' is the (micro-batch, stage) pairs between "
+            "forward and backward at the device's peak, from torch's ScheduleInterleaved1F1B order; 'bufs' the "
+            "receive buffers of each of its stages, for every micro-batch"
         ]
         table = as_gib(stage_model.table_bytes)
         if stage_model.tied and (len(devices) > 1 or stage_model.cpu_embeddings):
@@ -353,16 +363,26 @@ class Planner:
         # pipeline: stage k runs its blocks (and the head on the last) on each micro-batch in turn
         pp_plan = pipeline or (self.plan(devices) if spec.parallel == "pipeline" else
                                Planner(dataclasses.replace(spec, parallel="pipeline"), **same).plan(devices))
-        p = len(pp_plan.stages)
-        stage_compute = [tokens * (sum(per_block[r.start:r.stop]) + (head if k == p - 1 else 0)) / rate
+        n_stages = len(pp_plan.stages)
+        p, v = len(pp_plan.devices), spec.pipeline_stages_per_rank
+        stage_compute = [tokens * (sum(per_block[r.start:r.stop]) + (head if k == n_stages - 1 else 0)) / rate
                          for k, r in enumerate(pp_plan.stages)]
-        stage_comm = [((k > 0) + (k < p - 1)) * hidden / bandwidth for k in range(p)]
-        step, compute, comm = pipeline_step(stage_compute, stage_comm, m)
+        stage_comm = [((k > 0) + (k < n_stages - 1)) * hidden / bandwidth for k in range(n_stages)]
+        if v > 1:
+            # a device's time per micro-batch is its V stages' together (bytetune.plan.throughput)
+            rank_compute = [sum(stage_compute[r::p]) for r in range(p)]
+            rank_comm = [sum(stage_comm[r::p]) for r in range(p)]
+            step, compute, comm = interleaved_pipeline_step(rank_compute, rank_comm, m, v)
+            shape = (f"interleaved_1f1b, {m} micro-batches over {p} devices x {v} stages (idle (p-1)/(V*m+p-1) = "
+                     f"{(p - 1) / (v * m + p - 1):.0%} when balanced)")
+        else:
+            step, compute, comm = pipeline_step(stage_compute, stage_comm, m)
+            shape = (f"{spec.pipeline_schedule}, {m} micro-batches over {p} stages (idle (p-1)/(m+p-1) = "
+                     f"{(p - 1) / (m + p - 1):.0%} when balanced)")
         speeds.append(StrategySpeed(
             "pipeline", pp_plan.fits, min_headroom(pp_plan), p, m * tokens, compute, comm, step,
-            1 - m * sum(stage_compute) / (p * step), m * 2 * hidden,
-            f"{spec.pipeline_schedule}, {m} micro-batches over {p} stages (idle (p-1)/(m+p-1) = "
-            f"{(p - 1) / (m + p - 1):.0%} when balanced); {as_mib(hidden)} MiB of hidden states per micro-batch "
+            1 - m * sum(stage_compute) / (p * step), m * 2 * hidden * v,
+            f"{shape}; {as_mib(hidden)} MiB of hidden states per micro-batch "
             f"and boundary, forward and backward, not overlapped"))
 
         # FSDP2: every rank runs the whole model on its own micro-batches, gathering the weights
@@ -410,7 +430,8 @@ class Planner:
             return None
         n = max(1, math.ceil(everything / usable))
         if self.spec.parallel == "pipeline":
-            limit = min(limit, len(self.block_names))  # a stage holds at least one block
+            # a stage holds at least one block; interleaved 1F1B runs V stages per device
+            limit = min(limit, len(self.block_names) // self.spec.pipeline_stages_per_rank)
         elif not fsdp:
             # Past one unit per device, more devices cannot help.
             limit = min(limit, len(self.units) + 1)
@@ -525,14 +546,20 @@ def pipeline_stages(config, num_stages: int, devices: str | Sequence[Device] | N
     objects, one per stage); the split is the fastest (least FLOPs on the busiest stage) of those
     that fit, with the most headroom among equals, or when none fits the one closest to fitting.
     None: no memory limit, so the fastest split with the least memory on its fullest stage.
+    Interleaved 1F1B (the spec's ``pipeline_stages_per_rank`` V > 1): ``num_stages`` is p*V,
+    ``devices`` the p GPUs, and the runs are in stage order (GPU r runs runs r, r+p, ...).
     """
     spec = config if isinstance(config, PlanSpec) else spec_from_recipe(config)
     spec = dataclasses.replace(spec, parallel="pipeline")
     if num_stages < 1:
         raise ValueError(f"num_stages={num_stages}: give 1 or more")
+    per_rank = spec.pipeline_stages_per_rank  # interleaved 1F1B: num_stages = p * V, V per device
+    if num_stages % per_rank:
+        raise ValueError(f"num_stages={num_stages} with {per_rank} stages per device: give a multiple of {per_rank}")
     if devices is None:
-        devices = [Device(f"cuda:{i}", 2**62) for i in range(num_stages)]  # no limit
+        devices = [Device(f"cuda:{i}", 2**62) for i in range(num_stages // per_rank)]  # no limit
     devices = parse_devices(devices)
-    if len(devices) != num_stages:
-        raise ValueError(f"{len(devices)} devices for {num_stages} stages: give one device per stage")
+    if len(devices) * per_rank != num_stages:
+        raise ValueError(f"{len(devices)} devices for {num_stages} stages: give one device per "
+                         + ("stage" if per_rank == 1 else f"{per_rank} stages"))
     return Planner(spec).plan(devices).stages

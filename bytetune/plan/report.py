@@ -96,11 +96,12 @@ class MemoryPlan:
 
     @property
     def idle_fraction(self) -> float | None:
-        """The pipeline's bubble, (p - 1) / (m + p - 1) on p stages with m micro-batches per step."""
+        """The pipeline's bubble, (p - 1) / (m + p - 1) on p stages with m micro-batches per step;
+        interleaved 1F1B, V stages on each of p devices: (p - 1) / (V*m + p - 1)."""
         if self.parallel != "pipeline":
             return None
-        p, m = len(self.stages), self.spec.micro_batches
-        return (p - 1) / (m + p - 1)
+        p, m, v = len(self.devices), self.spec.micro_batches, self.spec.pipeline_stages_per_rank
+        return (p - 1) / (v * m + p - 1)
 
     @property
     def fits(self) -> bool:
@@ -136,6 +137,7 @@ class MemoryPlan:
                 "schedule": self.spec.pipeline_schedule,
                 "micro_batches": self.spec.micro_batches,
                 "stages": [[r.start, r.stop] for r in self.stages],
+                "stages_per_rank": self.spec.pipeline_stages_per_rank,
                 "idle_fraction": self.idle_fraction,
             }} if self.parallel == "pipeline" else {}),
             **({"throughput": self.throughput.as_dict()} if self.throughput is not None else {}),
@@ -195,9 +197,9 @@ def format_plan(plan: MemoryPlan) -> str:
     for index, d in enumerate(plan.devices):
         row = d.as_dict()
         span = ""
-        if pipe:
-            run = plan.stages[index]
-            span = f"{f'{run.start}-{run.stop - 1}':>7} {d.in_flight:>5} "
+        if pipe:  # interleaved: the device's stages index, index+p, ...
+            runs = plan.stages[index::len(plan.devices)]
+            span = f"{','.join(f'{run.start}-{run.stop - 1}' for run in runs):>7} {d.in_flight:>5} "
         lines.append(
             f"  {d.device.name:<8} {row['blocks']:>6} " + span
             + f"{as_gib(d.quantized_weights):>8} {as_gib(d.other_weights):>8} "
@@ -213,7 +215,12 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append("")
     lines.append(f"Verdict: {'fits' if plan.fits else 'does NOT fit'} on {len(plan.devices)} device(s)"
                  + (f", smallest headroom {as_gib(min(d.headroom for d in plan.devices))} GiB." if pipe else "."))
-    if pipe:
+    if pipe and spec.pipeline_stages_per_rank > 1:
+        p, m, v = len(plan.devices), spec.micro_batches, spec.pipeline_stages_per_rank
+        lines.append(f"Pipeline idle fraction (p-1)/(V*m+p-1) = {p - 1}/{v * m + p - 1} = {plan.idle_fraction:.1%} "
+                     f"({p} devices x {v} stages, {m} micro-batches of {spec.micro_batch} x {spec.seq_len} tokens "
+                     "per step; Narayanan et al. 2021)")
+    elif pipe:
         p, m = len(plan.stages), spec.micro_batches
         lines.append(f"Pipeline idle fraction (p-1)/(m+p-1) = {p - 1}/{m + p - 1} = {plan.idle_fraction:.1%} "
                      f"({p} stages, {m} micro-batches of {spec.micro_batch} x {spec.seq_len} tokens per step)")

@@ -68,6 +68,9 @@ class PlanSpec:
     # parallel="pipeline": the torch.distributed.pipelining schedule, "1f1b" (stage k of p keeps at
     # most p-k micro-batches in flight) or "gpipe" (all m forwards before the backwards).
     pipeline_schedule: str = "1f1b"
+    # parallel="pipeline", "interleaved_1f1b": V, the stages each GPU runs (p GPUs, p*V stages;
+    # GPU r the stages r, r+p, ...); 1 under "1f1b" and "gpipe".
+    pipeline_stages_per_rank: int = 1
     # parallel="pipeline": the first stage keeps the (frozen) input embedding table in host memory
     # and looks the tokens up there; the GPUs hold none of it but a tied head's copy on the last.
     pipeline_cpu_embeddings: bool = False
@@ -81,7 +84,11 @@ class PlanSpec:
         if self.parallel not in ("none", "fsdp", "pipeline"):
             raise ValueError(f"parallel={self.parallel!r}: use 'none', 'fsdp' or 'pipeline'")
         if self.pipeline_schedule not in ("1f1b", "gpipe", "interleaved_1f1b"):
-            raise ValueError(f"pipeline schedule {self.pipeline_schedule!r}: use '1f1b' or 'gpipe'")
+            raise ValueError(f"pipeline schedule {self.pipeline_schedule!r}: use '1f1b', 'gpipe' or 'interleaved_1f1b'")
+        interleaved = self.pipeline_schedule == "interleaved_1f1b"
+        if (self.pipeline_stages_per_rank >= 2) != interleaved or self.pipeline_stages_per_rank < 1:
+            raise ValueError(f"pipeline_stages_per_rank={self.pipeline_stages_per_rank} with schedule "
+                             f"{self.pipeline_schedule!r}: interleaved_1f1b takes 2 or more, 1f1b and gpipe 1")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches={self.micro_batches}: must be >= 1")
         if self.optimizer_bits not in (8, 32):
@@ -143,5 +150,8 @@ def spec_from_recipe(recipe, model_config=None) -> PlanSpec:
         micro_batches=(pipeline.get("micro_batches") if pipeline is not None else None) or accumulation,
         pipeline_schedule=pipeline.get("schedule", "1f1b") if pipeline is not None else "1f1b",
         pipeline_cpu_embeddings=bool(pipeline.get("cpu_embeddings", False)) if pipeline is not None else False,
+        # the recipe check (bytetune.recipe.pipeline_stages_per_rank) has the same default
+        pipeline_stages_per_rank=(pipeline.get("stages_per_rank") or
+                                  (2 if pipeline.get("schedule") == "interleaved_1f1b" else 1)) if pipeline is not None else 1,
         name=recipe.name,
     )

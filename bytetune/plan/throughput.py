@@ -224,6 +224,20 @@ def pipeline_step(stage_compute: list[float], stage_comm: list[float],
     return compute + comm, compute, comm
 
 
-def idle_fraction(stages: int, micro_batches: int) -> float:
-    """The pipeline bubble of GPipe / 1F1B with equal stages: (p - 1) / (m + p - 1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
+def interleaved_pipeline_step(rank_compute: list[float], rank_comm: list[float], micro_batches: int,
+                              per_rank: int) -> tuple[float, float, float]:
+    """(step, critical-path compute, critical-path comm) seconds of an interleaved 1F1B step from
+    each device's time per micro-batch over its V stages: m micro-batches at the slowest device's
+    pace plus a bubble of (p-1) of its chunks of 1/V (Narayanan et al. 2021, section 2.2.2: the
+    bubble shrinks V-fold), so for equal devices idle (p-1)/(V*m+p-1)."""
+    times = [c + t for c, t in zip(rank_compute, rank_comm)]
+    slowest = max(range(len(times)), key=times.__getitem__)
+    factor = micro_batches + (len(times) - 1) / per_rank
+    compute, comm = factor * rank_compute[slowest], factor * rank_comm[slowest]
+    return compute + comm, compute, comm
+
+
+def idle_fraction(stages: int, micro_batches: int, per_rank: int = 1) -> float:
+    """The pipeline bubble of GPipe / 1F1B with equal stages: (p - 1) / (m + p - 1); interleaved
+    1F1B with ``per_rank`` = V stages on each of the p devices: (p - 1) / (V*m + p - 1)."""
+    return (stages - 1) / (per_rank * micro_batches + stages - 1)

@@ -241,8 +241,12 @@ class ExportConfig:
 class PipelineConfig:
     # torch.distributed.pipelining schedule: "1f1b" (Schedule1F1B: stage k keeps at most p-k
     # micro-batches' activations), "gpipe" (all forwards, then all backwards: m in flight) or
-    # "interleaved_1f1b" (two or more stages per rank).
+    # "interleaved_1f1b" (ScheduleInterleaved1F1B: stages_per_rank stages per rank, rank r holding
+    # the non-adjacent stages r, r+p, r+2p, ...; idle fraction (p-1)/(V*m+p-1)).
     schedule: str = "1f1b"
+    # Pipeline stages per process (V): null means 2 under interleaved_1f1b, 1 otherwise; 1f1b and
+    # gpipe take exactly 1. p processes run p*V stages, at most one per decoder block.
+    stages_per_rank: Optional[int] = None
     # Micro-batches per optimizer step; null: training.gradient_accumulation_steps. Each one is
     # training.micro_batch_size sequences. Idle fraction (p-1)/(m+p-1) on p stages.
     micro_batches: Optional[int] = None
@@ -346,6 +350,50 @@ def _check_range(value: float, key: str, low: float, high: float, high_inclusive
         raise RecipeError(f"{key} must be in [{low}, {high}{bracket}, got {value}")
 
 
+
+def pipeline_stages_per_rank(cfg) -> int:
+    """V, the pipeline stages each process runs: parallel.pipeline.stages_per_rank, else 2 under
+    interleaved_1f1b and 1 under 1f1b / gpipe (one line naming a mismatch)."""
+    pipeline = cfg.parallel.pipeline
+    schedule, given = pipeline.schedule, pipeline.stages_per_rank
+    if schedule != "interleaved_1f1b":
+        if given not in (None, 1):
+            raise RecipeError(f"parallel.pipeline.stages_per_rank={given} needs parallel.pipeline.schedule="
+                              f"interleaved_1f1b ({schedule} runs one stage per process): set stages_per_rank=1 "
+                              "or schedule=interleaved_1f1b")
+        return 1
+    if given is None:
+        return 2
+    if given < 2:
+        raise RecipeError(f"parallel.pipeline.stages_per_rank={given} with schedule=interleaved_1f1b: interleaving "
+                          "needs 2 or more stages per process; use stages_per_rank>=2, or schedule=1f1b")
+    return given
+
+
+def check_pipeline_layout(cfg, ranks: int, num_blocks: int | None = None) -> None:
+    """What p = ``ranks`` processes can run of the recipe's pipeline, one line per mistake:
+    m >= p micro-batches; p*V stages for ``num_blocks`` decoder blocks (when known); under
+    interleaved_1f1b the micro-batch count torch's ScheduleInterleaved1F1B accepts."""
+    per_rank = pipeline_stages_per_rank(cfg)
+    stages = ranks * per_rank
+    m = cfg.parallel.pipeline.micro_batches or cfg.training.grad_accum_steps
+    if m < ranks:
+        raise RecipeError(f"parallel.pipeline.micro_batches={m} is fewer than the {ranks} stages: every stage would "
+                          f"idle most of the step (and 1F1B needs at least one micro-batch per stage); use >= {ranks}")
+    if num_blocks is not None and stages > num_blocks:
+        raise RecipeError(f"{ranks} processes x parallel.pipeline.stages_per_rank={per_rank} = {stages} pipeline "
+                          f"stages for {num_blocks} decoder blocks: every stage needs a block; use at most "
+                          f"{num_blocks} stages (fewer processes or stages_per_rank <= {max(1, num_blocks // ranks)})")
+    if per_rank > 1:
+        # torch 2.13 ScheduleInterleaved1F1B.__init__: rounds = max(1, m // p), and it raises
+        # unless m is a multiple of the rounds (any multiple of p is).
+        rounds = max(1, m // ranks)
+        if m % rounds:
+            below, above = m - m % ranks, m - m % ranks + ranks
+            raise RecipeError(f"parallel.pipeline.micro_batches={m} over {ranks} processes: interleaved_1f1b (torch's "
+                              f"ScheduleInterleaved1F1B) needs micro_batches to be a multiple of max(1, micro_batches "
+                              f"// processes) = {rounds}; use a multiple of {ranks} ({below} or {above})")
+
 def validate(cfg: DictConfig) -> None:
     """Value checks the type system cannot express (ranges, choices, consistency). Paths are
     checked by :func:`check_local_paths`."""
@@ -358,6 +406,8 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg.parallel.strategy, PARALLEL_STRATEGIES, "parallel.strategy")
     _check_choice(cfg.parallel.pipeline.schedule, PIPELINE_SCHEDULES, "parallel.pipeline.schedule")
     _check_positive(cfg.parallel.pipeline.micro_batches, "parallel.pipeline.micro_batches")
+    _check_positive(cfg.parallel.pipeline.stages_per_rank, "parallel.pipeline.stages_per_rank")
+    pipeline_stages_per_rank(cfg)  # the schedule and stages_per_rank agree
     if cfg.optimizer.optim_bits not in (8, 32):
         raise RecipeError(f"optimizer.optim_bits must be 8 or 32, got {cfg.optimizer.optim_bits}")
     if len(cfg.optimizer.betas) != 2:

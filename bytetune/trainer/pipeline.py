@@ -7,7 +7,10 @@ is built on the meta device from the checkpoint's config, pruned to its own modu
 from the local safetensors checkpoint tensor by tensor (bytetune.quant_layers.loading, the loader
 FSDP uses): no process reads, let alone holds, another stage's weights. Only activations (and
 their gradients) cross between processes, through torch.distributed.pipelining's
-``PipelineStage`` and a ``Schedule1F1B`` / ``ScheduleGPipe``.
+``PipelineStage`` and a ``Schedule1F1B`` / ``ScheduleGPipe``. Under ``interleaved_1f1b``
+(``ScheduleInterleaved1F1B``) each of the p processes runs V = parallel.pipeline.stages_per_rank
+stages of the p*V: rank r stages r, r+p, r+2p, ..., each a model built and loaded as above with
+only that stage's blocks, so the first stage is on rank 0 and the last (head, loss) on rank p-1.
 
 What makes a pipeline step equal the single-process step (to float rounding):
 
@@ -45,7 +48,7 @@ from torch import nn
 from bytetune.quant_layers.blocks import NoDecoderBlocks, decoder_block_list
 from bytetune.quant_layers.int8_embedding import Int8Head
 from bytetune.quant_layers.loading import DeferredBase, SafetensorsCheckpoint, load_table, tied_aliases
-from bytetune.recipe import RecipeError
+from bytetune.recipe import RecipeError, check_pipeline_layout, pipeline_stages_per_rank
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer.data import DataError, build_token_blocks
 from bytetune.trainer.loss import _head_loss, _summed_ce_of_logits, target_token_count
@@ -63,8 +66,8 @@ from bytetune.trainer.trainer import (
 )
 
 STRATEGY_PIPELINE = "pipeline"
-SCHEDULES = ("1f1b", "gpipe")  # the recipe schema also names interleaved_1f1b (not run yet)
-STAGE_FILE = "stage{}.pt"  # a stage's adapters and optimizer states, inside a checkpoint
+SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+STAGE_FILE = "stage{}.pt"  # rank k's adapters and optimizer states (all its stages), inside a checkpoint
 
 # Per model type: (modules of the backbone only the first stage runs and later stages drop,
 # modules the first stage runs right after the embeddings and later stages replace by identity,
@@ -148,11 +151,10 @@ def can_load_stage_only(cfg) -> bool:
 
 
 def check_pipeline_recipe(cfg, stages: int) -> None:
-    """What a pipeline run cannot do, named before the model loads."""
+    """What a pipeline run over ``stages`` processes cannot do, named before the model loads."""
     schedule = cfg.parallel.pipeline.schedule
     if schedule not in SCHEDULES:
-        raise RecipeError(f"parallel.pipeline.schedule={schedule} is not supported yet (one stage per process): "
-                          f"use one of {', '.join(SCHEDULES)}")
+        raise RecipeError(f"parallel.pipeline.schedule={schedule} is not supported: use one of {', '.join(SCHEDULES)}")
     if cfg.model.device_map is not None:
         raise RecipeError(f"model.device_map={cfg.model.device_map!r} splits one model inside one process; the pipeline "
                           "puts each stage in its own process: set model.device_map=null with parallel.strategy=pipeline")
@@ -172,10 +174,26 @@ def check_pipeline_recipe(cfg, stages: int) -> None:
     if cfg.lora.dropout:
         # Every stage draws its own masks: a run is reproducible, but not the one-process run.
         warnings.warn("lora.dropout > 0 under the pipeline: each stage draws its own dropout masks")
-    m = micro_batches(cfg)
-    if m < stages:
-        raise RecipeError(f"parallel.pipeline.micro_batches={m} is fewer than the {stages} stages: every stage would idle "
-                          f"most of the step (and 1F1B needs at least one micro-batch per stage); use >= {stages}")
+    # micro-batches for the processes and the schedule; stages vs blocks again once the model is built
+    check_pipeline_layout(cfg, stages, _configured_blocks(cfg))
+
+
+def _configured_blocks(cfg) -> int | None:
+    """The decoder blocks of the recipe's model, from its config file alone (None when that is
+    not cheap to know before loading: check_pipeline_layout checks them again in build_stage)."""
+    from bytetune.recipe import bundled_model_config, shrink_model_config
+
+    try:
+        if cfg.model.from_config:
+            config = shrink_model_config(bundled_model_config(cfg.model.config_file), cfg.model.shrink)
+        elif cfg.model.gguf_file or hub_model_id(cfg) is not None:
+            return None
+        else:
+            config = json.loads((Path(resolve_model_dir(cfg.model.name_or_path)) / "config.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError, KeyError, TypeError):
+        return None
+    blocks = config.get("num_hidden_layers", config.get("n_layer"))
+    return blocks if isinstance(blocks, int) else None
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -371,6 +389,7 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
     deferred = DeferredBase(Path(resolve_model_dir(cfg.model.name_or_path))) if local else None
     model, tokenizer = build_model(cfg, deferred=deferred)
     total = num_blocks_of(model)
+    check_pipeline_layout(cfg, stages // pipeline_stages_per_rank(cfg), total)  # p*V stages for these blocks
     ranges = list(ranges) if ranges is not None else default_ranges(cfg, model.get_base_model().config, total, stages)
     check_ranges(ranges, total)
     if len(ranges) != stages:
@@ -411,11 +430,17 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
 
 # --------------------------------------------------------------------------------- the trainer
 class PipelineTrainer(Trainer):
-    """The Trainer's loop (train(), logging, summary) over one pipeline stage per process."""
+    """The Trainer's loop (train(), logging, summary) over the pipeline stages of this process:
+    one (1f1b, gpipe) or V = parallel.pipeline.stages_per_rank (interleaved_1f1b).
+
+    ``stages``: the pipeline's stages (p*V); ``ranks``: its processes (p); ``stage_indices``: this
+    rank's stages (rank, rank+p, ...); ``stage_modules`` / ``models``: theirs, in that order;
+    ``model``: the first of them (config, adapter config); ``stage_module``: the last of them
+    (on the last rank, the one computing the loss)."""
 
     def __init__(self, cfg, ranges: list[range] | None = None, threads: dict | None = None):
         from accelerate.utils import set_seed
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         self.cfg = cfg
         # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
@@ -426,8 +451,10 @@ class PipelineTrainer(Trainer):
         if not dist.is_initialized():
             raise RecipeError("parallel.strategy=pipeline needs a process group: start with torchrun "
                               "--nproc_per_node N train.py ... (or accelerate launch --num_processes N)")
-        self.rank, self.stages = dist.get_rank(), dist.get_world_size()
-        check_pipeline_recipe(cfg, self.stages)
+        self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
+        check_pipeline_recipe(cfg, self.ranks)
+        self.stages = self.ranks * pipeline_stages_per_rank(cfg)
+        self.stage_indices = list(range(self.rank, self.stages, self.ranks))
         device = self.accelerator.device
         repo_id = hub_model_id(cfg)
         if repo_id is not None:
@@ -435,12 +462,21 @@ class PipelineTrainer(Trainer):
             if self.rank == 0:
                 hub_snapshot(repo_id)
             dist.barrier()
-        self.stage_module, self.tokenizer, info = build_stage(cfg, self.rank, self.stages, device, ranges)
-        self.ranges = info["ranges"]
-        self.bytes_read = info["bytes_read"]
+        # each of this rank's stages is a model of its own, holding only that stage's blocks
+        self.stage_modules, self.bytes_read = [], None
+        for stage in self.stage_indices:
+            module, self.tokenizer, info = build_stage(cfg, stage, self.stages, device, ranges)
+            ranges = info["ranges"]  # the planner's split, computed once
+            self.stage_modules.append(module)
+            if info["bytes_read"] is not None:
+                self.bytes_read = (self.bytes_read or 0) + info["bytes_read"]
+        self.ranges = ranges
+        self.rank_ranges = [self.ranges[stage] for stage in self.stage_indices]
         self._fingerprint_shapes = info["fingerprint_shapes"]
-        self.first, self.last = self.stage_module.first, self.stage_module.last
-        self.model = self.stage_module.peft_model
+        self.first, self.last = self.stage_modules[0].first, self.stage_modules[-1].last
+        self.stage_module = self.stage_modules[-1]
+        self.models = [module.peft_model for module in self.stage_modules]
+        self.model = self.models[0]
         self.train_data = build_token_blocks(cfg.data, self.tokenizer, cfg.training.seq_len, "train")
         self.eval_data = build_token_blocks(cfg.data, self.tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
         self.output_dir = Path(cfg.output_dir)
@@ -459,18 +495,25 @@ class PipelineTrainer(Trainer):
                 "add data or lower the batch size"
             )
         self.total_steps = training.max_steps or max(1, math.ceil(training.epochs * self.steps_per_epoch))
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [p for model in self.models for p in model.parameters() if p.requires_grad]
         if not trainable:
-            raise RecipeError(f"pipeline stage {self.rank} (blocks {self.ranges[self.rank].start}-"
-                              f"{self.ranges[self.rank].stop - 1}) has no trainable parameters: check lora.target_modules "
-                              "and lora.layers")
+            blocks = ", ".join(f"{r.start}-{r.stop - 1}" for r in self.rank_ranges)
+            raise RecipeError(f"pipeline rank {self.rank} (blocks {blocks}) has no trainable parameters: check "
+                              "lora.target_modules and lora.layers")
         self.trainable = trainable
+        # one optimizer over all of this rank's stages (its states are per tensor)
         self.optimizer = build_optimizer(trainable, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
-        self.pipeline_stage = PipelineStage(self.stage_module, self.rank, self.stages, device)
-        schedule_class = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.parallel.pipeline.schedule]
-        self.schedule = schedule_class(self.pipeline_stage, n_microbatches=self.micro_batches,
-                                       loss_fn=self._micro_batch_loss, scale_grads=False)
+        self.pipeline_stages = [PipelineStage(module, stage, self.stages, device)
+                                for module, stage in zip(self.stage_modules, self.stage_indices)]
+        schedule = cfg.parallel.pipeline.schedule
+        if schedule == "interleaved_1f1b":
+            self.schedule = ScheduleInterleaved1F1B(self.pipeline_stages, n_microbatches=self.micro_batches,
+                                                    loss_fn=self._micro_batch_loss, scale_grads=False)
+        else:
+            schedule_class = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
+            self.schedule = schedule_class(self.pipeline_stages[0], n_microbatches=self.micro_batches,
+                                           loss_fn=self._micro_batch_loss, scale_grads=False)
         self._normalizer = torch.ones((), device=device)
         self._summed: list[torch.Tensor] = []
         self.step = 0
@@ -512,15 +555,20 @@ class PipelineTrainer(Trainer):
 
     def layout(self) -> dict:
         return {"stages": self.stages, "blocks": [[r.start, r.stop] for r in self.ranges],
-                "schedule": self.cfg.parallel.pipeline.schedule, "micro_batches": self.micro_batches}
+                "schedule": self.cfg.parallel.pipeline.schedule, "micro_batches": self.micro_batches,
+                "stages_per_rank": self.stages // self.ranks}
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """This rank's trainable parameters (all its stages) by their whole-model names."""
+        return {n: p for model in self.models for n, p in model.named_parameters() if p.requires_grad}
 
     def stage_state(self) -> dict[str, torch.Tensor]:
-        """A copy of this stage's trainable tensors by their whole-model names, on CPU."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        """A copy of this rank's trainable tensors (all its stages) by their whole-model names, on CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_trainable().items()}
 
     def full_adapter_state(self) -> dict[str, torch.Tensor] | None:
         """Every stage's trainable tensors, on rank 0 (None elsewhere); collective."""
-        parts = [None] * self.stages if self.rank == 0 else None
+        parts = [None] * self.ranks if self.rank == 0 else None
         dist.gather_object(self.stage_state(), parts, dst=0)
         if self.rank != 0:
             return None
@@ -557,6 +605,8 @@ class PipelineTrainer(Trainer):
 
     def _train_step(self) -> tuple[float, int]:
         device = self.accelerator.device
+        for model in self.models[1:]:  # the loop sets the first model's mode; the rank's other stages follow
+            model.train(self.model.training)
         batches = [self._micro_batch(self.step, micro) for micro in range(self.micro_batches)]
         step_targets = sum(target_token_count(batch["labels"]) for batch in batches).to(device)
         # every stage reads the same rows, so every stage knows the step's normalizer
@@ -624,7 +674,8 @@ class PipelineTrainer(Trainer):
         if self.eval_data is None:
             raise RecipeError("no held-out data: set data.eval or pass eval_data")
         was_training = self.model.training
-        self.model.eval()
+        for model in self.models:
+            model.eval()
         device = self.accelerator.device
         size = self.cfg.eval.batch_size
         n_batches = math.ceil(len(self.eval_data) / size)
@@ -636,25 +687,29 @@ class PipelineTrainer(Trainer):
             rows = self.eval_data.batch(torch.arange(index * size, min((index + 1) * size, len(self.eval_data))))
             rows = {key: value.to(device) for key, value in rows.items()}
             shape = (*rows["input_ids"].shape, hidden_size)
-            x = rows["input_ids"] if self.first else self._recv(shape, self.rank - 1)
-            with self.accelerator.autocast():
-                hidden = self.stage_module(x, attention_mask=rows["attention_mask"])
-                if self.last:
-                    summed = self.stage_module.summed_loss(hidden, rows["labels"], self.cfg.training.fused_cross_entropy)
-            if not self.last:
-                self._send(hidden, self.rank + 1)
-            else:
-                totals += torch.stack([summed.double(), target_token_count(rows["labels"]).double()])
+            # stage s runs on rank s % p: this rank's stages in order, each receiving from the
+            # previous stage's rank and sending to the next one's
+            for module, stage in zip(self.stage_modules, self.stage_indices):
+                x = rows["input_ids"] if module.first else self._recv(shape, (stage - 1) % self.ranks)
+                with self.accelerator.autocast():
+                    hidden = module(x, attention_mask=rows["attention_mask"])
+                    if module.last:
+                        summed = module.summed_loss(hidden, rows["labels"], self.cfg.training.fused_cross_entropy)
+                if not module.last:
+                    self._send(hidden, (stage + 1) % self.ranks)
+                else:
+                    totals += torch.stack([summed.double(), target_token_count(rows["labels"]).double()])
         totals = self._all_sum(totals)
         if was_training:
-            self.model.train()
+            for model in self.models:
+                model.train()
         loss = (totals[0] / totals[1].clamp_min(1)).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(totals[1].item())}
 
     # ------------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
         state = super()._trainer_state()
-        state["world_size"] = self.stages
+        state["world_size"] = self.ranks
         state["pipeline"] = self.layout()
         return state
 
@@ -666,9 +721,9 @@ class PipelineTrainer(Trainer):
         from peft.utils import SAFETENSORS_WEIGHTS_NAME
         from safetensors.torch import save_file
 
-        mine = {k: v.detach().cpu().contiguous() for k, v in
-                get_peft_model_state_dict(self.model, save_embedding_layers=False).items()}
-        parts = [None] * self.stages if self.rank == 0 else None
+        mine = {k: v.detach().cpu().contiguous() for model in self.models for k, v in
+                get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        parts = [None] * self.ranks if self.rank == 0 else None
         dist.gather_object(mine, parts, dst=0)
         if self.rank != 0:
             return
@@ -707,7 +762,9 @@ class PipelineTrainer(Trainer):
                 f"{state['fingerprint']['model_type']}, adapters {state['fingerprint']['adapters']}) than this run "
                 f"({mine['base']}, {mine['model_type']}, adapters {mine['adapters']}): resume with the same recipe"
             )
-        if state.get("pipeline", {}).get("blocks") != self.layout()["blocks"]:
+        saved_layout = state.get("pipeline", {})
+        if (saved_layout.get("blocks"), saved_layout.get("stages_per_rank", 1)) != (
+                self.layout()["blocks"], self.layout()["stages_per_rank"]):
             raise ckpt.CheckpointError(
                 f"checkpoint {checkpoint} was written by pipeline stages {state.get('pipeline')}, this run has "
                 f"{self.layout()}: resume with the same number of processes and stage split"
@@ -717,9 +774,9 @@ class PipelineTrainer(Trainer):
         if not path.is_file():
             raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no {path.name}: it was not written by this pipeline")
         saved = torch.load(path, weights_only=False)
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = self.named_trainable()
         if saved["adapter"].keys() != params.keys():
-            raise ckpt.CheckpointError(f"{path} holds other adapters than stage {self.rank} has")
+            raise ckpt.CheckpointError(f"{path} holds other adapters than rank {self.rank}'s stages have")
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(saved["adapter"][name])

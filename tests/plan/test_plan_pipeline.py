@@ -12,7 +12,7 @@ from bytetune.plan import Device, PlanSpec, Planner, pipeline_stages, plan_memor
 from bytetune.plan.__main__ import main as plan_cli
 from bytetune.plan.devices import GiB
 from bytetune.plan.pipeline import in_flight
-from bytetune.plan.throughput import GPU_KINDS, idle_fraction, link_bandwidth, pipeline_step
+from bytetune.plan.throughput import GPU_KINDS, idle_fraction, interleaved_pipeline_step, link_bandwidth, pipeline_step
 from bytetune.recipe.schema import load_recipe
 
 # Odd sizes on purpose (not multiples of the optimizer's 256-element blocks).
@@ -63,8 +63,95 @@ def test_micro_batches_in_flight_per_schedule():
     assert [in_flight("1f1b", k, 4, 8) for k in range(4)] == [4, 3, 2, 1]
     assert [in_flight("1f1b", k, 4, 2) for k in range(4)] == [2, 2, 2, 1]
     assert [in_flight("gpipe", k, 4, 8) for k in range(4)] == [8] * 4
+    # interleaved, p=4, V=2, m=8 (4 micro-batches per round): rank r runs 4 + 2 (3 - r) forwards
+    # before its first backward, then one more before each backward
+    assert [in_flight("interleaved_1f1b", r, 4, 8, per_rank=2) for r in range(4)] == [11, 9, 7, 5]
+    # p=2, V=2, m=2: rank 0's warmup is every forward (4), rank 1 runs 2, then pairs
+    assert [in_flight("interleaved_1f1b", r, 2, 2, per_rank=2) for r in range(2)] == [4, 3]
     with pytest.raises(ValueError, match="interleaved_1f1b"):
-        in_flight("interleaved_1f1b", 0, 4, 8)
+        in_flight("zero_bubble", 0, 4, 8)
+
+
+def _torch_rank_order(rank, ranks, per_rank, micro_batches):
+    """(local stage, +1 forward / -1 backward) of ``rank`` as torch's ScheduleInterleaved1F1B lays
+    them out (its own per-rank computation, without a process group: the method reads these four
+    attributes only)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+
+    schedule = SimpleNamespace(n_local_stages=per_rank, pp_group_size=ranks, _n_microbatches=micro_batches,
+                               microbatches_per_round=micro_batches // max(1, micro_batches // ranks))
+    actions = ScheduleInterleaved1F1B._calculate_single_rank_operations(schedule, rank)
+    return [((a.stage_index - rank) // ranks, 1 if a.computation_type == _ComputationType.FORWARD else -1)
+            for a in actions if a is not None]
+
+
+@pytest.mark.parametrize("ranks,per_rank,micro_batches", [(2, 2, 2), (2, 2, 3), (2, 3, 4), (4, 2, 8), (4, 2, 12),
+                                                           (3, 2, 6), (4, 3, 3), (8, 2, 16)])
+def test_interleaved_order_and_in_flight_are_torchs_schedule(ranks, per_rank, micro_batches):
+    from bytetune.plan.pipeline import interleaved_order, interleaved_peak
+
+    for rank in range(ranks):
+        order = _torch_rank_order(rank, ranks, per_rank, micro_batches)
+        assert interleaved_order(rank, ranks, per_rank, micro_batches) == order
+        assert sorted(order).count((0, 1)) == micro_batches  # every micro-batch, forward and backward
+        alive, most = 0, 0
+        for _, change in order:
+            alive += change
+            most = max(most, alive)
+        assert in_flight("interleaved_1f1b", rank, ranks, micro_batches, per_rank=per_rank) == most
+        # weights 1 per local stage: the weighted peak is the count's
+        assert interleaved_peak(rank, ranks, per_rank, micro_batches, [1] * per_rank)[0] == most
+
+
+def test_interleaved_plan_sums_a_gpus_stages_and_takes_its_schedules_peak(small_planner):
+    spec = dataclasses.replace(small_planner.spec, pipeline_schedule="interleaved_1f1b", pipeline_stages_per_rank=2,
+                               micro_batches=2)
+    planner = Planner(spec, model=small_planner.model, trace=small_planner.trace)
+    hidden = spec.micro_batch * spec.seq_len * SMALL["hidden_size"] * 4
+    model = planner.stage_model
+    device = Device("cuda:0", GiB)
+    runs = [range(0, 2), range(2, 4), range(4, 6), range(6, 7)]
+    gpu0, gpu1 = (model.rank_plan(device, r, 2, runs) for r in (0, 1))
+    assert gpu0.units == [*model.before_units, *small_planner.block_names[0:2], *small_planner.block_names[4:6]]
+    # Rank 0 runs all 4 forwards first (its warmup is m*V); rank 1 two, then forward-backward pairs.
+    assert gpu0.in_flight == 4 and gpu1.in_flight == 3
+    part0, part2 = model.stage_plan(device, 0, 4, 0, 2), model.stage_plan(device, 2, 4, 4, 2)
+    # stage 2 (blocks 4-5, neither end): per micro-batch its 2 block inputs, the first one the
+    # receive buffer, plus its output: 2 hidden; both micro-batches in flight at its peak
+    assert part2.in_flight == 2 and part2.activations == 2 * 2 * hidden
+    assert gpu0.activations == part0.activations + part2.activations  # all forwards first: the peaks coincide
+    # receive buffers, every micro-batch: stage 0 its output gradient, stage 2 input and gradient
+    assert gpu0.buffers == (1 + 2) * 2 * hidden
+    for field in ("quantized_weights", "lora_params", "optimizer_states"):
+        assert getattr(gpu0, field) == getattr(part0, field) + getattr(part2, field)
+    # rank 1 (stages 1 and 3): F F on stage 1, then F B on stage 3 twice: stage 1's two and one of
+    # stage 3's at the peak
+    part1, part3 = model.stage_plan(device, 1, 4, 2, 2), model.stage_plan(device, 3, 4, 6, 1)
+    assert part1.in_flight == 2 and part3.in_flight == 1
+    assert gpu1.activations == part1.activations + part3.activations
+    assert gpu1.temporary == max(part1.temporary, part3.temporary)
+
+
+def test_interleaved_plan_places_v_stages_per_gpu_with_the_smaller_bubble(small_planner):
+    spec = dataclasses.replace(small_planner.spec, pipeline_schedule="interleaved_1f1b", pipeline_stages_per_rank=2)
+    plan = Planner(spec, model=small_planner.model, trace=small_planner.trace).plan("2x1GiB")
+    assert len(plan.devices) == 2 and len(plan.stages) == 4
+    assert [i for r in plan.stages for i in r] == list(range(SMALL["n_layer"]))
+    assert plan.idle_fraction == pytest.approx(1 / (2 * 8 + 1))  # (p-1)/(V*m+p-1), p=2, V=2, m=8
+    assert "(p-1)/(V*m+p-1) = 1/17" in plan.table()
+    unlimited = pipeline_stages(spec, 4)  # what the trainer asks for: p*V stages, no memory limit
+    assert len(unlimited) == 4 and [i for r in unlimited for i in r] == list(range(SMALL["n_layer"]))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        pipeline_stages(spec, 3)
+    with pytest.raises(ValueError, match="interleaved_1f1b takes 2 or more"):
+        dataclasses.replace(spec, pipeline_stages_per_rank=1)
+    # the step model: p=4 equal devices of 1 s per micro-batch over their V=2 stages, m=8:
+    # 8 + 3/2 s, idle (p-1)/(V*m+p-1) = 3/19
+    step, compute, comm = interleaved_pipeline_step([1.0] * 4, [0.0] * 4, 8, 2)
+    assert (step, compute, comm) == (9.5, 9.5, 0.0)
+    assert 1 - 8 * 4 / (4 * step) == pytest.approx(idle_fraction(4, 8, per_rank=2)) == pytest.approx(3 / 19)
 
 
 def test_stage_memory_counts_inputs_in_flight_and_receive_buffers_by_hand(small_planner):

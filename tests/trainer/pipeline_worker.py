@@ -34,10 +34,11 @@ def as_lists(state: dict | None) -> dict | None:
 
 
 def rank_facts(trainer: PipelineTrainer) -> dict:
-    params = list(trainer.model.parameters())
-    buffers = list(trainer.model.buffers())
+    # every stage of this rank (one, or stages_per_rank under interleaved_1f1b)
+    params = [p for model in trainer.models for p in model.parameters()]
+    buffers = [b for model in trainer.models for b in model.buffers()]
     return {
-        "blocks": [trainer.ranges[trainer.rank].start, trainer.ranges[trainer.rank].stop],
+        "blocks": [[r.start, r.stop] for r in trainer.rank_ranges],
         "trainable": sum(p.numel() for p in params if p.requires_grad),
         "frozen": sum(p.numel() for p in params if not p.requires_grad),
         "int8": sum(p.numel() for p in params if p.dtype == torch.int8),
@@ -45,7 +46,7 @@ def rank_facts(trainer: PipelineTrainer) -> dict:
         "tensor_bytes": sum(t.numel() * t.element_size() for t in [*params, *buffers]),
         "bytes_read": trainer.bytes_read,
         # indices of the blocks whose parameters this process holds, read from their names
-        "block_indices": sorted({int(m.group(1)) for n, _ in trainer.model.named_parameters()
+        "block_indices": sorted({int(m.group(1)) for model in trainer.models for n, _ in model.named_parameters()
                                  if (m := re.search(r"\.(?:h|layers)\.(\d+)\.", n))}),
     }
 
@@ -84,7 +85,7 @@ def main() -> None:
             results[case["name"]] = {"ranks": facts}
             continue
         straight = run(case["recipe"], {**overrides, "output_dir": str(Path(overrides["output_dir"]) / "straight")})
-        facts = [None] * straight.stages
+        facts = [None] * straight.ranks
         dist.all_gather_object(facts, rank_facts(straight))
         result = {
             "losses": [h["loss"] for h in straight.history],

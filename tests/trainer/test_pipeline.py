@@ -102,7 +102,10 @@ def case(name: str, overrides: dict, schedule: str, resume_check: bool = False) 
 
 
 
-def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int, overrides: dict) -> None:
+def check_against_single_process(result: dict, single: dict, stages: int, checkpoint_bytes: int, overrides: dict,
+                                  per_rank: int = 1) -> None:
+    """``stages``: the processes; ``per_rank``: the stages each runs (interleaved_1f1b: rank r
+    the stages r, r+p, ...)."""
     import re
 
     from bytetune.plan import pipeline_stages, spec_from_recipe
@@ -117,10 +120,11 @@ def check_against_single_process(result: dict, single: dict, stages: int, checkp
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(overrides["model.name_or_path"])  # the checkpoint's model
-    ranges = pipeline_stages(spec_from_recipe(load_recipe("tiny_lora8", overrides), model_config), stages)
-    assert [f["blocks"] for f in result["ranks"]] == [[r.start, r.stop] for r in ranges]
+    ranges = pipeline_stages(spec_from_recipe(load_recipe("tiny_lora8", overrides), model_config), stages * per_rank)
+    assert [f["blocks"] for f in result["ranks"]] == [[[r.start, r.stop] for r in ranges[rank::stages]]
+                                                      for rank in range(stages)]
     for rank, facts in enumerate(result["ranks"]):
-        blocks = set(ranges[rank])
+        blocks = {index for r in ranges[rank::stages] for index in r}
         assert facts["block_indices"] == sorted(blocks)
         in_stage = [(numel, trainable, dtype) for name, numel, trainable, dtype in single["params"]
                     if (m := re.search(BLOCK_INDEX, name)) and int(m.group(1)) in blocks]
@@ -166,15 +170,18 @@ def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_
     # embeddings, the table in host memory, the planner's split), through 2 real stages
     pp = shrunk_pipeline_recipe(tmp_path)
     pp_case = {**case("bloom_lora8_pp", pp, "1f1b"), "recipe": "bloom_lora8_pp"}
+    # interleaved 1F1B: 2 ranks x 2 stages of one block each (rank 0 blocks 0 and 2, rank 1 blocks 1 and 3)
+    interleaved = case("llama_interleaved", llama, "interleaved_1f1b", resume_check=True)
     results = run_pipeline(tmp_path, 2, [case("bloom_1f1b", bloom, "1f1b", resume_check=True),
-                                         case("llama_gpipe", llama, "gpipe"), poisoned, pp_case], port=29571)
+                                         case("llama_gpipe", llama, "gpipe"), poisoned, pp_case, interleaved],
+                           port=29571)
     shipped = results["bloom_lora8_pp"]
     single = single_process(tmp_path, pp, recipe="bloom_lora8_pp")
     assert len(shipped["losses"]) == 2 and all(math.isfinite(loss) for loss in shipped["losses"])
     torch.testing.assert_close(torch.tensor(shipped["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
     assert shipped["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert shipped["adapter"].keys() == single["adapter"].keys()
-    assert [f["blocks"] for f in shipped["ranks"]] == [[0, 1], [1, 2]]
+    assert [f["blocks"] for f in shipped["ranks"]] == [[[0, 1]], [[1, 2]]]
     # a NaN loss on the last stage at step 2: every stage skips that update, and only that one
     for facts in results["bloom_poisoned"]["ranks"]:
         assert facts["changed"] == [True, False, True] and facts["nonfinite_steps"] == 1, facts
@@ -182,10 +189,14 @@ def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_
     for name, overrides, model in (("bloom_1f1b", bloom, "bloom"), ("llama_gpipe", llama, "llama")):
         check_against_single_process(results[name], single_process(tmp_path, overrides), 2,
                                      safetensors_bytes(checkpoints[model]), overrides)
+    check_against_single_process(results["llama_interleaved"], single_process(tmp_path, llama), 2,
+                                 safetensors_bytes(checkpoints["llama"]), interleaved["overrides"], per_rank=2)
+    assert [f["blocks"] for f in results["llama_interleaved"]["ranks"]] == [[[0, 1], [2, 3]], [[1, 2], [3, 4]]]
     # stopped after the step-2 checkpoint and resumed by new trainers: bit for bit
-    resumed = results["bloom_1f1b"]
-    assert resumed["resumed_losses"] == resumed["losses"]
-    assert resumed["resumed_adapter"] == resumed["adapter"]
+    for name in ("bloom_1f1b", "llama_interleaved"):
+        resumed = results[name]
+        assert resumed["resumed_losses"] == resumed["losses"], name
+        assert resumed["resumed_adapter"] == resumed["adapter"], name
 
     # the saved adapter is one plain PEFT adapter: it loads onto the float base in one process
     from peft import PeftModel
@@ -271,7 +282,15 @@ def test_split_blocks_refuses_more_stages_than_blocks():
 
 @pytest.mark.parametrize("override,message", [
     ({"model.device_map": "auto"}, "model.device_map='auto' splits one model inside one process"),
-    ({"parallel.pipeline.schedule": "interleaved_1f1b"}, "interleaved_1f1b is not supported yet"),
+    # tiny_lora8's model has 2 blocks
+    ({"parallel.pipeline.schedule": "interleaved_1f1b"},
+     r"2 processes x parallel.pipeline.stages_per_rank=2 = 4 pipeline stages for 2 decoder blocks"),
+    ({"parallel.pipeline.stages_per_rank": 2}, "stages_per_rank=2 needs parallel.pipeline.schedule=interleaved_1f1b"),
+    ({"parallel.pipeline.schedule": "interleaved_1f1b", "parallel.pipeline.stages_per_rank": 1},
+     "interleaving needs 2 or more stages per process"),
+    ({"parallel.pipeline.schedule": "interleaved_1f1b", "model.shrink.num_layers": 8, "training.grad_accum_steps": 5},
+     r"micro_batches=5 over 2 processes: interleaved_1f1b .* multiple of max\(1, micro_batches // processes\) = 2; "
+     r"use a multiple of 2 \(4 or 6\)"),
     ({"training.precision": "fp16"}, "fp16 needs a gradient scaler"),
     ({"export.merged": True}, "export.merged is not available under the pipeline"),
     ({"training.grad_accum_steps": 1}, "micro_batches=1 is fewer than the 2 stages"),
