@@ -59,3 +59,13 @@ def start_until_checkpoint_write(
         kill(process)
         raise
     return process, half_written
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's rendezvous: a fixed port makes two test runs
+    on one machine (two checkouts, a developer and CI) fail each other."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

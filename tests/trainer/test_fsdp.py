@@ -30,7 +30,7 @@ from bytetune.trainer.trainer import Trainer
 
 from tests.tolerances import assert_adapters_agree
 
-from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
+from .helpers import REPO, free_port, as_cli, start_until_checkpoint_write, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
 COMMON = {"training.max_steps": 4, "training.grad_accum_steps": 2, "checkpoint.every_steps": 2,
@@ -84,7 +84,7 @@ def check_against_single_process(fsdp: dict, single: Trainer) -> None:
 @pytest.mark.slow
 def test_fsdp_bloom_equals_one_process_resumes_bitwise_and_saves_plain_peft(tmp_path):
     overrides = tiny_overrides(tmp_path, **COMMON)
-    fsdp = run_fsdp_ranks(tmp_path, overrides, port=29541, resume_check=True)
+    fsdp = run_fsdp_ranks(tmp_path, overrides, port=free_port(), resume_check=True)
     assert not fsdp["loaded_shard_by_shard"]  # a from_config model is built whole, then sharded
     single = single_process(tmp_path, overrides)
     check_against_single_process(fsdp, single)
@@ -117,7 +117,7 @@ def test_fsdp_llama_from_a_local_checkpoint_loads_shard_by_shard_and_equals_one_
     del base
     overrides = tiny_overrides(tmp_path, **COMMON, **{"model.from_config": False, "model.name_or_path": str(tmp_path / "llama"),
                                                       "optimizer.optim_bits": 32})
-    fsdp = run_fsdp_ranks(tmp_path, overrides, port=29542, resume_check=False)
+    fsdp = run_fsdp_ranks(tmp_path, overrides, port=free_port(), resume_check=False)
     assert fsdp["loaded_shard_by_shard"]
     single = single_process(tmp_path, overrides)
     assert single.unwrapped.get_base_model().config.model_type == "llama"
@@ -140,7 +140,7 @@ def test_fsdp_run_killed_during_a_checkpoint_resumes_through_the_shipped_acceler
     run_dir = Path(overrides["output_dir"])
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(REPO / "bytetune" / "recipe" / "accelerate" / "fsdp2.yaml"),
-               "--num_processes", "2", "--main_process_port", "29543",
+               "--num_processes", "2", "--main_process_port", str(free_port()),
                str(REPO / "train.py"), "recipe=tiny_lora8", *as_cli(overrides)]
     process, _ = start_until_checkpoint_write(command, run_dir, ENV, kill=kill_launcher_and_ranks)
     kill_launcher_and_ranks(process)

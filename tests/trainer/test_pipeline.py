@@ -30,7 +30,7 @@ from bytetune.trainer.trainer import Trainer
 
 from tests.tolerances import assert_adapters_agree
 
-from .helpers import REPO, as_cli, start_until_checkpoint_write, tiny_overrides
+from .helpers import REPO, free_port, as_cli, start_until_checkpoint_write, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
 COMMON = {"training.max_steps": 4, "checkpoint.every_steps": 2, "lora.dropout": 0.0, "optimizer.min_8bit_size": 64,
@@ -174,7 +174,7 @@ def test_two_stages_bloom_1f1b_and_llama_gpipe_equal_one_process_resume_bitwise_
     interleaved = case("llama_interleaved", llama, "interleaved_1f1b", resume_check=True)
     results = run_pipeline(tmp_path, 2, [case("bloom_1f1b", bloom, "1f1b", resume_check=True),
                                          case("llama_gpipe", llama, "gpipe"), poisoned, pp_case, interleaved],
-                           port=29571)
+                           port=free_port())
     shipped = results["bloom_lora8_pp"]
     single = single_process(tmp_path, pp, recipe="bloom_lora8_pp")
     assert len(shipped["losses"]) == 2 and all(math.isfinite(loss) for loss in shipped["losses"])
@@ -215,7 +215,7 @@ def test_four_stages_bloom_gpipe_and_llama_1f1b_equal_one_process(tmp_path, chec
     bloom = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=4)
     llama = overrides_for(tmp_path, checkpoints["llama"], micro_batches=4)
     results = run_pipeline(tmp_path, 4, [case("bloom_gpipe", bloom, "gpipe"), case("llama_1f1b", llama, "1f1b")],
-                           port=29572)
+                           port=free_port())
     check_against_single_process(results["bloom_gpipe"], single_process(tmp_path, bloom), 4,
                                  safetensors_bytes(checkpoints["bloom"]), bloom)
     check_against_single_process(results["llama_1f1b"], single_process(tmp_path, llama), 4,
@@ -236,7 +236,7 @@ def kill_launcher_and_ranks(process: subprocess.Popen) -> None:
 def test_pipeline_killed_during_a_checkpoint_resumes_through_train_py(tmp_path, checkpoints):
     overrides = overrides_for(tmp_path, checkpoints["bloom"], micro_batches=2)
     run_dir = Path(overrides["output_dir"])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(REPO / "train.py"), "recipe=tiny_lora8", "parallel.strategy=pipeline", *as_cli(overrides)]
     process, _ = start_until_checkpoint_write(command, run_dir, ENV, kill=kill_launcher_and_ranks)
     kill_launcher_and_ranks(process)

@@ -12,7 +12,7 @@ import pytest
 
 from bytetune.trainer.checkpoint import list_checkpoints
 
-from .helpers import REPO, as_cli, kill_9, start_until_checkpoint_write, tiny_overrides
+from .helpers import REPO, free_port, as_cli, kill_9, start_until_checkpoint_write, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
 FAST = {"training.max_steps": 4, "training.grad_accum_steps": 1, "checkpoint.every_steps": 2,
@@ -47,7 +47,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters(tmp_path):
     # accelerate 1.x starts several CPU processes only through torchrun (--multi_gpu); the Trainer
     # asks for cpu=True without CUDA, so they join one gloo group.
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(REPO / "train.py"), "recipe=tiny_lora8", *as_cli(overrides)]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
