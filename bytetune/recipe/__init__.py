@@ -3,6 +3,8 @@ bundled model configs. Imports nothing of bytetune above the kernels' floor."""
 
 from bytetune.recipe.bundled import MODEL_CONFIGS_DIR, bundled_model_config, shrink_model_config
 from bytetune.recipe.schema import (
+    DEFAULT_RECIPE,
+    PYPI_PREFIX,
     RECIPES_DIR,
     RecipeConfig,
     RecipeError,
@@ -10,11 +12,15 @@ from bytetune.recipe.schema import (
     check_data_paths,
     check_local_paths,
     check_model_paths,
+    installed_package_dir,
+    is_local_path,
+    lkd_device,
     load_recipe,
     load_yaml,
     merge_checked,
     overrides_config,
     parse_overrides,
+    pypi_package_dir,
     recipe_path,
     sections_help,
     to_yaml,
@@ -27,4 +33,5 @@ __all__ = [
     "RECIPES_DIR", "RecipeConfig", "RecipeError", "available_recipes", "load_recipe", "load_yaml",
     "merge_checked", "overrides_config", "parse_overrides", "recipe_path", "sections_help", "to_yaml",
     "torch_dtype", "validate", "check_data_paths", "check_local_paths", "check_model_paths",
+    "DEFAULT_RECIPE", "PYPI_PREFIX", "installed_package_dir", "is_local_path", "lkd_device", "pypi_package_dir",
 ]

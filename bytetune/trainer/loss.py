@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from bytetune.kernels.fused_linear_ce import fused_linear_cross_entropy
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.int8_embedding import Int8Head
-from bytetune.trainer.data import IGNORE_INDEX
+from bytetune.loaders.data import IGNORE_INDEX
 
 # Models already checked: True = fused path verified, False = plain path (warned once).
 _FUSED_OK: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

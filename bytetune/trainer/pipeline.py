@@ -44,11 +44,11 @@ from torch import nn
 
 from bytetune.quant_layers.int8_embedding import Int8Head
 from bytetune.quant_layers.loading import SafetensorsCheckpoint, load_float_checkpoint, load_table, tied_aliases
-from bytetune.recipe import RecipeError
+from bytetune.recipe import PYPI_PREFIX, RecipeError, is_local_path
 from bytetune.trainer import checkpoint as ckpt
-from bytetune.trainer.data import DataError, build_token_blocks
+from bytetune.loaders.data import DataError, build_token_blocks
 from bytetune.trainer.loss import _head_loss, _summed_ce_of_logits, target_token_count
-from bytetune.trainer.models import resolve_model_dir
+from bytetune.loaders.models import resolve_model_dir
 from bytetune.trainer.trainer import (
     PRECISION_TO_ACCELERATE,
     Trainer,
@@ -99,7 +99,7 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.
 def hub_model_id(cfg) -> str | None:
     """model.name_or_path when it names a hub repository (not a local path, not pypi:)."""
     name = cfg.model.name_or_path
-    if cfg.model.from_config or cfg.model.gguf_file or name.startswith(("pypi:", "/", "./", "../", "~")):
+    if cfg.model.from_config or cfg.model.gguf_file or name.startswith(PYPI_PREFIX) or is_local_path(name):
         return None
     return None if Path(name).exists() else name
 

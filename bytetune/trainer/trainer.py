@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from bytetune import optim as bytetune_optim
+from bytetune.loaders.data import DataError, as_token_blocks, build_token_blocks, check_data_files
+from bytetune.loaders.generation import before_and_after, complete
+from bytetune.loaders.models import build_base, check_before_loading, check_lora_targets
 from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
 from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.convert import forget_quantization
@@ -41,10 +44,7 @@ from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer import distributed
-from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks, check_data_files
-from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
-from bytetune.trainer.models import build_base, check_before_loading, check_lora_targets
 from bytetune.trainer.threads import apply_threads
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -215,7 +215,7 @@ def _refuse_pipeline_processes(cfg) -> None:
 class Trainer:
     """Fine-tune the adapters of a PEFT model.
 
-    ``train_data`` / ``eval_data``: :class:`~bytetune.trainer.data.TokenBlocks`, a dict of
+    ``train_data`` / ``eval_data``: :class:`~bytetune.loaders.data.TokenBlocks`, a dict of
     ``[n, seq_len]`` tensors, or a sequence of dicts with ``input_ids`` (and optionally ``labels``,
     ``attention_mask``). ``config``: a recipe (DictConfig from :func:`load_recipe`, a
     :class:`RecipeConfig`, or a nested dict over the schema's defaults).
