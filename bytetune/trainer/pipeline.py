@@ -53,8 +53,9 @@ from bytetune.trainer.trainer import (
     PRECISION_TO_ACCELERATE,
     Trainer,
     TrainingError,
+    RunStart,
     _accelerator,
-    _choose_threads,
+    _start_of_run,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -417,13 +418,14 @@ def build_stage(cfg, stage: int, stages: int, device: torch.device, ranges: list
 class PipelineTrainer(Trainer):
     """The Trainer's loop (train(), logging, summary) over one pipeline stage per process."""
 
-    def __init__(self, cfg, ranges: list[range] | None = None, threads: dict | None = None):
+    def __init__(self, cfg, ranges: list[range] | None = None, start: RunStart | None = None):
         from accelerate.utils import set_seed
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.cfg = cfg
-        # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
-        self.threads = threads if threads is not None else _choose_threads(cfg)
+        # from_config found the checkpoint to resume and chose the threads; else find them now
+        self._start = start if start is not None else _start_of_run(cfg)
+        self.threads = self._start.threads
         self.fsdp = False
         self.memory_plan = None  # the planner's pipeline model is `python -m bytetune.plan ... parallel=pipeline`
         self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[cfg.training.precision])
@@ -496,9 +498,9 @@ class PipelineTrainer(Trainer):
     def from_config(cls, cfg, ranges: list[range] | None = None) -> "PipelineTrainer":
         # Everything that can fail cheaply fails before the model loads (and before any process
         # group is needed): the same checks as Trainer.from_config, then the pipeline's own.
-        threads = preflight(cfg)
+        start = preflight(cfg)
         check_pipeline_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        return cls(cfg, ranges, threads=threads)
+        return cls(cfg, ranges, start=start)
 
     # ------------------------------------------------------------------------ identity
     parallel_mode = STRATEGY_PIPELINE
