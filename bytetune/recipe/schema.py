@@ -464,24 +464,39 @@ def validate(cfg: DictConfig) -> None:
         if too_long:
             raise RecipeError(too_long)
     _check_device_map_syntax(cfg.model.device_map)
-    _device_map_device(cfg.lkd.device, "lkd.device")
+    _named_device(cfg.lkd.device, "lkd.device", ("auto",), "auto")
 
 
 # model.device_map words accelerate places by itself; anything else is one torch device.
 DEVICE_MAP_WORDS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def _device_map_device(value: str, key: str = "model.device_map") -> torch.device | None:
-    """The torch device a model.device_map (or lkd.device) names, None for accelerate's placement
-    words (lkd.device's only word is auto)."""
-    words = DEVICE_MAP_WORDS if key == "model.device_map" else ("auto",)
+def _named_device(value: str, key: str, words: tuple[str, ...], choices: str) -> torch.device | None:
+    """The torch device ``key=value`` names, None for one of its ``words``; one line otherwise."""
     if value in words:
         return None
     try:
         return torch.device(value)
     except (RuntimeError, ValueError):
-        choices = f"null, {', '.join(words)}" if key == "model.device_map" else "auto"
         raise RecipeError(f"{key}={value!r} is not valid: use {choices}, cpu, cuda or cuda:N") from None
+
+
+def _check_cuda_present(device: torch.device, key: str, value: str, instead: str, pick: str) -> None:
+    """A CUDA ``device`` is one this machine has: one line naming what to use ``instead`` (no GPU)
+    or which to ``pick`` (a GPU index past the last one)."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RecipeError(f"{key}={value!r} but torch sees no CUDA device here: use {instead}")
+    if device.index is not None and device.index >= count:
+        raise RecipeError(f"{key}={value!r} but this machine has {count} CUDA device(s), "
+                          f"cuda:0..cuda:{count - 1}: pick one of them, or {pick}")
+
+
+def _device_map_device(value: str) -> torch.device | None:
+    """The torch device a model.device_map names, None for accelerate's placement words."""
+    return _named_device(value, "model.device_map", DEVICE_MAP_WORDS, f"null, {', '.join(DEVICE_MAP_WORDS)}")
 
 
 def _check_device_map_syntax(value: Optional[str]) -> None:
@@ -494,29 +509,18 @@ def check_device_map(model: DictConfig) -> None:
     if model.device_map is None:
         return
     device = _device_map_device(model.device_map)
-    if device is None or device.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise RecipeError(f"model.device_map={model.device_map!r} but torch sees no CUDA device here: "
-                          "use model.device_map=null (or cpu)")
-    if device.index is not None and device.index >= count:
-        raise RecipeError(f"model.device_map={model.device_map!r} but this machine has {count} CUDA device(s), "
-                          f"cuda:0..cuda:{count - 1}: pick one of them, or model.device_map=auto")
+    if device is not None:
+        _check_cuda_present(device, "model.device_map", model.device_map, "model.device_map=null (or cpu)",
+                            "model.device_map=auto")
 
 
 def lkd_device(lkd: DictConfig) -> torch.device:
     """The torch device of lkd.device: auto is cuda when torch sees one, else cpu; a GPU this
     machine does not have fails (one line) before anything loads."""
-    device = _device_map_device(lkd.device, "lkd.device")
+    device = _named_device(lkd.device, "lkd.device", ("auto",), "auto")
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"lkd.device={lkd.device!r} but torch sees no CUDA device: use lkd.device=cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise RecipeError(f"lkd.device={lkd.device!r} but this machine has {count} CUDA device(s), "
-                          f"cuda:0..cuda:{count - 1}: pick one of them (or lkd.device=auto)")
+    _check_cuda_present(device, "lkd.device", lkd.device, "lkd.device=cpu (or auto)", "lkd.device=auto")
     return device
 
 
