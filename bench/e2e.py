@@ -65,7 +65,7 @@ MODEL_CACHE = "~/.cache/bytetune/models"  # the recipes' default model.cache_dir
 def smollm2_checkpoint() -> str:
     """Directory of SmolLM2-135M as bytetune's GGUF cache holds it (converted here if missing):
     the bytetune side loads it through load_gguf_cached, the peer with from_pretrained."""
-    from bytetune.trainer.models import _gguf_cache_dir, load_gguf_cached, smollm2_gguf_path
+    from bytetune.loaders.models import _gguf_cache_dir, load_gguf_cached, smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     cached = _gguf_cache_dir(gguf, MODEL_CACHE)
@@ -76,7 +76,7 @@ def smollm2_checkpoint() -> str:
 
 def token_batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tensor]:
     """Byte-level tokens of the standard-library text: the same batches for both sides."""
-    from bytetune.trainer.local_text import stdlib_text
+    from bytetune.loaders.local_text import stdlib_text
 
     data = torch.tensor(list(stdlib_text("train", max_chars=batch * seq_len * count + 1).encode("utf-8")))
     data = data[: batch * seq_len * count].clamp_(max=vocab - 1)
@@ -114,7 +114,7 @@ def run_bytetune(job: dict) -> dict:
     batches = token_batches(job["vocab"], job["batch"], job["seq_len"], job["warmup"] + job["steps"])
     base = peak_reset(device)
     if job["gguf"]:
-        from bytetune.trainer.models import load_gguf_cached, smollm2_gguf_path
+        from bytetune.loaders.models import load_gguf_cached, smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
         model, _ = load_gguf_cached(gguf.parent, gguf.name, dtype, MODEL_CACHE)

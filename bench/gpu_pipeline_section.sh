@@ -17,7 +17,7 @@ if [ "$N_GPUS" -ge 2 ]; then
     timeout 60 "$PYTHON" - "$PP_MODEL" <<'EOF' 2>&1 | grep -E "^saved|Error" | tee -a "$RESULTS"
 import sys
 from bytetune.recipe import load_recipe
-from bytetune.trainer.models import load_base_model
+from bytetune.loaders.models import load_base_model
 cfg = load_recipe("bloom7b_lora8", {"model.from_config": True, "model.shrink.num_layers": 4,
                                     "model.shrink.hidden_size": 512, "model.shrink.num_heads": 8,
                                     "model.shrink.vocab_size": 512, "model.tokenizer": "bytes"})

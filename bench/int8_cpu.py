@@ -180,7 +180,7 @@ def model_part(steps: int) -> None:
     from bytetune.quant_layers.lora import prepare_for_kbit_training, register_int8_lora
     from bytetune.trainer.loss import summed_token_loss
     from bytetune.recipe.schema import ModelConfig
-    from bytetune.trainer.models import load_gguf_cached, smollm2_gguf_path
+    from bytetune.loaders.models import load_gguf_cached, smollm2_gguf_path
 
     print(f"\n## 3. SmolLM2-135M LoRA training step (r=16, all linears, {TOKENS // 128} x 128 tokens, AdamW8bit)")
     path = smollm2_gguf_path()

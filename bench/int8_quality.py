@@ -31,8 +31,8 @@ from torch import nn
 from bytetune import quantize_model
 from bytetune.quant_layers.convert import default_skip_names, model_bytes
 from bytetune.quant_layers.int8_embedding import quantize_embeddings
-from bytetune.trainer.local_text import stdlib_text
-from bytetune.trainer.models import load_smollm2
+from bytetune.loaders.local_text import stdlib_text
+from bytetune.loaders.models import load_smollm2
 
 
 def heldout_windows(tokenizer, n_tokens: int, window: int) -> torch.Tensor:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bytetune.quant_layers import model_bytes, quantize_model  # noqa: E402
 from bytetune.quant_layers.convert import default_skip_names  # noqa: E402
 from bytetune.recipe import bundled_model_config  # noqa: E402
-from bytetune.trainer.local_text import stdlib_text  # noqa: E402
-from bytetune.trainer.models import byte_tokenizer  # noqa: E402
+from bytetune.loaders.local_text import stdlib_text  # noqa: E402
+from bytetune.loaders.models import byte_tokenizer  # noqa: E402
 
 CONFIGS = ["tiny-mixtral", "tiny-qwen3-moe"]
 INIT_STD = 0.1

@@ -120,7 +120,7 @@ def modelled_gpu_speeds(args, model_dir: Path, out: Path) -> dict:
 
 def make_model(args, directory: Path) -> int:
     from bytetune.recipe import load_recipe
-    from bytetune.trainer.models import load_base_model
+    from bytetune.loaders.models import load_base_model
 
     shrink = {"model.shrink.num_layers": args.blocks, "model.shrink.hidden_size": args.hidden,
               "model.shrink.num_heads": args.heads, "model.shrink.vocab_size": 512}

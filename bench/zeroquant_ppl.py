@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from bytetune.quant_layers.lkd import LKDConfig, run_lkd
-from bytetune.trainer.lkd_run import load_model, parse_cli, text_batches
+from bytetune.cli_lkd import load_model, parse_cli
+from bytetune.loaders.data import text_batches
 from bytetune.quant_layers import quantize_model
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant, quantized_weight_bytes_per_param
-from bytetune.trainer.local_text import stdlib_text
+from bytetune.loaders.local_text import stdlib_text
 
 ALL_8_BITS = {r".": 8}
 ROWS = ("fp32", "int8", "w8a8", "w48a8", "w48a16", "lkd")
@@ -63,7 +64,8 @@ def main() -> None:
         raise SystemExit(f"unknown rows {sorted(wanted - set(ROWS))}; choose from {ROWS}")
 
     t0 = time.perf_counter()
-    lkd_run = parse_cli([f"device={args.device}"])  # LKD's defaults: SmolLM2 and the stdlib training split
+    # LKD's defaults (SmolLM2 and the stdlib training split), the stdlib cut to what calibration reads
+    lkd_run = parse_cli([f"lkd.device={args.device}", "data.max_train_chars=null"])
     fp_model, tokenizer = load_model(lkd_run)
     fp_model.eval().to(args.device)
     heldout = torch.tensor(tokenizer(stdlib_text("heldout", max_chars=args.eval_tokens * 8))["input_ids"])

@@ -1,5 +1,6 @@
 """The command-line entry points: ``train.py`` / ``bytetune-train``, ``bytetune-plan`` and
-``python -m bytetune.lkd`` / ``bytetune-lkd``. Each prints its usage and the schema's sections for
+``python -m bytetune.lkd`` / ``bytetune-lkd`` (bytetune/cli_lkd.py) and ``python -m bytetune.generate`` /
+``bytetune-generate`` (bytetune/cli_generate.py). Each prints its usage and the schema's sections for
 ``--help`` and turns whatever a user can get wrong into one ``error:`` line and exit status 2."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import sys
 
 from bytetune.recipe import (
+    DEFAULT_RECIPE,
     RecipeConfig,
     RecipeError,
     available_recipes,
@@ -17,7 +19,6 @@ from bytetune.recipe import (
     to_yaml,
 )
 
-DEFAULT_RECIPE = "smollm2_lora8"
 HELP_FLAGS = ("-h", "--help")
 
 TRAIN_USAGE = f"""\
@@ -91,9 +92,9 @@ def plan_main(argv: list[str] | None = None) -> int:
 
 
 def lkd_main(argv: list[str] | None = None) -> int:
-    """``bytetune-lkd [recipe=NAME] [key.sub=value ...]`` (bytetune.trainer.lkd_run)."""
-    # LKD loads models and data through the trainer's loaders: import it only when asked to run.
-    from bytetune.trainer.lkd_run import main
+    """``bytetune-lkd [recipe=NAME] [key.sub=value ...]`` (bytetune/cli_lkd.py)."""
+    # LKD loads models and data (transformers, datasets): import it only when asked to run.
+    from bytetune.cli_lkd import main
 
     try:
         return main(sys.argv[1:] if argv is None else argv)
@@ -102,8 +103,11 @@ def lkd_main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """``bytetune-generate recipe=NAME prompt="..." [adapter=DIR]`` (bytetune.trainer.generate)."""
-    # generate loads models through the trainer's loaders: import it only when asked to run.
-    from bytetune.trainer.generate import main
+    """``bytetune-generate recipe=NAME prompt="..." [adapter=DIR]`` (bytetune/cli_generate.py)."""
+    # generate loads models (transformers, peft): import it only when asked to run.
+    from bytetune.cli_generate import main
 
-    return main(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(sys.argv[1:] if argv is None else list(argv))
+    except RecipeError as error:
+        return error_exit(error)

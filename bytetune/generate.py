@@ -1,5 +1,5 @@
 """``python -m bytetune.generate recipe=NAME [adapter=DIR] prompt="..."``: the base's and the
-adapted model's completions of a prompt (bytetune.trainer.generate does the work)."""
+adapted model's completions of a prompt (bytetune/cli_generate.py does the work)."""
 
 import sys
 

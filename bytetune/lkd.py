@@ -1,5 +1,5 @@
 """``python -m bytetune.lkd recipe=NAME key=value ...``: layer-by-layer distillation of a model into
-ZeroQuant layers (the algorithm is bytetune.quant_layers.lkd)."""
+ZeroQuant layers (the command is bytetune/cli_lkd.py, the algorithm bytetune.quant_layers.lkd)."""
 
 import sys
 

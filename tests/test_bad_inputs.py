@@ -93,10 +93,11 @@ BAD_INPUTS = [
     ("plan", lambda t, f: ["recipe=bloom_lora8", "gpus=8x24GiB", "lora.rank=3"], ["unknown key 'lora.rank'"]),
     # LKD
     ("lkd", lambda t, f: ["lkd.stepz=3"], ["unknown key 'lkd.stepz'"]),
-    ("lkd", lambda t, f: ["lkd.act_bits=5"], ["lkd.act_bits must be 8 or 16"]),
-    ("lkd", lambda t, f: ["device=tpu9"], ["device='tpu9'"]),
+    ("lkd", lambda t, f: ["quantization.act_bits=5"], ["quantization.act_bits must be 8 or 16"]),
+    ("lkd", lambda t, f: ["lkd.device=tpu9"], ["lkd.device='tpu9'"]),
     ("lkd", lambda t, f: [f"recipe={f['broken']}"], ["bad YAML"]),
-    ("lkd", lambda t, f: [f"model.name_or_path={f['empty_dir']}", f"output_dir={t / 'out'}", "random_tokens=true"],
+    ("lkd", lambda t, f: [f"model.name_or_path={f['empty_dir']}", "model.gguf_file=null", f"lkd.output_dir={t / 'out'}",
+                          "lkd.random_tokens=true"],
      ["could not load model"]),
 ]
 

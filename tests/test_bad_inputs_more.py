@@ -24,7 +24,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
 from bytetune.cli import generate_main, lkd_main, plan_main, train_main
-from bytetune.trainer import lkd_run, models
+from bytetune.loaders import models
 from tests.test_bad_inputs import _tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,15 +161,16 @@ BAD_INPUTS = [
     ("generate", lambda t, f: _tiny(t, "prompt=hello", f"adapter={f['empty_dir']}"), ["has no adapter_config.json"], False),
     ("generate", lambda t, f: _tiny(t, "prompt=hello", "adapter=none", f"model.device_map={MISSING_GPU}"), [f"model.device_map='{MISSING_GPU}'"], True),
     # --- bytetune-lkd
-    ("lkd", lambda t, f: ["seq_len=0"], ["seq_len must be > 0"], True),
-    ("lkd", lambda t, f: [f"device={MISSING_GPU}"], [f"device='{MISSING_GPU}'"], True),
+    ("lkd", lambda t, f: ["training.seq_len=0"], ["training.seq_len must be > 0"], True),
+    ("lkd", lambda t, f: [f"lkd.device={MISSING_GPU}"], [f"lkd.device='{MISSING_GPU}'"], True),
     ("lkd", lambda t, f: ["model.name_or_path=tiny-bloom", "model.from_config=true", "model.config_file=tiny-bloom", "model.tokenizer=bytes",
-                          f"data.train={f['bad_json']}", "seq_len=16", "n_batches=1", "batch_size=1", f"output_dir={t / 'lkd'}"],
+                          f"data.train={f['bad_json']}", "training.seq_len=16", "lkd.n_batches=1", "lkd.batch_size=1",
+                          f"lkd.output_dir={t / 'lkd'}"],
      ["bad_json.jsonl", "line 4", "invalid JSON"], False),
     ("lkd", lambda t, f: ["model.name_or_path=smollm2", "model.from_config=true", "model.config_file=smollm2-135m", "model.tokenizer=bytes",
                           "model.shrink.num_layers=1", "model.shrink.hidden_size=64", "model.shrink.num_heads=4", "model.shrink.vocab_size=512",
-                          "random_tokens=true", "seq_len=9000", f"output_dir={t / 'lkd'}"],
-     ["seq_len=9000", "max_position_embeddings=8192"], False),
+                          "lkd.random_tokens=true", "training.seq_len=9000", f"lkd.output_dir={t / 'lkd'}"],
+     ["training.seq_len=9000", "max_position_embeddings=8192"], True),
 ]
 
 ENTRY_POINTS = {"train": train_main, "plan": plan_main, "lkd": lkd_main, "generate": generate_main}
@@ -183,9 +184,8 @@ def _no_model_loads(*args, **kwargs):
                          ids=[f"{e}-{i}" for i, (e, _, _, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch, entry, make_argv, words, before_load):
     argv = make_argv(tmp_path, _files(tmp_path))
-    if before_load:  # every module that calls the loader (they bind it at import)
-        for module in (models, lkd_run):
-            monkeypatch.setattr(module, "load_base_model", _no_model_loads)
+    if before_load:  # the one loader every command calls (bytetune.loaders.models)
+        monkeypatch.setattr(models, "load_base_model", _no_model_loads)
     code = ENTRY_POINTS[entry](argv)
     err = capsys.readouterr().err
     assert code == 2, err
@@ -221,7 +221,7 @@ def test_tokenizer_without_eos_separates_documents_with_its_bos(tmp_path):
     from transformers import AutoTokenizer
 
     from bytetune.recipe.schema import DataConfig
-    from bytetune.trainer.data import build_token_blocks
+    from bytetune.loaders.data import build_token_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(_byte_tokenizer_dir(tmp_path / "tok", bos_token="<s>"))
     assert tokenizer.eos_token_id is None and tokenizer.pad_token_id is None
@@ -246,7 +246,7 @@ def test_lora_rank_above_a_layer_width_warns():
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bytetune.trainer.models import check_lora_targets
+    from bytetune.loaders.models import check_lora_targets
 
     config = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=2, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)

@@ -7,10 +7,18 @@ file: ``from bytetune.plan import spec`` is bytetune/plan/spec.py when that file
 bytetune/plan/__init__.py. The parent packages' __init__ files that Python runs on the way are not
 counted, since a package's __init__ re-exporting its own modules is not a cycle between files.
 
-Floors, lowest first (LAYERS below): kernels 0; optim, quant_layers 1; recipe 2; plan 3; trainer 4;
-entry points (bytetune/cli.py and the ``python -m`` modules bytetune/lkd.py, bytetune/generate.py) 5. A module may import its own layer or a
-lower floor, never a higher floor or another layer of its own floor (optim and quant_layers do not
-import each other). Offending edges are reported one per line.
+Floors, lowest first (LAYERS below): kernels 0; optim, quant_layers 1; recipe 2; plan, loaders 3;
+trainer 4; entry points (bytetune/cli.py, the commands beside it, bytetune/cli_lkd.py and
+bytetune/cli_generate.py, and the ``python -m`` modules bytetune/lkd.py, bytetune/generate.py) 5. A
+module may import its own layer or a lower floor, never a higher floor or another layer of its own
+floor (optim and quant_layers do not import each other; nor do plan and loaders). Offending edges
+are reported one per line.
+
+loaders (model, tokenizer and data loading) sits on floor 3 beside the planner, not above it: it
+needs the layers it quantizes into (quant_layers, 1) and the recipe (2), nothing of the planner,
+and the planner, which works on meta-device skeletons, never loads; the lowest floor that holds
+both. The trainer (4) and the LKD and generate commands (5) load through it; those two commands
+never import the trainer (test_commands_do_not_import_the_trainer).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ LAYERS = [
     (1, "quant_layers", ("bytetune.quant_layers",)),
     (2, "recipe", ("bytetune.recipe",)),
     (3, "plan", ("bytetune.plan",)),
+    (3, "loaders", ("bytetune.loaders",)),
     (4, "trainer", ("bytetune.trainer",)),
     (5, "entry", ("bytetune.cli", "bytetune.__main__", "bytetune.lkd", "bytetune.generate")),
     # The package root re-exports the floors below (and the trainer, lazily): importing it from
@@ -186,6 +195,22 @@ def test_no_import_cycle_between_files():
     assert not cycles, "import cycles:\n  " + "\n  ".join(cycles)
 
 
+def test_commands_do_not_import_the_trainer():
+    # The LKD and generate commands load through bytetune.loaders; nothing they import, however
+    # indirectly, is the training loop.
+    graph = import_graph()
+    for command in ("bytetune.cli_lkd", "bytetune.cli_generate"):
+        seen, todo = set(), [command]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph.get(name, ()))
+        assert "bytetune.loaders.models" in seen, command  # the walk follows its imports
+        trainer = sorted(name for name in seen if layer_of(name)[1] == "trainer")
+        assert not trainer, f"{command} imports the trainer: {trainer}"
+
+
 def test_allowed_violations_still_exist():
     graph = import_graph()
     fixed = sorted(f"{src} -> {dst}" for src, dst in KNOWN_VIOLATIONS if dst not in graph.get(src, ()))
@@ -198,6 +223,8 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert strongly_connected({"a": {"b"}, "b": set()}) == []
     assert layer_of("bytetune.plan.spec") == (3, "plan")
     assert layer_of("bytetune.trainer.trainer") == (4, "trainer")
+    assert layer_of("bytetune.loaders.models") == (3, "loaders")
+    assert layer_of("bytetune.cli_lkd") == (5, "entry")
     assert layer_of("bytetune") == (5, "root")
     modules = all_modules()
     runtime = imports_of("bytetune.plan.runtime", modules["bytetune.plan.runtime"], modules)

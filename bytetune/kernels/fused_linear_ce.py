@@ -56,7 +56,7 @@ __all__ = [
     "fused_linear_cross_entropy",
 ]
 
-IGNORE_INDEX = -100
+from bytetune.kernels.constants import IGNORE_INDEX  # noqa: E402  (one home: kernels/constants.py)
 MIN_CHUNK_TOKENS = 32
 # On a CPU a GEMM of a few dozen rows against the whole vocabulary runs far below the BLAS's
 # speed: SmolLM2's loss (508 tokens, 49,152 ids, 2 cores) took 602 ms forward + backward in

@@ -35,7 +35,7 @@ if HAS_TRITON:
 
     from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
-INT8_MAX = 127
+from bytetune.kernels.constants import INT8_MAX  # noqa: E402  (one home: kernels/constants.py)
 INT4_MAX = 7
 INT4_OFFSET = 8  # stored nibble = code + 8, so codes -7..7 become 1..15
 DEFAULT_GROUP_SIZE = 128

@@ -27,7 +27,7 @@ if HAS_TRITON:
 
     from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
-INT8_MAX = 127.0
+from bytetune.kernels.constants import INT8_MAX  # noqa: E402  (one home: kernels/constants.py)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The reference input gradient dequantizes at most this many weight elements at a time (2 MiB
 # of fp32), so it never holds an fp32 copy of a large weight. Measured on SmolLM2's shapes (one

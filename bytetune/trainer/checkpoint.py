@@ -51,7 +51,9 @@ FRESH_WORDS = ("false", "no", "0", "")
 RUN_ARTIFACTS = ("checkpoints", "adapter", "merged", "log.jsonl", "summary.json", "recipe.yaml", RUN_FILE,
                  "tensorboard", "loss_curve.png")
 # Recipe keys a resumed run may change: they do not change what the steps compute.
-RESUMABLE_KEYS = ("name", "output_dir", "checkpoint", "logging", "eval", "export", "training.max_steps",
+# "lkd": python -m bytetune.lkd's options, which training never reads (and which older checkpoints,
+# written before the recipe had them, do not record).
+RESUMABLE_KEYS = ("name", "output_dir", "checkpoint", "logging", "eval", "export", "lkd", "training.max_steps",
                   "training.epochs", "training.threads", "data.cache_dir", "model.cache_dir", "model.device_map",
                   "data.eval", "data.eval_split", "data.max_eval_chars", "data.max_eval_samples")
 

@@ -48,7 +48,7 @@ from bytetune.quant_layers.loading import DeferredBase
 from bytetune.quant_layers.shards import local_tensor as _local
 from bytetune.recipe import RecipeError
 from bytetune.trainer import checkpoint as ckpt
-from bytetune.trainer.models import resolve_model_dir
+from bytetune.loaders.models import resolve_model_dir
 
 STRATEGY_FSDP = "fsdp"
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files inside a checkpoint directory

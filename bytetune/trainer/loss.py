@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from bytetune.loaders.data import IGNORE_INDEX
 from bytetune.quant_layers.head_loss import fusable_head, head_cross_entropy
-from bytetune.trainer.data import IGNORE_INDEX
 
 # Models already checked: True = fused path verified, False = plain path (warned once).
 _FUSED_OK: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

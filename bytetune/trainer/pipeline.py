@@ -48,17 +48,18 @@ from torch import nn
 from bytetune.quant_layers.blocks import NoDecoderBlocks, decoder_block_list
 from bytetune.quant_layers.int8_embedding import Int8Head
 from bytetune.quant_layers.loading import DeferredBase, SafetensorsCheckpoint, load_table, tied_aliases
-from bytetune.recipe import RecipeError, check_pipeline_layout, pipeline_stages_per_rank
+from bytetune.recipe import PYPI_PREFIX, RecipeError, check_pipeline_layout, is_local_path, pipeline_stages_per_rank
 from bytetune.trainer import checkpoint as ckpt
-from bytetune.trainer.data import DataError, build_token_blocks
+from bytetune.loaders.data import DataError, build_token_blocks
 from bytetune.trainer.loss import _head_loss, _summed_ce_of_logits, target_token_count
-from bytetune.trainer.models import resolve_model_dir
+from bytetune.loaders.models import resolve_model_dir
 from bytetune.trainer.trainer import (
     PRECISION_TO_ACCELERATE,
     Trainer,
     TrainingError,
+    RunStart,
     _accelerator,
-    _choose_threads,
+    _start_of_run,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -103,7 +104,7 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.
 def hub_model_id(cfg) -> str | None:
     """model.name_or_path when it names a hub repository (not a local path, not pypi:)."""
     name = cfg.model.name_or_path
-    if cfg.model.from_config or cfg.model.gguf_file or name.startswith(("pypi:", "/", "./", "../", "~")):
+    if cfg.model.from_config or cfg.model.gguf_file or name.startswith(PYPI_PREFIX) or is_local_path(name):
         return None
     return None if Path(name).exists() else name
 
@@ -438,13 +439,14 @@ class PipelineTrainer(Trainer):
     ``model``: the first of them (config, adapter config); ``stage_module``: the last of them
     (on the last rank, the one computing the loss)."""
 
-    def __init__(self, cfg, ranges: list[range] | None = None, threads: dict | None = None):
+    def __init__(self, cfg, ranges: list[range] | None = None, start: RunStart | None = None):
         from accelerate.utils import set_seed
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         self.cfg = cfg
-        # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
-        self.threads = threads if threads is not None else _choose_threads(cfg)
+        # from_config found the checkpoint to resume and chose the threads; else find them now
+        self._start = start if start is not None else _start_of_run(cfg)
+        self.threads = self._start.threads
         self.fsdp = False
         self.memory_plan = None  # the planner's pipeline model is `python -m bytetune.plan ... parallel=pipeline`
         self.accelerator = _accelerator(PRECISION_TO_ACCELERATE[cfg.training.precision])
@@ -535,9 +537,9 @@ class PipelineTrainer(Trainer):
     def from_config(cls, cfg, ranges: list[range] | None = None) -> "PipelineTrainer":
         # Everything that can fail cheaply fails before the model loads (and before any process
         # group is needed): the same checks as Trainer.from_config, then the pipeline's own.
-        threads = preflight(cfg)
+        start = preflight(cfg)
         check_pipeline_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        return cls(cfg, ranges, threads=threads)
+        return cls(cfg, ranges, start=start)
 
     # ------------------------------------------------------------------------ identity
     parallel_mode = STRATEGY_PIPELINE

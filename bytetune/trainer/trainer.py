@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from bytetune import optim as bytetune_optim
+from bytetune.loaders.data import DataError, as_token_blocks, build_token_blocks, check_data_files
+from bytetune.loaders.generation import before_and_after, complete
+from bytetune.loaders.models import build_base, check_before_loading, check_lora_targets
 from bytetune.plan.runtime import check_fits, memory_report, plan_for_run
 from bytetune.quant_layers import dequantize_model
 from bytetune.quant_layers.convert import forget_quantization
@@ -42,10 +46,7 @@ from bytetune.quant_layers.lora import export_merged
 from bytetune.recipe import RecipeConfig, RecipeError, check_local_paths, load_recipe, torch_dtype, validate
 from bytetune.trainer import checkpoint as ckpt
 from bytetune.trainer import distributed
-from bytetune.trainer.data import DataError, as_token_blocks, build_token_blocks, check_data_files
-from bytetune.trainer.generate import before_and_after, complete
 from bytetune.trainer.loss import summed_token_loss, target_token_count
-from bytetune.trainer.models import build_base, check_before_loading, check_lora_targets
 from bytetune.trainer.threads import apply_threads
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -154,17 +155,27 @@ def _accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def _choose_threads(cfg: DictConfig) -> dict:
-    """Set this process's intra-op thread count for the run (bytetune/trainer/threads.py); a
-    resumed run takes the count its checkpoint recorded, so it ends bitwise where an uninterrupted
-    one would. Reads the checkpoint to resume, so a damaged or foreign one fails here, early."""
+@dataclass(frozen=True)
+class RunStart:
+    """What a trainer starts its run from, found before its model loads: the checkpoint to resume
+    (None: a fresh run) and the thread choice ({"threads", "rule"})."""
+
+    resume_from: Path | None
+    threads: dict
+
+
+def _start_of_run(cfg: DictConfig) -> RunStart:
+    """Find the checkpoint to resume (once per run: ``previous_intact`` verifies checkpoints) and
+    set this process's intra-op thread count (bytetune/trainer/threads.py); a resumed run takes
+    the count its checkpoint recorded, so it ends bitwise where an uninterrupted one would. Reads
+    the checkpoint, so a damaged or foreign one fails here, early."""
     recorded = None
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
         ckpt.check_recipe_matches(resume_from, state, ckpt.recipe_identity(cfg))
         recorded = state.get("threads")
-    return apply_threads(cfg.training.threads, recorded)
+    return RunStart(resume_from, apply_threads(cfg.training.threads, recorded))
 
 
 @contextlib.contextmanager
@@ -194,17 +205,20 @@ def _as_recipe(config: Any) -> DictConfig:
     return cfg
 
 
-def preflight(cfg: DictConfig) -> dict:
+def preflight(cfg: DictConfig) -> RunStart:
     """The checks every trainer (one process, DDP, FSDP, pipeline) runs before its model loads:
     the run folder (another run in it, a file in its place, read-only), the checkpoint to resume
-    (damaged, another run's), the paths and data files the recipe names, seq_len and LoRA targets
-    against the model's config. Returns the thread choice (``_choose_threads``)."""
+    (damaged, another run's), what FSDP cannot do, the paths and data files the recipe names,
+    seq_len and LoRA targets against the model's config. Returns the run's start (``_start_of_run``),
+    which the trainer takes over instead of finding it again."""
     ckpt.check_run_dir(cfg.output_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, ckpt.recipe_identity(cfg))
-    threads = _choose_threads(cfg)
+    start = _start_of_run(cfg)
+    if cfg.parallel.strategy != "pipeline" and distributed.use_fsdp(cfg):
+        distributed.check_fsdp_recipe(cfg)
     check_local_paths(cfg)  # missing files fail before the model loads (minutes, for big models)
     check_data_files(cfg.data)  # and so do their bad rows
     check_before_loading(cfg)  # seq_len and LoRA targets against the model's config
-    return threads
+    return start
 
 
 def _refuse_pipeline_processes(cfg) -> None:
@@ -217,17 +231,16 @@ def _refuse_pipeline_processes(cfg) -> None:
 class Trainer:
     """Fine-tune the adapters of a PEFT model.
 
-    ``train_data`` / ``eval_data``: :class:`~bytetune.trainer.data.TokenBlocks`, a dict of
+    ``train_data`` / ``eval_data``: :class:`~bytetune.loaders.data.TokenBlocks`, a dict of
     ``[n, seq_len]`` tensors, or a sequence of dicts with ``input_ids`` (and optionally ``labels``,
     ``attention_mask``). ``config``: a recipe (DictConfig from :func:`load_recipe`, a
     :class:`RecipeConfig`, or a nested dict over the schema's defaults).
     """
 
-    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto", threads=None,
-                 deferred_base: DeferredBase | None = None):
+    def __init__(self, model, tokenizer, train_data, config, eval_data=None, memory_plan="auto",
+                 start: RunStart | None = None, deferred_base: DeferredBase | None = None):
         # deferred_base: the model's base was built empty (build_model(..., deferred=...)); FSDP
         # fills each rank's shards of it from there
-
         if not isinstance(model, PeftModel):
             raise TypeError("Trainer trains adapters only: pass a PEFT model (peft.get_peft_model or Trainer.from_recipe)")
         self.cfg = _as_recipe(config)
@@ -237,7 +250,8 @@ class Trainer:
                           "(launch one process per GPU: accelerate launch --config_file "
                           "bytetune/recipe/accelerate/fsdp2.yaml train.py ...)")
         if self.fsdp:
-            distributed.check_fsdp_recipe(self.cfg)
+            if start is None:  # from_config's preflight checked it before the model loaded
+                distributed.check_fsdp_recipe(self.cfg)
             memory_plan = None  # the planner does not model FSDP yet
         elif deferred_base is not None:
             raise TypeError("a base built empty (deferred_base) is filled by FSDP's ranks only: this run is not "
@@ -249,8 +263,11 @@ class Trainer:
                           "(launch one process per GPU: torchrun --nproc_per_node N train.py ...)")
         if OmegaConf.is_missing(self.cfg.model, "name_or_path"):  # a model built by hand
             self.cfg.model.name_or_path = model.get_base_model().config.name_or_path or "model"
-        # {"threads", "rule"}: from_config chose it before the model loaded; else choose it now
-        self.threads = threads if threads is not None else _choose_threads(self.cfg)
+        # from_config found the checkpoint to resume and chose the threads before the model loaded;
+        # a model built by hand: find and choose them now
+        start = start if start is not None else _start_of_run(self.cfg)
+        self.threads = start.threads
+        self._start = start  # the first train() takes its resume_from over (_start_run_dir)
         # The planner's prediction, recorded beside the measured peaks ("auto": plan the model given).
         if memory_plan == "auto":
             memory_plan = plan_for_run(self.cfg, model_config=model.get_base_model().config)
@@ -313,10 +330,8 @@ class Trainer:
         # run in it, a file in its place, read-only), the checkpoint to resume (damaged, another
         # run's), the paths the recipe names; a pipeline recipe reaching the plain Trainer.
         _refuse_pipeline_processes(cfg)
-        threads = preflight(cfg)
+        start = preflight(cfg)  # FSDP's own checks included
         fsdp = distributed.use_fsdp(cfg)
-        if fsdp:
-            distributed.check_fsdp_recipe(cfg)
 
         # a recipe that cannot fit fails here, saying what would. The FSDP plan needs the world
         # size and one GPU per process: `python -m bytetune.plan ... parallel=fsdp` plans it.
@@ -327,7 +342,7 @@ class Trainer:
         model, tokenizer = build_model(cfg, device_map=plan.device_map if split else None, deferred=deferred)
         train_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "train")
         eval_data = build_token_blocks(cfg.data, tokenizer, cfg.training.seq_len, "eval") if cfg.data.eval else None
-        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan, threads=threads,
+        return cls(model, tokenizer, train_data, cfg, eval_data, memory_plan=plan, start=start,
                    deferred_base=deferred)
 
     # ---------------------------------------------------------------------------------- helpers
@@ -695,7 +710,10 @@ class Trainer:
         """The checkpoint to resume (None: a fresh run, into a folder that holds no other run, or
         over one with checkpoint.overwrite), then the run's own files: recipe.yaml, run.json."""
         checkpoint_cfg = self.cfg.checkpoint
-        resume_from = ckpt.resolve_resume(checkpoint_cfg.resume, self.output_dir)
+        if self._start is not None:  # found before the model loaded: the run's first train()
+            resume_from, self._start = self._start.resume_from, None
+        else:  # a later train() of the same trainer: the checkpoints it wrote count now
+            resume_from = ckpt.resolve_resume(checkpoint_cfg.resume, self.output_dir)
         fresh = resume_from is None and self.step == 0
         if fresh:
             ckpt.check_run_dir(self.output_dir, None, checkpoint_cfg.overwrite, self._identity())

@@ -21,7 +21,7 @@ N_WINDOWS = 4
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from bytetune.trainer.models import load_smollm2
+    from bytetune.loaders.models import load_smollm2
 
     model, tokenizer = load_smollm2(torch.float32)
     return model.eval(), tokenizer

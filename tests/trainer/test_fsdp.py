@@ -95,7 +95,7 @@ def test_fsdp_bloom_equals_one_process_resumes_bitwise_and_saves_plain_peft(tmp_
     # the adapters FSDP saved are plain PEFT files: load them onto the float base, no bytetune
     from peft import PeftModel
 
-    from bytetune.trainer.models import load_base_model
+    from bytetune.loaders.models import load_base_model
 
     base, _ = load_base_model(load_recipe("tiny_lora8", overrides))
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "fsdp" / "straight" / "adapter"))
@@ -107,7 +107,7 @@ def test_fsdp_bloom_equals_one_process_resumes_bitwise_and_saves_plain_peft(tmp_
 
 @pytest.mark.slow
 def test_fsdp_llama_from_a_local_checkpoint_loads_shard_by_shard_and_equals_one_process(tmp_path):
-    from bytetune.trainer.models import load_base_model
+    from bytetune.loaders.models import load_base_model
 
     # a float checkpoint on disk: the FSDP ranks build the model empty and read their rows of it,
     # the single process loads it whole through transformers (quantized while loading)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bytetune.trainer.models import byte_tokenizer
+from bytetune.loaders.models import byte_tokenizer
 from bytetune.trainer.trainer import Trainer
 
 from .helpers import tiny_overrides

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bytetune.recipe import load_recipe
-from bytetune.trainer.data import IGNORE_INDEX
+from bytetune.loaders.data import IGNORE_INDEX
 from bytetune.trainer.loss import summed_token_loss
 from bytetune.trainer.trainer import Trainer, build_model
 

@@ -14,7 +14,7 @@ from bytetune.quant_layers import dequantize_model, quantize_model
 from bytetune.quant_layers.experts_lora import LoraInt8Experts
 from bytetune.quant_layers.int8_experts import Int8Experts, router_names
 from bytetune.recipe import RecipeError, load_recipe
-from bytetune.trainer.models import load_base_model
+from bytetune.loaders.models import load_base_model
 from bytetune.trainer.trainer import Trainer
 
 from .helpers import tiny_overrides

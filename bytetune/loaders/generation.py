@@ -1,15 +1,12 @@
-"""See what a fine-tune changed: greedy completions from the quantized base, with and without
-its adapter, streamed token by token.
-
-``python -m bytetune.generate recipe=NAME [adapter=DIR] prompt="..." [max_new_tokens=N]`` loads the
-recipe's base exactly as training did (int8 / ZeroQuant layers included) and, by default, the
-adapter the recipe's run wrote (``<output_dir>/adapter``).
+"""Prompting a loaded model as its fine-tune was trained: the adapter loaded onto its base, the
+prompt in the form training gave prompts, greedy completions with and without the adapter
+(streamed token by token when asked). ``python -m bytetune.generate`` (bytetune/cli_generate.py)
+and ``Trainer.generate`` both use these.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -17,8 +14,7 @@ from peft import PeftModel
 from transformers import TextStreamer
 
 from bytetune.quant_layers.group_lora import load_zeroquant_adapter
-from bytetune.recipe import RecipeError, load_recipe, parse_overrides
-from bytetune.trainer.models import build_base
+from bytetune.recipe import RecipeError
 
 
 def load_adapter_for(model, adapter_dir: str | Path) -> PeftModel:
@@ -83,46 +79,3 @@ def before_and_after(peft_model: PeftModel, tokenizer, prompt: str, max_new_toke
         print("--- with the adapter:", flush=True)
     after = complete(peft_model, tokenizer, prompt, max_new_tokens, stream, data_cfg)
     return {"prompt": prompt, "before": before, "after": after}
-
-
-USAGE = """usage: python -m bytetune.generate recipe=NAME prompt="..." [adapter=DIR] [max_new_tokens=N] [key.sub=value ...]
-
-Greedy completions of the prompt from the recipe's quantized base, then with the adapter
-(default: the adapter/ folder the recipe's run wrote, <output_dir>/adapter; adapter=none: base only).
-Other key=value arguments override the recipe, as for train.py."""
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    options = {"prompt": None, "adapter": None, "max_new_tokens": "32"}
-    rest = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in options:
-            options[key] = value
-        else:
-            rest.append(arg)
-    try:
-        if not options["prompt"]:
-            raise RecipeError('give the text to complete: prompt="..."')
-        if not options["max_new_tokens"].isdigit() or int(options["max_new_tokens"]) < 1:
-            raise RecipeError(f"max_new_tokens must be a positive integer, got {options['max_new_tokens']!r}")
-        recipe, overrides = parse_overrides(rest)
-        cfg = load_recipe(recipe or "smollm2_lora8", overrides)
-        adapter = options["adapter"] or str(Path(cfg.output_dir) / "adapter")
-        if options["adapter"] is None and not Path(adapter).is_dir():
-            raise RecipeError(f"no adapter at {adapter!r} (run train.py with this recipe first, or give adapter=DIR or adapter=none)")
-        model, tokenizer = build_base(cfg)
-        max_new = int(options["max_new_tokens"])
-        if adapter == "none":
-            complete(model, tokenizer, options["prompt"], max_new, stream=True, data_cfg=cfg.data)
-            return 0
-        # an instruction fine-tune is prompted as its training prompts were (chat template)
-        before_and_after(load_adapter_for(model, adapter), tokenizer, options["prompt"], max_new, stream=True,
-                         data_cfg=cfg.data)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0

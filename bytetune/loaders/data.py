@@ -24,12 +24,12 @@ from pathlib import Path
 import datasets
 import torch
 
-from bytetune.recipe.schema import RecipeError
-from bytetune.trainer.local_text import stdlib_source_files, stdlib_text
+from bytetune.kernels.constants import IGNORE_INDEX
+from bytetune.loaders.local_text import stdlib_source_files, stdlib_text
+from bytetune.recipe.schema import RecipeError, is_local_path
 
 STDLIB_WINDOW_CHARS = 2000  # one sample: a few functions' worth of source
 
-IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 MAP_BATCH_ROWS = 1000  # documents per datasets.map batch
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -123,7 +123,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def _load_rows(source: str, split: str, role: str, max_samples: int | None, fields: tuple[str, ...]):
     """A ``datasets.Dataset`` for a local file or hub dataset; clear errors for missing ones."""
     path = Path(source).expanduser()
-    if path.suffix in LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")):
+    if path.suffix in LOCAL_BUILDERS or is_local_path(source):
         if not path.is_file():
             raise DataError(f"data.{role} file {source!r} does not exist")
         builder = LOCAL_BUILDERS.get(path.suffix)
@@ -486,3 +486,34 @@ def _as_blocks(tokenized: datasets.Dataset, seq_len: int) -> TokenBlocks:
         return TokenBlocks(*(torch.zeros(0, seq_len, dtype=torch.long) for _ in range(3)))
     columns = tokenized.with_format("torch")[:]  # every row, as one tensor per column
     return TokenBlocks(*(columns[name].to(torch.long) for name in ("input_ids", "labels", "attention_mask")))
+
+
+# Calibration batches (python -m bytetune.lkd). Characters of stdlib text read per calibration
+# token when data.max_train_chars is unset: BPE tokenizers take ~3.5 characters a token, byte
+# tokenizers one.
+STDLIB_CHARS_PER_TOKEN = 8
+
+
+def random_batches(n_batches: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n_batches`` token batches [batch_size, seq_len] of uniform ids below ``vocab_size``."""
+    generator = torch.Generator().manual_seed(seed)
+    return list(torch.randint(0, vocab_size, (n_batches, batch_size, seq_len), generator=generator))
+
+
+def text_batches(data_cfg, tokenizer, n_batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
+    """``n_batches`` token batches [batch_size, seq_len] of the training split of ``data_cfg``
+    (tokenized and packed as the trainer does), rows spread evenly over the split."""
+    from omegaconf import OmegaConf
+
+    needed = n_batches * batch_size
+    if data_cfg.train == "stdlib" and data_cfg.max_train_chars is None:
+        data_cfg = OmegaConf.merge(data_cfg, {"max_train_chars": needed * seq_len * STDLIB_CHARS_PER_TOKEN})
+    blocks = build_token_blocks(data_cfg, tokenizer, seq_len, "train")
+    if len(blocks) < needed:
+        raise RecipeError(
+            f"data.train={data_cfg.train!r} gives {len(blocks)} sequences of {seq_len} tokens; LKD needs "
+            f"lkd.n_batches x lkd.batch_size = {needed}: add data (data.max_train_chars) or lower lkd.n_batches, "
+            "lkd.batch_size or training.seq_len"
+        )
+    rows = torch.linspace(0, len(blocks) - 1, needed).round().long()
+    return list(blocks.input_ids[rows].reshape(n_batches, batch_size, seq_len))

