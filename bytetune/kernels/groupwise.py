@@ -13,7 +13,8 @@ Conventions, shared by the Triton kernels and the PyTorch references:
   absmax)``; both sides compute the reciprocal with a correctly rounded division so that the
   kernels and references agree bit for bit.
 - Activations [M, K] are quantized per token (row) by :mod:`bytetune.kernels.llm_int8`'s
-  ``quantize_tokenwise`` (its rounding, half to even), with the scale as absmax / 127.
+  ``quantize_tokenwise`` (its rounding, half to even), with the scale as the step absmax / 127
+  (:func:`quantize_tokenwise_step`).
 - GEMM: for each K-group, the partial product of the codes (int32 for int8 activations, float32
   otherwise) is scaled by that group's weight scale in float32 and summed over groups; int8
   activations then multiply by their token scale. Input gradients dequantize weight tiles in
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from bytetune.kernels import gpu_arch, llm_int8
+from bytetune.kernels.constants import INT8_MAX
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt
 from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, round_half_away, use_triton
 from bytetune.kernels.gpu_arch import Tile, tile
@@ -35,7 +37,6 @@ if HAS_TRITON:
 
     from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
-INT8_MAX = 127
 INT4_MAX = 7
 INT4_OFFSET = 8  # stored nibble = code + 8, so codes -7..7 become 1..15
 DEFAULT_GROUP_SIZE = 128
@@ -614,8 +615,11 @@ def quantize_groupwise(
     return quantize_groupwise_reference(weight, bits, group_size)
 
 
-def quantize_tokenwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float [M, K] -> (int8 codes [M, K], float32 per-token scales [M] = absmax / 127).
+def quantize_tokenwise_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [M, K] -> (int8 codes [M, K], float32 per-token steps [M] = absmax / 127).
+
+    Named apart from :func:`bytetune.kernels.llm_int8.quantize_tokenwise`, which returns the
+    absmax itself: ``value ~= code * step`` here, ``code * absmax / 127`` there.
 
     The codes are LLM.int8()'s (that op dispatches itself); only the scale differs, because the
     group-wise GEMM multiplies by a step rather than by absmax / 127. An all-zero token gets

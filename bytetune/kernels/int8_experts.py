@@ -30,8 +30,8 @@ import torch
 from bytetune.kernels import gpu_arch
 from bytetune.kernels.dispatch import HAS_TRITON, use_triton
 from bytetune.kernels.gpu_arch import Tile, tile
+from bytetune.kernels.constants import INT8_MAX
 from bytetune.kernels.llm_int8 import (
-    INT8_MAX,
     int8_linear_reference,
     int8_matmul_grad_input_reference,
     quantize_rowwise,

@@ -24,7 +24,8 @@ import torch
 
 from bytetune.kernels import gpu_arch
 from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
-from bytetune.kernels.llm_int8 import INT8_MAX, int8_matmul_grad_input, quantize_rowwise
+from bytetune.kernels.constants import INT8_MAX
+from bytetune.kernels.llm_int8 import int8_matmul_grad_input, quantize_rowwise
 
 if HAS_TRITON:
     import triton

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from bytetune.kernels import gpu_arch
+from bytetune.kernels.constants import INT8_MAX
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt, int32_matmul_nt_exact
 from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
 from bytetune.kernels.gpu_arch import Tile, tile
@@ -27,7 +28,6 @@ if HAS_TRITON:
 
     from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
-INT8_MAX = 127.0
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The reference input gradient dequantizes at most this many weight elements at a time (2 MiB
 # of fp32), so it never holds an fp32 copy of a large weight. Measured on SmolLM2's shapes (one

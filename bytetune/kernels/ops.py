@@ -147,7 +147,7 @@ def _groupwise_linear(
     """x [M, K] @ dequant(codes).T + bias in x's dtype; with ``act_bits=8`` x is first quantized
     per token to int8 (W8A8 / W4A8), with ``act_bits=16`` it multiplies the codes as it is."""
     if act_bits == 8:
-        x_codes, x_scale = groupwise.quantize_tokenwise(x)
+        x_codes, x_scale = groupwise.quantize_tokenwise_step(x)
         return groupwise.groupwise_matmul(
             x_codes, x_scale, codes, scales, bits, group_size, bias=bias, out_dtype=x.dtype
         )

@@ -251,7 +251,7 @@ def test_groupwise_w8a8_falls_back_below_sm80(monkeypatch):
     monkeypatch.setattr(groupwise, "_groupwise_matmul_kernel", None)
     monkeypatch.setattr(groupwise, "_groupwise_matmul_tuned", None)
     codes, scales = groupwise.quantize_groupwise_reference(torch.randn(33, 64), 8, 32)
-    x, x_scale = groupwise.quantize_tokenwise(torch.randn(5, 64))
+    x, x_scale = groupwise.quantize_tokenwise_step(torch.randn(5, 64))
     try:
         with pytest.warns(UserWarning, match="sm_75"):
             out = groupwise.groupwise_matmul_triton(x, x_scale, codes, scales, 8, 32, out_dtype=torch.float32)
