@@ -14,7 +14,8 @@ It measures whichever bytetune is importable, so the same command compares two t
     python bench/op_dispatch.py
     PYTHONPATH=/path/to/other/tree python bench/op_dispatch.py --part layers
 
-Each figure is the median over ``--rounds`` rounds of ``--calls`` calls, one torch thread.
+Each figure is the median over ``--rounds`` rounds of ``--calls`` calls, one torch thread: wall
+time and the calling thread's CPU time (steadier on a shared machine).
 """
 
 from __future__ import annotations
@@ -26,16 +27,20 @@ import time
 import torch
 
 
-def _median_us(fn, calls: int, rounds: int) -> float:
+def _median_us(fn, calls: int, rounds: int) -> tuple[float, float]:
+    """(wall, this thread's CPU time) per call in microseconds, medians over the rounds. With one
+    torch thread the op runs on the calling thread, so its CPU time leaves out the time other
+    processes of a shared machine held the core."""
     for _ in range(max(1, calls // 10)):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+        walls.append((time.perf_counter() - wall) / calls * 1e6)
+        cpus.append((time.thread_time() - cpu) / calls * 1e6)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def mechanisms(calls: int, rounds: int) -> list[tuple[str, float]]:
@@ -121,9 +126,9 @@ def main() -> None:
         rows += mechanisms(args.calls, args.rounds)
     if args.part in ("layers", "both"):
         rows += layers(args.calls, args.rounds)
-    print("| case | us per call (median) |\n|---|---|")
-    for name, us in rows:
-        print(f"| {name} | {us:.1f} |")
+    print("| case | wall us per call (median) | thread CPU us per call (median) |\n|---|---|---|")
+    for name, (wall, cpu) in rows:
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} |")
 
 
 if __name__ == "__main__":

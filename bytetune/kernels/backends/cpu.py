@@ -3,7 +3,8 @@
 Under ``BYTETUNE_FORCE_TRITON=1`` (with ``TRITON_INTERPRET=1`` set before triton is imported)
 CPU tensors go through the Triton launchers instead, so the layer and optimizer suites exercise
 the GPU path on a machine without a GPU. :func:`use_triton` is the only place in the package
-that chooses between a kernel and its reference; it is read at every call.
+that decides, per device, between a kernel and its reference (read at every call); what is left
+elsewhere is the GPU's own fallback for cards below sm_80, which lack tl.dot.
 """
 
 from __future__ import annotations
