@@ -10,8 +10,9 @@ eager mode, ``torch.compile`` and every device go through the same door.
 
 The ops are declared with the low-level ``torch.library.Library(...).define`` and called as
 ``torch.ops.bytetune.<op>.default``: that goes through the C++ dispatcher straight to the
-registered Python kernel. ``torch.library.custom_op``'s Python wrapper costs ~3x more per call
-(measured in docs/kernel_ops.md), which the layers pay hundreds of times per training step.
+registered Python kernel. ``torch.library.custom_op``'s Python wrapper costs more per call
+(bench/op_dispatch.py; figures in bench/results/op_dispatch_cpu.md), and the layers pay it
+hundreds of times per training step.
 
 Nothing here imports an implementation, so the kernel modules can import the handles.
 """
@@ -212,7 +213,7 @@ cross_entropy_rows = torch.ops.bytetune.cross_entropy_rows.default
 # Registered as the op's ``Autograd`` kernel: a plain autograd.Function whose forward re-enters
 # the dispatcher below autograd (to the device kernel, or the fake when tracing). The lighter
 # twin of ``torch.library.register_autograd``, which wraps the same in pytree flattening and a
-# keyset argument at several microseconds more per call (docs/kernel_ops.md).
+# keyset argument, at more per call (bench/results/op_dispatch_cpu.md).
 # ----------------------------------------------------------------------------------------------
 
 
