@@ -54,6 +54,10 @@ from bytetune.kernels import (  # noqa: E402
     blockwise, fused_linear_ce, gpu_arch, groupwise, int8_experts, int8_head, llm_int8, optim_update,
 )
 from bytetune.kernels.gpu_arch import ARCHS, Tile  # noqa: E402
+from bytetune.kernels.llm_int8 import matmul as llm_int8_matmul  # noqa: E402
+from bytetune.kernels.llm_int8 import matmul_grad_input as llm_int8_grad_input  # noqa: E402
+from bytetune.kernels.llm_int8 import outliers as llm_int8_outliers  # noqa: E402
+from bytetune.kernels.llm_int8 import quantize_rows as llm_int8_quantize_rows  # noqa: E402
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 RESULTS = Path(__file__).resolve().parent / "results" / f"gpu_compile_triton-{triton.__version__}.md"
@@ -98,7 +102,7 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return f"{self.kernel.fn.__module__.rsplit('.', 1)[-1]}.{self.kernel.fn.__name__}"
+        return f"{self.kernel.fn.__module__.removeprefix('bytetune.kernels.')}.{self.kernel.fn.__name__}"
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -110,20 +114,20 @@ def llm_int8_launches() -> Iterator[Launch]:
         for outliers in (False, True):
             for block_k in llm_int8.QUANTIZE_ROWS_BLOCK_K:
                 yield Launch(
-                    llm_int8._quantize_rows_kernel, gpu_arch.tile(BLOCK_K=block_k), SHORT[dtype] + (" outliers" if outliers else ""),
+                    llm_int8_quantize_rows._quantize_rows_kernel, gpu_arch.tile(BLOCK_K=block_k), SHORT[dtype] + (" outliers" if outliers else ""),
                     (T(dtype), T(torch.int8), T(torch.float32), T(torch.int8), k, k, 1),
                     dict(HAS_OUTLIERS=outliers, BLOCK_K=block_k), ci=(i == 0 and outliers),
                 )  # fmt: skip
         cfg = llm_int8.COLUMN_ABSMAX_TILE
         yield Launch(
-            llm_int8._column_absmax_kernel, cfg, SHORT[dtype], (T(dtype), T(torch.float32), m, k, k, 1),
+            llm_int8_outliers._column_absmax_kernel, cfg, SHORT[dtype], (T(dtype), T(torch.float32), m, k, k, 1),
             cfg.kwargs, ci=i == 2,
         )  # fmt: skip
     matmul_tiles = [(c, False) for c in llm_int8.MATMUL_TILES] + [(llm_int8.FIXED_GPU_TILE, True)]
     for out_dtype in FLOAT_DTYPES:
         for cfg, fixed in matmul_tiles:
             yield Launch(
-                llm_int8._int8_matmul_kernel, cfg, f"i8 -> {SHORT[out_dtype]}" + (" (fixed)" if fixed else ""),
+                llm_int8_matmul._int8_matmul_kernel, cfg, f"i8 -> {SHORT[out_dtype]}" + (" (fixed)" if fixed else ""),
                 (T(torch.int8), T(torch.int8), T(torch.float32), T(torch.float32), T(torch.float32), T(out_dtype),
                  m, n, k, gpu_arch.m_bucket(m), k, 1, k, 1, n, 1),
                 dict(HAS_BIAS=True, **cfg.kwargs),
@@ -140,7 +144,7 @@ def llm_int8_launches() -> Iterator[Launch]:
         rows = [(c, c == fixed_tile) for c in menu] + ([] if fixed_tile in menu else [(fixed_tile, True)])
         for cfg, fixed in rows:
             yield Launch(
-                llm_int8._int8_grad_input_kernel, cfg, f"{SHORT[grad_dtype]} x i8" + (" (fixed)" if fixed else ""),
+                llm_int8_grad_input._int8_grad_input_kernel, cfg, f"{SHORT[grad_dtype]} x i8" + (" (fixed)" if fixed else ""),
                 (T(grad_dtype), T(torch.int8), T(torch.float32), T(grad_dtype),
                  m, n, k, gpu_arch.m_bucket(m), n, 1, k, 1, k, 1),
                 dict(DOT_IN_FP32=dot_in_fp32, DOT_PRECISION="ieee" if dot_in_fp32 else "tf32", **cfg.kwargs),

@@ -1,10 +1,12 @@
 """Triton kernels, each beside its plain-PyTorch reference. Imports nothing else of bytetune.
 
-Importing the package registers the layers' ``torch.library`` ops (``torch.ops.bytetune.*``).
+Every op is declared once with ``torch.library`` (:mod:`bytetune.kernels._ops`:
+``torch.ops.bytetune.*``); importing the package registers its kernels per device
+(:mod:`bytetune.kernels.backends`).
 """
 
-from bytetune.kernels import ops  # noqa: F401  (registers torch.ops.bytetune.*)
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels import backends  # noqa: F401  (registers the torch.ops.bytetune.* kernels)
+from bytetune.kernels.dispatch import HAS_TRITON
 from bytetune.kernels.llm_int8 import (
     int8_matmul,
     int8_matmul_grad_input,
@@ -16,7 +18,6 @@ from bytetune.kernels.llm_int8 import (
 
 __all__ = [
     "HAS_TRITON",
-    "use_triton",
     "int8_matmul",
     "int8_matmul_grad_input",
     "outlier_columns",

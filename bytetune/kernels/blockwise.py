@@ -13,8 +13,8 @@ import functools
 
 import torch
 
-from bytetune.kernels import gpu_arch
-from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, use_triton
+from bytetune.kernels import _ops, gpu_arch
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton
 from bytetune.kernels.quant_maps import N_CODES, code_midpoints
 
 if HAS_TRITON:
@@ -281,9 +281,7 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (any shape, fp32/bf16/fp16) to (uint8 codes shaped like ``x``, float32
     absmax per block of ``block_size`` flattened elements)."""
-    if use_triton(x):
-        return quantize_blockwise_triton(x, code_map, block_size)
-    return quantize_blockwise_reference(x, code_map, block_size)
+    return _ops.quantize_blockwise(x, code_map, block_size)
 
 
 def dequantize_blockwise(
@@ -294,6 +292,4 @@ def dequantize_blockwise(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code_map[codes] * absmax`` of each block."""
-    if use_triton(codes):
-        return dequantize_blockwise_triton(codes, absmax, code_map, block_size, dtype)
-    return dequantize_blockwise_reference(codes, absmax, code_map, block_size, dtype)
+    return _ops.dequantize_blockwise(codes, absmax, code_map, block_size, dtype)

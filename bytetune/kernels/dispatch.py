@@ -1,12 +1,13 @@
-"""The one rule that picks an op's implementation, and the helpers every kernel module shares.
+"""The helpers every kernel module shares.
 
 Every op in ``bytetune.kernels`` exists twice: a Triton kernel (the GPU path) and a plain-PyTorch
-reference of the same math (the CPU path and the oracle in tests). Public ops call
-:func:`use_triton` on their main input and nothing else decides.
+reference of the same math (the CPU path and the oracle in tests). Which one runs is the
+dispatcher's choice: each op is declared once (:mod:`bytetune.kernels._ops`) and its kernel
+registered per device (:mod:`bytetune.kernels.backends`).
 
 ``BYTETUNE_FORCE_TRITON=1`` (with ``TRITON_INTERPRET=1`` set before triton is imported) sends CPU
 tensors through the Triton kernels too, so the layer and optimizer suites can exercise the GPU
-path on a machine without a GPU.
+path on a machine without a GPU (the CPU backend reads :func:`force_triton` at every call).
 """
 
 from __future__ import annotations
@@ -48,11 +49,6 @@ if HAS_TRITON:
 def force_triton() -> bool:
     """Whether ``BYTETUNE_FORCE_TRITON`` asks for the Triton kernels on every device (read per call)."""
     return os.environ.get("BYTETUNE_FORCE_TRITON", "") not in ("", "0")
-
-
-def use_triton(tensor: torch.Tensor) -> bool:
-    """CUDA tensors go to the Triton kernel; everything else to the PyTorch reference."""
-    return HAS_TRITON and (tensor.is_cuda or force_triton())
 
 
 def require_triton() -> None:

@@ -37,7 +37,9 @@ import math
 
 import torch
 
-from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
+from bytetune.kernels import _ops
+from bytetune.kernels.backends.registry import runs_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device
 from bytetune.kernels.int8_head import int8_matmul_grad_input, weight_only_matmul
 
 if HAS_TRITON:
@@ -165,9 +167,7 @@ def cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row float32 CE; ``logits`` is overwritten with d(sum of the CE)/d(logits)."""
-    if use_triton(logits):
-        return cross_entropy_rows_triton(logits, targets)
-    return cross_entropy_rows_reference(logits, targets)
+    return _ops.cross_entropy_rows(logits, targets)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -258,7 +258,7 @@ def fused_linear_cross_entropy(
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     vocab = head.shape[0]
-    if use_triton(hidden):
+    if runs_triton(hidden.device):
         # The GPU route: the CE op's own marks, -1 = ignored and vocab = out of range (NaN loss).
         targets = torch.where(targets == ignore_index, -1, torch.where(targets < 0, vocab, targets))
     else:

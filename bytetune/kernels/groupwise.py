@@ -13,7 +13,8 @@ Conventions, shared by the Triton kernels and the PyTorch references:
   absmax)``; both sides compute the reciprocal with a correctly rounded division so that the
   kernels and references agree bit for bit.
 - Activations [M, K] are quantized per token (row) by :mod:`bytetune.kernels.llm_int8`'s
-  ``quantize_tokenwise`` (its rounding, half to even), with the scale as absmax / 127.
+  ``quantize_tokenwise`` (its rounding, half to even), with the scale as the step absmax / 127
+  (:func:`quantize_tokenwise_step`).
 - GEMM: for each K-group, the partial product of the codes (int32 for int8 activations, float32
   otherwise) is scaled by that group's weight scale in float32 and summed over groups; int8
   activations then multiply by their token scale. Input gradients dequantize weight tiles in
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from bytetune.kernels import gpu_arch, llm_int8
+from bytetune.kernels import _ops, gpu_arch, llm_int8
+from bytetune.kernels.constants import INT8_MAX
 from bytetune.kernels.cpu_int8_gemm import int32_matmul_nt
-from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, round_half_away, use_triton
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device, require_triton, round_half_away
 from bytetune.kernels.gpu_arch import Tile, tile
 
 if HAS_TRITON:
@@ -35,7 +37,6 @@ if HAS_TRITON:
 
     from bytetune.kernels.dispatch import abs_bits, float_from_bits
 
-from bytetune.kernels.constants import INT8_MAX  # noqa: E402  (one home: kernels/constants.py)
 INT4_MAX = 7
 INT4_OFFSET = 8  # stored nibble = code + 8, so codes -7..7 become 1..15
 DEFAULT_GROUP_SIZE = 128
@@ -600,7 +601,7 @@ def groupwise_matmul_grad_input_triton(
 
 
 # ----------------------------------------------------------------------------------------------
-# Public ops: dispatch by use_triton only
+# Public ops: the registered torch.ops.bytetune ops (kernels._ops; per device: kernels.backends)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -609,13 +610,14 @@ def quantize_groupwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float [N, K] -> (codes, float32 scales [N, ceil(K / group_size)]); codes int8 [N, K] for
     bits=8, packed uint8 [N, K // 2] for bits=4."""
-    if use_triton(weight):
-        return quantize_groupwise_triton(weight, bits, group_size)
-    return quantize_groupwise_reference(weight, bits, group_size)
+    return _ops.quantize_groupwise(weight, bits, group_size)
 
 
-def quantize_tokenwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float [M, K] -> (int8 codes [M, K], float32 per-token scales [M] = absmax / 127).
+def quantize_tokenwise_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [M, K] -> (int8 codes [M, K], float32 per-token steps [M] = absmax / 127).
+
+    Named apart from :func:`bytetune.kernels.llm_int8.quantize_tokenwise`, which returns the
+    absmax itself: ``value ~= code * step`` here, ``code * absmax / 127`` there.
 
     The codes are LLM.int8()'s (that op dispatches itself); only the scale differs, because the
     group-wise GEMM multiplies by a step rather than by absmax / 127. An all-zero token gets
@@ -638,15 +640,43 @@ def groupwise_matmul(
     """x @ dequant(W).T + bias. ``x`` is int8 codes with per-token ``x_scale`` (W8A8 / W4A8), or
     float activations with ``x_scale=None`` (W8A16 / W4A16). Output dtype: ``out_dtype``, else
     x's dtype for float x and float32 for int8 x."""
-    if use_triton(x):
-        return groupwise_matmul_triton(x, x_scale, codes, scales, bits, group_size, bias, out_dtype)
-    return groupwise_matmul_reference(x, x_scale, codes, scales, bits, group_size, bias, out_dtype)
+    return _ops.groupwise_matmul(x, x_scale, codes, scales, bits, group_size, bias, out_dtype)
 
 
 def groupwise_matmul_grad_input(
     grad_y: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int
 ) -> torch.Tensor:
     """grad_y @ dequant(W) in grad_y's dtype; the Triton path never materializes the weight."""
-    if use_triton(grad_y):
-        return groupwise_matmul_grad_input_triton(grad_y, codes, scales, bits, group_size, in_features)
-    return groupwise_matmul_grad_input_reference(grad_y, codes, scales, bits, group_size, in_features)
+    return _ops.groupwise_matmul_grad_input(grad_y, codes, scales, bits, group_size, in_features)
+
+
+def groupwise_linear_composite(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    act_bits: int,
+) -> torch.Tensor:
+    """GroupQuantLinear's forward from the ops above (every device's kernel of
+    ``bytetune::groupwise_linear``): with ``act_bits=8`` x is first quantized per token to int8
+    (W8A8 / W4A8), with ``act_bits=16`` it multiplies the codes as it is."""
+    if act_bits == 8:
+        x_codes, x_step = quantize_tokenwise_step(x)
+        return groupwise_matmul(x_codes, x_step, codes, scales, bits, group_size, bias=bias, out_dtype=x.dtype)
+    return groupwise_matmul(x, None, codes, scales, bits, group_size, bias=bias, out_dtype=x.dtype)
+
+
+def groupwise_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    act_bits: int,
+) -> torch.Tensor:
+    """x [M, K] @ dequant(codes).T + bias in x's dtype (:func:`groupwise_linear_composite`),
+    differentiable in x and bias: the input gradient is :func:`groupwise_matmul_grad_input`."""
+    return _ops.groupwise_linear(x, codes, scales, bias, bits, group_size, act_bits)

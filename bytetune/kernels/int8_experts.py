@@ -10,7 +10,7 @@ rest is quantized per token and goes through int8 x int8 -> int32. ``threshold <
 outlier decomposition off. The codes follow :mod:`bytetune.kernels.llm_int8`'s convention
 (``value ~= code * absmax / 127``) and reuse its quantizers.
 
-Two implementations of each op, picked by :func:`bytetune.kernels.dispatch.use_triton`:
+Two implementations of each op, registered per device by :mod:`bytetune.kernels.backends`:
 
 - ``*_reference``: a loop over the experts that hold tokens, each one the dense LLM.int8() layer of
   :mod:`bytetune.kernels.llm_int8` (the CPU's exact int8 GEMM, ``torch._int_mm`` where the probe in
@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from bytetune.kernels import gpu_arch
-from bytetune.kernels.dispatch import HAS_TRITON, use_triton
+from bytetune.kernels import _ops, gpu_arch
+from bytetune.kernels.constants import INT8_MAX
+from bytetune.kernels.dispatch import HAS_TRITON
 from bytetune.kernels.gpu_arch import Tile, tile
 from bytetune.kernels.llm_int8 import (
-    INT8_MAX,
     int8_linear_reference,
     int8_matmul_grad_input_reference,
     quantize_rowwise,
@@ -41,6 +41,8 @@ from bytetune.kernels.llm_int8 import (
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from bytetune.kernels.llm_int8.common import int8_dot_k_loop
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -307,18 +309,11 @@ if HAS_TRITON:
             rows_in = tl.where(row_ok, rows, row_start).to(tl.int64)
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             cols_in = (cols % N).to(tl.int64)
-            ks = tl.arange(0, BLOCK_K)
             w_expert_ptr = w_ptr + expert * stride_we
-            x_ptrs = x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk
-            w_ptrs = w_expert_ptr + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            for k_start in range(0, K, BLOCK_K):
-                k_ok = ks + k_start < K
-                x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
-                w_tile = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
-                acc = tl.dot(x_tile, w_tile, acc, out_dtype=tl.int32)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            acc = int8_dot_k_loop(
+                x_ptr, w_expert_ptr, rows_in, cols_in, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
             # Epilogue in fp32, in llm_int8's order: acc * x_scale * w_scale / 127**2.
             x_scale = tl.load(x_scale_ptr + rows_in)
             w_scale = tl.load(w_scale_ptr + expert * N + cols_in)
@@ -534,9 +529,7 @@ def grouped_int8_grad_input_triton(
 
 def expert_column_absmax(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """max |x| of each column over each expert's rows, float32 [E, K]; NaN where a NaN is."""
-    if use_triton(x):
-        return expert_column_absmax_triton(x, offsets)
-    return expert_column_absmax_reference(x, offsets)
+    return _ops.expert_column_absmax(x, offsets)
 
 
 def grouped_int8_linear(
@@ -550,15 +543,11 @@ def grouped_int8_linear(
     """LLM.int8() of each expert over its rows of ``x`` (sorted by expert, ``offsets`` from
     :func:`sort_by_expert`): y [T, N] in x's dtype. GPU: one grouped kernel launch, fixed shapes;
     CPU: a loop over the experts holding tokens."""
-    if use_triton(x):
-        return grouped_int8_linear_triton(x, w_int8, w_scale, offsets, threshold, outlier_capacity)
-    return grouped_int8_linear_reference(x, w_int8, w_scale, offsets, threshold, outlier_capacity)
+    return _ops.grouped_int8_linear(x, w_int8, w_scale, offsets, threshold, outlier_capacity)
 
 
 def grouped_int8_grad_input(
     grad_y: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
     """grad_x [T, K]: each expert's rows of grad_y @ its dequantized weight, in grad_y's dtype."""
-    if use_triton(grad_y):
-        return grouped_int8_grad_input_triton(grad_y, w_int8, w_scale, offsets)
-    return grouped_int8_grad_input_reference(grad_y, w_int8, w_scale, offsets)
+    return _ops.grouped_int8_grad_input(grad_y, w_int8, w_scale, offsets)

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import torch
 
-from bytetune.kernels import gpu_arch
-from bytetune.kernels.dispatch import HAS_TRITON, launch_device, use_triton
-from bytetune.kernels.llm_int8 import INT8_MAX, int8_matmul_grad_input, quantize_rowwise
+from bytetune.kernels import _ops
+from bytetune.kernels.constants import INT8_MAX
+from bytetune.kernels.dispatch import HAS_TRITON, launch_device
+from bytetune.kernels.llm_int8 import int8_matmul_grad_input, quantize_rowwise
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from bytetune.kernels.llm_int8 import _tile_ids
+    from bytetune.kernels.llm_int8.common import _tile_ids
 
 __all__ = [
     "GPU_CONFIGS",
@@ -187,10 +188,8 @@ def weight_only_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Ten
     Accumulates in float32; the float weight is never materialized whole (the kernel converts
     code tiles in registers, the reference dequantizes 4096 rows at a time).
     """
-    # tl.dot needs sm_80+ (bench/gpu_compile.py): older cards run the reference, with one warning
-    if use_triton(x) and gpu_arch.dot_supported(x.device):
-        return weight_only_matmul_triton(x, w_int8, w_scale)
-    return weight_only_matmul_reference(x, w_int8, w_scale)
+    # On a GPU below sm_80 (no tl.dot, bench/gpu_compile.py) the CUDA kernel is the reference.
+    return _ops.weight_only_matmul(x, w_int8, w_scale)
 
 
 def embedding_lookup(ids: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

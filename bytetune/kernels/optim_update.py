@@ -45,6 +45,7 @@ import functools
 
 import torch
 
+from bytetune.kernels import _ops
 from bytetune.kernels.blockwise import (
     DEFAULT_BLOCK_SIZE,
     HAS_TRITON,
@@ -56,7 +57,7 @@ from bytetune.kernels.blockwise import (
     num_warps_for as blockwise_num_warps,
     quantize_blocks_reference,
 )
-from bytetune.kernels.dispatch import launch_device, require_triton, use_triton
+from bytetune.kernels.dispatch import launch_device, require_triton
 from bytetune.kernels.quant_maps import code_midpoints
 
 if HAS_TRITON:
@@ -607,8 +608,12 @@ def optimizer_update_8bit(
     nesterov: bool = False,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
-    """The 8-bit update of a list of params in place: Triton on CUDA tensors, the reference elsewhere."""
+    """The 8-bit update of a list of params in place: Triton on CUDA tensors, the reference on
+    CPU tensors (``torch.ops.bytetune.optimizer_update_8bit``, which takes the dataclasses flat)."""
     if not params:
         return
-    impl = optimizer_update_8bit_triton if use_triton(params[0]) else optimizer_update_8bit_reference
-    impl(kind, scalars, params, grads, state1, state2, nesterov, block_size)
+    second = (state2.codes, state2.absmax, state2.book.codes, state2.book.midpoints) if state2 else ([], [], None, None)
+    _ops.optimizer_update_8bit(
+        int(kind), [getattr(scalars, f.name) for f in dataclasses.fields(scalars)], params, grads,
+        state1.codes, state1.absmax, state1.book.codes, state1.book.midpoints, *second, bool(nesterov), block_size,
+    )  # fmt: skip

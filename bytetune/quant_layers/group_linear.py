@@ -25,7 +25,7 @@ from bytetune.kernels.groupwise import (
     qmax_for,
     quantize_groupwise,
 )
-from bytetune.kernels.ops import groupwise_linear
+from bytetune.kernels.groupwise import groupwise_linear
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.shards import local_rows, local_tensor
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bytetune.kernels.int8_head import embedding_lookup, int8_matmul_grad_input, quantize_rowwise, weight_only_matmul
-from bytetune.kernels.llm_int8 import INT8_MAX
+from bytetune.kernels.constants import INT8_MAX
 from bytetune.quant_layers.file_backed import copy_out_of_file_mappings
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.shards import local_rows, local_tensor

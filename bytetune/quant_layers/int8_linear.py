@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bytetune.kernels.llm_int8 import INT8_MAX, quantize_rowwise
-from bytetune.kernels.ops import int8_linear
+from bytetune.kernels.constants import INT8_MAX
+from bytetune.kernels.llm_int8 import int8_linear, quantize_rowwise
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
 from bytetune.quant_layers.shards import local_rows, local_tensor
 

@@ -29,7 +29,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from bytetune.kernels.dispatch import round_half_away
-from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for, quantize_tokenwise
+from bytetune.kernels.groupwise import DEFAULT_GROUP_SIZE, expand_group_scales, qmax_for, quantize_tokenwise_step
 from bytetune.quant_layers.blocks import decoder_block_list
 from bytetune.quant_layers.convert import default_skip_names, mark_kbit_loaded
 from bytetune.quant_layers.group_linear import GroupQuantLinear
@@ -114,7 +114,7 @@ class FakeQuantLinear(nn.Module):
         if self.act_bits == 8:
             # The saved layer's own token-wise quantization, so the student sees its activations;
             # straight-through for the gradient.
-            codes, x_scale = quantize_tokenwise(x.detach().reshape(-1, self.in_features))
+            codes, x_scale = quantize_tokenwise_step(x.detach().reshape(-1, self.in_features))
             x = x + ((codes * x_scale[:, None]).reshape(x.shape).to(x.dtype) - x).detach()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)

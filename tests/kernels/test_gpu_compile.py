@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bytetune.kernels import gpu_arch, groupwise, llm_int8
+from bytetune.kernels.llm_int8 import matmul, matmul_grad_input
 from bytetune.kernels.gpu_arch import ARCHS
 
 triton = pytest.importorskip("triton")
@@ -150,7 +151,7 @@ def test_int8_matmul_prune_keeps_configs_that_fit_the_device(monkeypatch, capabi
     configs = gpu_arch.triton_configs(llm_int8.MATMUL_TILES)
     named = {"M_BUCKET": gpu_arch.m_bucket(m), "x_ptr": torch.empty(1, dtype=torch.int8),
              "out_ptr": torch.empty(1, dtype=out_dtype)}  # fmt: skip
-    kept = llm_int8._prune_matmul_configs(configs, named)
+    kept = matmul._prune_matmul_configs(configs, named)
     assert kept, "every generation from sm_80 on needs at least one config"
     by_key = {t.key(): t for t in llm_int8.MATMUL_TILES}
     for config in kept:
@@ -174,7 +175,7 @@ def test_int8_grad_input_prune_takes_the_fp32_menu_for_fp32_dots(monkeypatch, gr
     configs = gpu_arch.triton_configs(llm_int8.GRAD_INPUT_TILES + llm_int8.GRAD_INPUT_TILES_FP32)
     for m in (1, 4096):
         named = {"M_BUCKET": gpu_arch.m_bucket(m), "grad_y_ptr": torch.empty(1, dtype=grad_dtype)}
-        kept = llm_int8._prune_grad_input_configs(configs, named, DOT_IN_FP32=fp32)
+        kept = matmul_grad_input._prune_grad_input_configs(configs, named, DOT_IN_FP32=fp32)
         assert kept and {gpu_arch.config_key(c) for c in kept} <= {t.key() for t in menu}
 
 
@@ -226,10 +227,10 @@ def _int8_operands(m=7, n=33, k=65):
 def test_int8_matmul_falls_back_once_with_one_warning_below_sm80(monkeypatch):
     monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (75, ARCHS[75].max_shared_bytes))
     gpu_arch._dot_runs_on.cache_clear()
-    monkeypatch.setattr(llm_int8, "_int8_matmul_kernel", None)  # the kernel must not be reached
+    monkeypatch.setattr(matmul, "_int8_matmul_kernel", None)  # the kernel must not be reached
     calls = []
-    reference = llm_int8.int8_matmul_reference
-    monkeypatch.setattr(llm_int8, "int8_matmul_reference", lambda *a: calls.append(1) or reference(*a))
+    reference = matmul.int8_matmul_reference
+    monkeypatch.setattr(matmul, "int8_matmul_reference", lambda *a: calls.append(1) or reference(*a))
     x, w, x_scale, w_scale = _int8_operands()
     try:
         with pytest.warns(UserWarning, match=r"^sm_75 GPU: bytetune's Triton GEMMs need sm_80\+") as record:
@@ -251,7 +252,7 @@ def test_groupwise_w8a8_falls_back_below_sm80(monkeypatch):
     monkeypatch.setattr(groupwise, "_groupwise_matmul_kernel", None)
     monkeypatch.setattr(groupwise, "_groupwise_matmul_tuned", None)
     codes, scales = groupwise.quantize_groupwise_reference(torch.randn(33, 64), 8, 32)
-    x, x_scale = groupwise.quantize_tokenwise(torch.randn(5, 64))
+    x, x_scale = groupwise.quantize_tokenwise_step(torch.randn(5, 64))
     try:
         with pytest.warns(UserWarning, match="sm_75"):
             out = groupwise.groupwise_matmul_triton(x, x_scale, codes, scales, 8, 32, out_dtype=torch.float32)
@@ -264,7 +265,7 @@ def test_groupwise_w8a8_falls_back_below_sm80(monkeypatch):
 def test_bf16_input_gradient_falls_back_below_sm80(monkeypatch):
     monkeypatch.setattr(gpu_arch, "device_arch", lambda device: (75, ARCHS[75].max_shared_bytes))
     gpu_arch._dot_runs_on.cache_clear()
-    monkeypatch.setattr(llm_int8, "_int8_grad_input_kernel", None)
+    monkeypatch.setattr(matmul_grad_input, "_int8_grad_input_kernel", None)
     _, w, _, w_scale = _int8_operands()
     grad_y = torch.randn(7, 33).to(torch.bfloat16)
     try:

@@ -93,7 +93,7 @@ def test_quantize_tokenwise_by_hand():
     # absmax 127: the scale is 1 and the codes are the values rounded, ties to even. The codes are
     # LLM.int8()'s, so its rule applies (group-wise weights still round half away from zero).
     x = torch.tensor([[127.0, 2.5, -2.5, 3.5, 1.49, -0.5], [0.0] * 6])
-    codes, scale = gw.quantize_tokenwise(x)
+    codes, scale = gw.quantize_tokenwise_step(x)
     assert codes.tolist() == [[127, 2, -2, 4, 1, 0], [0] * 6]
     assert scale[0].item() == 1.0
     assert torch.isfinite(scale[1]) and scale[1] > 0  # all-zero token: codes 0, output = bias
@@ -107,7 +107,7 @@ def test_quantize_tokenwise_is_llm_int8_codes_with_step_scale(dtype, tokens, fea
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(tokens, features, generator=g) * 3).to(dtype)
     x[-1] = 0.0  # an all-zero token: codes 0 and a finite scale
-    codes, scale = (t.cpu() for t in gw.quantize_tokenwise(x.to(device)))
+    codes, scale = (t.cpu() for t in gw.quantize_tokenwise_step(x.to(device)))
     assert torch.equal(codes, llm_int8.quantize_tokenwise_reference(x)[0])
     xf = x.float()
     absmax = xf.abs().amax(1)
@@ -127,7 +127,7 @@ def test_groupwise_matmul_triton_matches_reference(bits, act, tokens, in_f, out_
     x = torch.randn(tokens, in_f, generator=g)
     bias = torch.randn(out_f, generator=g)
     if act == "int8":
-        x_in, x_scale = gw.quantize_tokenwise(x)
+        x_in, x_scale = gw.quantize_tokenwise_step(x)
         x_deq = x_in.float() * x_scale[:, None]
         out_dtype = torch.float32
     else:
@@ -171,7 +171,7 @@ def test_public_ops_dispatch_to_reference_on_cpu():
     codes_ref, scales_ref = gw.quantize_groupwise_reference(w, bits=4, group_size=32)
     assert torch.equal(codes, codes_ref) and torch.equal(scales, scales_ref)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6))
-    x_codes, x_scale = gw.quantize_tokenwise(x)
+    x_codes, x_scale = gw.quantize_tokenwise_step(x)
     y = gw.groupwise_matmul(x_codes, x_scale, codes, scales, 4, 32)
     torch.testing.assert_close(y, gw.groupwise_matmul_reference(x_codes, x_scale, codes, scales, 4, 32))
     grad = gw.groupwise_matmul_grad_input(y, codes, scales, 4, 32, 96)

@@ -14,13 +14,19 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bytetune.kernels import blockwise, dispatch, fused_linear_ce, gpu_arch, groupwise, int8_head, llm_int8, optim_update
+from bytetune.kernels.llm_int8 import matmul as llm_int8_matmul
+from bytetune.kernels.llm_int8 import matmul_grad_input as llm_int8_grad_input
+from bytetune.kernels.llm_int8 import outliers as llm_int8_outliers
+from bytetune.kernels.llm_int8 import quantize_rows as llm_int8_quantize_rows
 from bytetune.kernels.quant_maps import N_CODES
 
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="triton is not installed")
 
 KERNELS = {
-    llm_int8: ["_quantize_rows_kernel", "_column_absmax_kernel", "_int8_matmul_kernel", "_int8_matmul_tuned",
-               "_int8_grad_input_kernel", "_int8_grad_input_tuned"],
+    llm_int8_quantize_rows: ["_quantize_rows_kernel"],
+    llm_int8_outliers: ["_column_absmax_kernel"],
+    llm_int8_matmul: ["_int8_matmul_kernel", "_int8_matmul_tuned"],
+    llm_int8_grad_input: ["_int8_grad_input_kernel", "_int8_grad_input_tuned"],
     groupwise: ["_quantize_groupwise_kernel", "_groupwise_matmul_kernel", "_groupwise_matmul_tuned",
                 "_groupwise_grad_input_kernel", "_groupwise_grad_input_tuned"],
     blockwise: ["_quantize_blockwise_kernel", "_dequantize_blockwise_kernel"],

@@ -34,6 +34,9 @@ from bytetune.kernels.llm_int8 import (
 from ..conftest import triton_device
 
 KERNEL_MODULE = importlib.import_module("bytetune.kernels.llm_int8")  # for monkeypatching
+# The modules of single ops, for their helpers and the globals their functions read.
+MATMUL_MODULE = importlib.import_module("bytetune.kernels.llm_int8.matmul")
+GRAD_INPUT_MODULE = importlib.import_module("bytetune.kernels.llm_int8.matmul_grad_input")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -222,7 +225,7 @@ def test_int8_product_is_exact_beyond_float32_range(device, cpu_gemm, monkeypatc
     w_codes[1, 0] = 126
     exact = x_codes.long() @ w_codes.long().T
     assert exact[0, 1] == 4095 * 127 * 127 + 127 * 126
-    product = KERNEL_MODULE._int32_matmul_nt(x_codes.to(device), w_codes.to(device))
+    product = MATMUL_MODULE._int32_matmul_nt(x_codes.to(device), w_codes.to(device))
     assert product.dtype == torch.int32
     assert torch.equal(product.cpu().long(), exact)
 
@@ -231,7 +234,7 @@ def test_int8_product_is_exact_beyond_float32_range(device, cpu_gemm, monkeypatc
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_input_reference_matches_float64_math(dtype, chunk_rows, monkeypatch):
     # Small chunks make the reference loop over several chunks of weight rows, the last one short.
-    monkeypatch.setattr(KERNEL_MODULE, "REFERENCE_GRAD_CHUNK_ELEMENTS", chunk_rows * K + K // 2)
+    monkeypatch.setattr(GRAD_INPUT_MODULE, "REFERENCE_GRAD_CHUNK_ELEMENTS", chunk_rows * K + K // 2)
     gen = _generator(6)
     w_codes = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(N, generator=gen) * 0.2 + 0.01

@@ -3,9 +3,10 @@ import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_map
 
-from bytetune.kernels import groupwise, int8_head, llm_int8, ops
+from bytetune.kernels import backends, groupwise, int8_head, llm_int8
 from bytetune.kernels.dispatch import HAS_TRITON
 
 from ..conftest import triton_compiles, triton_device
@@ -90,8 +91,8 @@ class HostSyncDetector(TorchDispatchMode):
     """Records every aten op and fails on those that wait for the device.
 
     A dispatch mode does not see the ops inside a custom op's implementation (the dispatcher runs
-    it below the Python key), so for ``bytetune::`` ops the mode runs the op's Python body itself,
-    with the mode still active. Use it through :func:`no_host_sync`, which also catches
+    it below the Python key), so for ``bytetune::`` ops the mode runs the kernel registered for
+    the tensors' device itself, with the mode still active. Use it through :func:`no_host_sync`, which also catches
     ``.tolist()`` (on CPU it reads memory without dispatching an op)."""
 
     def __init__(self):
@@ -108,8 +109,9 @@ class HostSyncDetector(TorchDispatchMode):
         ):
             raise AssertionError(f"{func} with a boolean mask calls nonzero: the host waits for the device")
         if func.namespace == "bytetune":
+            device = next(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)).device
             with self:
-                return ops.IMPLEMENTATIONS[func._schema.name](*args, **kwargs)
+                return backends.implementation(func._schema.name, device.type)(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -172,13 +172,15 @@ def test_autocast_bf16_computes_in_bf16(bits, act_bits, kernel_path, monkeypatch
     linear = _linear(96, 40)
     layer = GroupQuantLinear.from_linear(linear, bits=bits, group_size=32, act_bits=act_bits)
     grad_input_dtypes = []
-    grad_input = groupwise.groupwise_matmul_grad_input
+    # The kernel the CPU backend runs on this path (it looks the name up at each call).
+    kernel_name = f"groupwise_matmul_grad_input_{kernel_path}"
+    grad_input = getattr(groupwise, kernel_name)
 
     def recording_grad_input(grad_y, *args):
         grad_input_dtypes.append(grad_y.dtype)
         return grad_input(grad_y, *args)
 
-    monkeypatch.setattr(groupwise, "groupwise_matmul_grad_input", recording_grad_input)
+    monkeypatch.setattr(groupwise, kernel_name, recording_grad_input)
     x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(5), requires_grad=True)
     grad_y = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -278,13 +278,15 @@ def test_autocast_bf16_computes_in_bf16(kernel_path, monkeypatch):
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(100, 37), threshold=6.0)
     grad_input_dtypes = []
-    grad_input = llm_int8.int8_matmul_grad_input
+    # The kernel the CPU backend runs on this path (it looks the name up at each call).
+    kernel_name = f"int8_matmul_grad_input_{kernel_path}"
+    grad_input = getattr(llm_int8, kernel_name)
 
     def recording_grad_input(grad_y, w_int8, w_scale):
         grad_input_dtypes.append(grad_y.dtype)
         return grad_input(grad_y, w_int8, w_scale)
 
-    monkeypatch.setattr(llm_int8, "int8_matmul_grad_input", recording_grad_input)
+    monkeypatch.setattr(llm_int8, kernel_name, recording_grad_input)
     x, _ = planted_outlier_input(19, 100, torch.Generator().manual_seed(11))
     x.requires_grad_(True)
     grad_y = torch.randn(19, 37, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
