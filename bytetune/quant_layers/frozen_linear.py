@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bytetune.quant_layers.shards import local_rows, local_tensor
+
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -76,11 +78,28 @@ class FrozenQuantLinear(nn.Linear):
             self.weight_scale = scale.to(self.weight_scale.device)
         return self
 
+    def quantize_checkpoint_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [out, in] in the layer's storage layout, float32 scales) of a float weight laid
+        out as the checkpoint stores it: how every checkpoint loader (transformers' quantizer, the
+        FSDP and pipeline loader) quantizes, so that all of them give the same codes."""
+        raise NotImplementedError
+
+    def _as_out_in(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A checkpoint weight's shape as [out, in] (a Conv1D source stores [in, out])."""
+        return shape
+
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
-        """Quantize a float weight read from a checkpoint into this layer's allocated storage (the
-        rows of the codes this rank holds, every scale). ``where`` names it in errors."""
-        raise NotImplementedError
+        """Quantize a float weight read from a checkpoint into this layer's allocated storage:
+        the code rows this rank holds (all of them, unless FSDP2 sharded ``weight``) and every
+        row's scales (a row's codes depend on that row alone). ``where`` names it in errors."""
+        if self._as_out_in(tuple(weight.shape)) != (self.out_features, self.in_features):
+            raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects "
+                             f"[{self.out_features}, {self.in_features}]")
+        codes, scales = self.quantize_checkpoint_weight(weight.to(self.weight_scale.device))
+        start, end = local_rows(self.weight)
+        local_tensor(self.weight).copy_(codes[start:end])
+        self.weight_scale.copy_(scales)
 
     @torch.no_grad()
     def load_from_checkpoint(self, read: Callable[[str], torch.Tensor], where: str) -> list[torch.Tensor]:

@@ -27,7 +27,6 @@ from bytetune.kernels.groupwise import (
 )
 from bytetune.kernels.groupwise import groupwise_linear
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
-from bytetune.quant_layers.shards import local_rows, local_tensor
 
 SUPPORTED_ACT_BITS = (8, 16)
 
@@ -111,19 +110,6 @@ class GroupQuantLinear(FrozenQuantLinear):
         """(codes, float32 group scales) of a float [out, in] weight read from a checkpoint: how
         the checkpoint loaders (transformers' quantizer, the FSDP and pipeline loader) quantize."""
         return quantize_groupwise(weight.float().contiguous(), self.bits, self.group_size)
-
-    @torch.no_grad()
-    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
-        """Quantize a float [out, in] weight read from a checkpoint into this layer's allocated
-        storage: the code rows this rank holds (all, unless FSDP2 sharded ``weight``) and every
-        row's group scales (a row's codes depend on that row alone)."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects "
-                             f"[{self.out_features}, {self.in_features}]")
-        codes, scales = self.quantize_checkpoint_weight(weight.to(self.weight_scale.device))
-        start, end = local_rows(self.weight)
-        local_tensor(self.weight).copy_(codes[start:end])
-        self.weight_scale.copy_(scales)
 
     @torch.no_grad()
     def set_quantized(self, codes: torch.Tensor, scales: torch.Tensor) -> None:

@@ -26,7 +26,6 @@ from torch import nn
 from bytetune.kernels.constants import INT8_MAX
 from bytetune.kernels.llm_int8 import int8_linear, quantize_rowwise
 from bytetune.quant_layers.frozen_linear import FrozenQuantLinear
-from bytetune.quant_layers.shards import local_rows, local_tensor
 
 DEFAULT_THRESHOLD = 6.0
 # At most this fraction of the input columns take the 16-bit path per forward by default, and
@@ -117,20 +116,8 @@ class Int8Linear(FrozenQuantLinear):
         self.weight.data = w_int8.to(self.weight.device)
         self.weight_scale = w_scale.to(self.weight.device, torch.float32)
 
-    @torch.no_grad()
-    def load_float_weight(self, weight: torch.Tensor, where: str = "the checkpoint") -> None:
-        """Quantize a float weight read from a checkpoint into this layer's allocated storage:
-        the codes of the rows this rank holds (all of them, unless FSDP2 sharded ``weight``) and
-        the scales of every row (a row's codes depend on that row alone). ``weight`` is laid out
-        as the layer's source was ([in, out] for a Conv1D)."""
-        stored = tuple(weight.shape[::-1] if self.source_is_conv1d else weight.shape)
-        if stored != (self.out_features, self.in_features):
-            raise ValueError(f"{where} has shape {tuple(weight.shape)}, the model expects "
-                             f"[{self.out_features}, {self.in_features}]")
-        codes, scales = self.quantize_checkpoint_weight(weight.to(self.weight_scale.device))
-        start, end = local_rows(self.weight)
-        local_tensor(self.weight).copy_(codes[start:end])
-        self.weight_scale.copy_(scales)
+    def _as_out_in(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape[::-1] if self.source_is_conv1d else shape
 
     @torch.no_grad()
     def quantize_checkpoint_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
