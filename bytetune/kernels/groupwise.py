@@ -668,6 +668,26 @@ def groupwise_linear_composite(
     return groupwise_matmul(x, None, codes, scales, bits, group_size, bias=bias, out_dtype=x.dtype)
 
 
+def groupwise_linear_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    act_bits: int,
+) -> torch.Tensor:
+    """:func:`groupwise_linear_composite` with its parts' references called directly: the CPU
+    kernel of ``bytetune::groupwise_linear``. The composite goes through the dispatcher once per
+    part (quantize_tokenwise, groupwise_matmul), some 10-30 us each on CPU
+    (bench/results/op_dispatch_cpu.md), which is most of a small layer's call."""
+    if act_bits == 8:
+        x_codes, absmax = llm_int8.quantize_tokenwise_reference(x)
+        return groupwise_matmul_reference(x_codes, absmax / INT8_MAX, codes, scales, bits, group_size,
+                                          bias=bias, out_dtype=x.dtype)
+    return groupwise_matmul_reference(x, None, codes, scales, bits, group_size, bias=bias, out_dtype=x.dtype)
+
+
 def groupwise_linear(
     x: torch.Tensor,
     codes: torch.Tensor,

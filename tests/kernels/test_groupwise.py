@@ -266,3 +266,23 @@ def test_row_offsets_are_int64_past_2_pow_31(device):
     assert expected.max() >= 2**31  # the case the test exists for
     assert torch.equal(out.cpu(), expected)
     assert not torch.equal(wrapped.cpu(), expected)  # the probe can tell int32 from int64 math
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_layer_kernel_equals_the_composite_of_the_ops(act_bits, bits, dtype):
+    """groupwise_linear's CPU kernel calls its parts' references directly (one dispatcher trip):
+    it must give exactly what the composite of the public ops gives, NaN and Inf included."""
+    gen = torch.Generator().manual_seed(7 + bits + act_bits)
+    x = (torch.randn(5, 66, generator=gen) * 3).to(dtype)
+    x[1, 3], x[2, 10], x[4, 65] = float("nan"), float("inf"), -float("inf")
+    weight = torch.randn(13, 66, generator=gen)  # even: INT4 packs two codes a byte
+    codes, scales = gw.quantize_groupwise(weight, bits=bits, group_size=32)
+    bias = torch.randn(13, generator=gen).to(dtype)
+    expected = gw.groupwise_linear_composite(x, codes, scales, bias, bits, 32, act_bits)
+    actual = gw.groupwise_linear_reference(x, codes, scales, bias, bits, 32, act_bits)
+    assert actual.dtype == expected.dtype == dtype
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    # the rows holding NaN or Inf are not finite, the others are (nothing leaks between tokens)
+    assert not torch.isfinite(actual[[1, 2, 4]]).any() and torch.isfinite(actual[[0, 3]]).all()

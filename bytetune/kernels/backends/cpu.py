@@ -57,8 +57,10 @@ for _op, (_module, _reference, _launcher) in _KERNELS.items():
     _kernel = _reference_or_triton(late(_module, _reference), late(_module, _launcher))
     register(_op, "cpu", autocast_off(_kernel) if _op in _AUTOCAST_OFF else _kernel)
 
-# Composed of the ops above on every device.
-register("groupwise_linear", "cpu", autocast_off(late(groupwise, "groupwise_linear_composite")))
+# Composed of the ops above: on CPU of their references, called directly (one trip through the
+# dispatcher per layer call); under BYTETUNE_FORCE_TRITON of the ops, as on the GPU.
+register("groupwise_linear", "cpu", autocast_off(_reference_or_triton(
+    late(groupwise, "groupwise_linear_reference"), late(groupwise, "groupwise_linear_composite"))))
 
 
 def _weight_only_matmul(x, w_int8, w_scale):
